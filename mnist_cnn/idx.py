@@ -1,0 +1,124 @@
+"""The IDX file format used by the MNIST distribution: read, write, validate.
+
+An IDX file is a 4-byte magic number (two zero bytes, a type code, the number of
+dimensions), one big-endian int32 per dimension, then the data in row-major
+order. MNIST uses type 0x08 (unsigned byte): images are 3-D (N, 28, 28), labels
+1-D (N,). Files may be gzipped (``*.gz``). Every problem raises ``IDXError``
+with the file's path and what was expected.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+UBYTE = 0x08
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+# The four files of an MNIST-style folder, by split and kind.
+FILE_STEMS = {
+    ("train", "images"): "train-images-idx3-ubyte",
+    ("train", "labels"): "train-labels-idx1-ubyte",
+    ("test", "images"): "t10k-images-idx3-ubyte",
+    ("test", "labels"): "t10k-labels-idx1-ubyte",
+}
+
+
+class DataError(ValueError):
+    """A data file or folder that cannot be used; the message names it."""
+
+
+class IDXError(DataError):
+    """An IDX file that is missing, truncated or not what was expected."""
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise IDXError(f"{path}: file not found") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise IDXError(f"{path}: not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise IDXError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
+    """Read an unsigned-byte IDX file into a uint8 array, validating its header.
+
+    ``ndim`` (when given) is the number of dimensions the caller expects.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4:
+        raise IDXError(f"{path}: truncated: {len(raw)} bytes, shorter than the 4-byte IDX header")
+    zero, dtype, file_ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype != UBYTE or file_ndim == 0:
+        raise IDXError(
+            f"{path}: wrong magic number 0x{raw[:4].hex()}: expected an unsigned-byte IDX file "
+            f"(0x0000080N, e.g. 0x00000803 for images, 0x00000801 for labels)"
+        )
+    if ndim is not None and file_ndim != ndim:
+        raise IDXError(f"{path}: has {file_ndim} dimensions, expected {ndim}")
+    header_size = 4 + 4 * file_ndim
+    if len(raw) < header_size:
+        raise IDXError(f"{path}: truncated inside the header ({len(raw)} of {header_size} bytes)")
+    shape = struct.unpack(f">{file_ndim}I", raw[4:header_size])
+    expected = header_size + int(np.prod(shape, dtype=np.int64))
+    if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "has trailing bytes"
+        raise IDXError(
+            f"{path}: {what}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write a uint8 array as an IDX file (gzipped when the name ends in .gz)."""
+    path = Path(path)
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">HBB", 0, UBYTE, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.tobytes()
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(payload)
+    else:
+        path.write_bytes(payload)
+    return path
+
+
+def find_file(folder: str | os.PathLike, split: str, kind: str) -> Path:
+    """The path of one of the four standard files in ``folder``, raw or gzipped."""
+    folder = Path(folder)
+    stem = FILE_STEMS[(split, kind)]
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise IDXError(f"{folder}: missing {stem} (or {stem}.gz)")
+
+
+def read_split(folder: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 28, 28) uint8 and labels (N,) uint8 of one split of an IDX folder."""
+    images_path = find_file(folder, split, "images")
+    labels_path = find_file(folder, split, "labels")
+    images = read_idx(images_path, ndim=3)
+    if images.shape[1:] != IMAGE_SHAPE:
+        raise IDXError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    labels = read_idx(labels_path, ndim=1)
+    if len(images) != len(labels):
+        raise IDXError(
+            f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels"
+        )
+    if labels.size and labels.max() >= NUM_CLASSES:
+        bad = int(np.argmax(labels >= NUM_CLASSES))
+        raise IDXError(f"{labels_path}: label {labels[bad]} at index {bad} is outside 0-9")
+    return images, labels

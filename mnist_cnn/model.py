@@ -1,0 +1,131 @@
+"""The tutorial's CNN as a Keras 3 model with its own GradientTape training step.
+
+conv 32@5x5 same relu -> maxpool 2 -> conv 64@5x5 same relu -> maxpool 2
+-> Reshape(7*7*64) -> Dense 1024 relu -> Dense 10 -> softmax
+
+``CNN.gradient_step`` is the one place where gradients are computed and applied;
+``train_step`` (used by ``model.fit``) and the tutorial's manual loop both call it.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+@keras.saving.register_keras_serializable(package="mnist_cnn")
+class CNN(keras.Model):
+    """The two-convolution MNIST classifier; outputs class probabilities (softmax).
+
+    Input: float images ``(batch, 28, 28, 1)`` scaled to [0, 1]. Every size is a
+    constructor argument and part of ``get_config()``, so the model rebuilds from
+    its config alone (``keras.saving.load_model`` needs nothing but the import).
+    """
+
+    def __init__(
+        self,
+        filters1: int = 32,
+        filters2: int = 64,
+        kernel_size: int = 5,
+        dense_units: int = 1024,
+        num_classes: int = 10,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.filters1 = filters1
+        self.filters2 = filters2
+        self.kernel_size = kernel_size
+        self.dense_units = dense_units
+        self.num_classes = num_classes
+
+        self.conv1 = keras.layers.Conv2D(
+            filters1, kernel_size, padding="same", activation="relu", name="conv1"
+        )
+        self.pool1 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool1")
+        self.conv2 = keras.layers.Conv2D(
+            filters2, kernel_size, padding="same", activation="relu", name="conv2"
+        )
+        self.pool2 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool2")
+        # 28 -> 14 -> 7 after the two poolings.
+        self.flatten = keras.layers.Reshape((7 * 7 * filters2,), name="flatten")
+        self.dense1 = keras.layers.Dense(dense_units, activation="relu", name="dense1")
+        self.dense2 = keras.layers.Dense(num_classes, name="dense2")
+        # Probabilities in float32 even under a mixed-precision policy.
+        self.softmax = keras.layers.Softmax(dtype="float32", name="softmax")
+
+    def build(self, input_shape=(None, *IMAGE_SHAPE)):
+        # Build the layers in order so the model has weights before its first
+        # call (and can be saved, summarised and counted right after build()).
+        shape = tuple(input_shape)
+        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1):
+            layer.build(shape)
+            shape = layer.compute_output_shape(shape)
+        self.dense2.build(shape)
+        self.softmax.build(self.dense2.compute_output_shape(shape))
+
+    def call(self, inputs, training=False):
+        x = self.conv1(inputs)  # [batch, 28, 28, 32]
+        x = self.pool1(x)  # [batch, 14, 14, 32]
+        x = self.conv2(x)  # [batch, 14, 14, 64]
+        x = self.pool2(x)  # [batch, 7, 7, 64]
+        x = self.flatten(x)  # [batch, 7 * 7 * 64]
+        x = self.dense1(x)  # [batch, 1024]
+        x = self.dense2(x)  # [batch, 10]
+        return self.softmax(x)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            filters1=self.filters1,
+            filters2=self.filters2,
+            kernel_size=self.kernel_size,
+            dense_units=self.dense_units,
+            num_classes=self.num_classes,
+        )
+        return config
+
+    # -- training --------------------------------------------------------------
+
+    def gradient_step(self, x, y, sample_weight=None):
+        """One optimisation step: forward pass, loss, gradients, update.
+
+        Uses the loss and optimizer given to ``compile``. Returns ``(loss, y_pred)``
+        where ``loss`` is the loss as Keras computed it for this replica.
+        """
+        with tf.GradientTape() as tape:
+            y_pred = self(x, training=True)
+            loss = self.compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            # Mixed precision: scale up so float16 gradients do not underflow;
+            # the optimizer unscales them again in apply().
+            scaled_loss = self.optimizer.scale_loss(loss)
+        gradients = tape.gradient(scaled_loss, self.trainable_weights)
+        self.optimizer.apply(gradients, self.trainable_weights)
+        return loss, y_pred
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        loss, y_pred = self.gradient_step(x, y, sample_weight)
+        self._track_loss(loss, x)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        y_pred = self(x, training=False)
+        loss = self.compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
+        )
+        self._track_loss(loss, x)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    def _track_loss(self, loss, x):
+        # Keras divides each replica's loss by the number of replicas so that
+        # summed gradients are right; undo that for the logged value so the
+        # "loss" metric is the true mean loss over the batch.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        for metric in self.metrics:
+            if metric.name == "loss":
+                metric.update_state(loss * replicas, sample_weight=tf.shape(x)[0])

@@ -1,0 +1,8 @@
+"""Train the MNIST CNN: python scripts/fit.py --help"""
+
+import sys
+
+from mnist_cnn.train import main
+
+if __name__ == "__main__":
+    sys.exit(main())

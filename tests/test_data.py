@@ -1,0 +1,116 @@
+import logging
+import socket
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from test_idx import write_folder
+
+from mnist_cnn import data
+from mnist_cnn.idx import DataError
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No prepared tfds MNIST and a download host that refuses connections."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, not listening: connect() is refused at once
+    monkeypatch.setattr(data, "TFDS_HOST", closed.getsockname())
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    yield
+    closed.close()
+
+
+def test_sample_split_is_stratified_disjoint_and_deterministic(sample):
+    (x_train, y_train), (x_test, y_test) = sample
+    assert x_train.shape == (4000, 28, 28) and x_test.shape == (1000, 28, 28)
+    assert x_train.dtype == np.uint8 and x_train.max() == 255
+    assert np.bincount(y_test).tolist() == [100] * 10
+    assert np.bincount(y_train).tolist() == [400] * 10
+    train_rows = {row.tobytes() for row in x_train}
+    assert not any(row.tobytes() in train_rows for row in x_test)
+    (again, _), (again_test, _) = data.sample_arrays()
+    np.testing.assert_array_equal(again, x_train)
+    np.testing.assert_array_equal(again_test, x_test)
+
+
+def test_pipelines_scale_batch_and_shuffle_only_the_train_part(tmp_path):
+    written = write_folder(tmp_path, n_train=30, n_test=7)
+    datasets = data.load(str(tmp_path), batch_size=4, seed=3)
+    assert datasets.info == data.DataInfo(str(tmp_path), 30, 7)
+    x, y = next(iter(datasets.train))
+    assert x.shape == (4, 28, 28, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
+    assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
+
+    test_labels = np.concatenate([y.numpy() for _, y in datasets.test])
+    np.testing.assert_array_equal(test_labels, written["test"][1])  # file order, never shuffled
+    first_images = next(iter(datasets.test))[0].numpy()[..., 0]
+    np.testing.assert_allclose(first_images, written["test"][0][:4] / 255.0, rtol=1e-6)
+
+    def two_epochs(seed):
+        train = data.load(str(tmp_path), batch_size=4, seed=seed).train
+        return [np.concatenate([y.numpy() for _, y in train]) for _ in range(2)]
+
+    epoch1, epoch2 = two_epochs(seed=3)
+    assert sorted(epoch1) == sorted(written["train"][1])  # each epoch sees every digit once
+    assert not np.array_equal(epoch1, written["train"][1])  # shuffled
+    assert not np.array_equal(epoch1, epoch2)  # reshuffled per epoch
+    again1, again2 = two_epochs(seed=3)  # the same seed, the same order
+    np.testing.assert_array_equal(again1, epoch1)
+    np.testing.assert_array_equal(again2, epoch2)
+    assert not np.array_equal(two_epochs(seed=4)[0], epoch1)
+
+
+def test_repeat_makes_the_train_part_endless(tmp_path):
+    write_folder(tmp_path, n_train=8, n_test=2)
+    datasets = data.load(str(tmp_path), batch_size=4, repeat=True)
+    assert len(list(datasets.train.take(10))) == 10
+
+
+def test_tfds_source_on_mock_data():
+    with tfds.testing.mock_data(num_examples=12):
+        datasets = data.load("tfds", batch_size=5)
+        assert datasets.info == data.DataInfo("tfds", 12, 12)
+        batches = list(datasets.train)
+        assert [int(x.shape[0]) for x, _ in batches] == [5, 5, 2]
+        x, y = batches[0]
+        assert x.shape[1:] == (28, 28, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
+        assert float(tf.reduce_max(x)) <= 1.0
+
+
+def test_auto_falls_back_to_the_sample_offline_with_one_warning(offline, caplog):
+    with caplog.at_level(logging.WARNING, logger="mnist_cnn"):
+        assert data.resolve("auto") == "sample"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "download host is unreachable" in message and "--data PATH" in message
+
+
+def test_auto_uses_prepared_tfds_without_asking_the_network(offline, tmp_path, caplog):
+    info = tmp_path / "tfds" / "mnist" / "3.0.1" / "dataset_info.json"
+    info.parent.mkdir(parents=True)
+    info.write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="mnist_cnn"):
+        assert data.resolve("auto") == "tfds"
+    assert not caplog.records
+
+
+def test_auto_uses_tfds_when_the_download_host_answers(monkeypatch, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        monkeypatch.setattr(data, "TFDS_HOST", server.getsockname())
+        monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+        assert data.resolve("auto") == "tfds"
+
+
+def test_explicit_tfds_offline_fails_fast_with_a_clear_error(offline):
+    with pytest.raises(DataError, match=r"tfds: cannot load mnist .* download host is unreachable"):
+        data.load("tfds")
+
+
+def test_unknown_source_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"data source 'mnist': expected auto, tfds, sample or an existing"):
+        data.resolve("mnist")
+    with pytest.raises(DataError, match=r"missing train-images-idx3-ubyte"):
+        data.load(str(tmp_path))  # an empty folder

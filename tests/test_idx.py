@@ -1,0 +1,107 @@
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+from conftest import SHARED_MNIST
+
+from mnist_cnn import idx
+from mnist_cnn.idx import IDXError
+
+
+def write_folder(folder, n_train=12, n_test=5, gz=False, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        suffix = ".gz" if gz else ""
+        idx.write_idx(folder / (idx.FILE_STEMS[(split, "images")] + suffix), images)
+        idx.write_idx(folder / (idx.FILE_STEMS[(split, "labels")] + suffix), labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_round_trip_raw_and_gzipped(tmp_path, gz):
+    written = write_folder(tmp_path, gz=gz)
+    for split in ("train", "test"):
+        images, labels = idx.read_split(tmp_path, split)
+        np.testing.assert_array_equal(images, written[split][0])
+        np.testing.assert_array_equal(labels, written[split][1])
+        assert images.dtype == np.uint8
+
+
+def test_header_is_the_mnist_one(tmp_path):
+    path = idx.write_idx(tmp_path / "x", np.zeros((3, 28, 28), np.uint8))
+    assert path.read_bytes()[:16] == bytes.fromhex("00000803" "00000003" "0000001c" "0000001c")
+
+
+def test_truncated_file_is_named(tmp_path):
+    write_folder(tmp_path)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte: truncated"):
+        idx.read_split(tmp_path, "train")
+
+
+def test_wrong_magic_number_is_named(tmp_path):
+    write_folder(tmp_path)
+    path = tmp_path / "t10k-labels-idx1-ubyte"
+    path.write_bytes(b"\x00\x00\x0d\x01" + path.read_bytes()[4:])
+    with pytest.raises(IDXError, match=r"t10k-labels-idx1-ubyte: wrong magic number 0x00000d01"):
+        idx.read_split(tmp_path, "test")
+
+
+def test_mismatched_counts_name_both_files(tmp_path):
+    write_folder(tmp_path)
+    idx.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(11, np.uint8))
+    with pytest.raises(IDXError, match=r"has 12 images but .*train-labels-idx1-ubyte has 11 labels"):
+        idx.read_split(tmp_path, "train")
+
+
+def test_wrong_image_size(tmp_path):
+    write_folder(tmp_path)
+    idx.write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((5, 32, 32), np.uint8))
+    with pytest.raises(IDXError, match=r"t10k-images-idx3-ubyte: images are 32x32, expected 28x28"):
+        idx.read_split(tmp_path, "test")
+
+
+def test_labels_outside_0_to_9(tmp_path):
+    write_folder(tmp_path)
+    idx.write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([1, 2, 10, 3, 4], np.uint8))
+    with pytest.raises(IDXError, match=r"label 10 at index 2 is outside 0-9"):
+        idx.read_split(tmp_path, "test")
+
+
+def test_gz_that_is_not_gzip(tmp_path):
+    write_folder(tmp_path)
+    raw = tmp_path / "train-images-idx3-ubyte"
+    shutil.move(raw, str(raw) + ".gz")
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte.gz: not a valid gzip file"):
+        idx.read_split(tmp_path, "train")
+
+
+def test_truncated_gzip(tmp_path):
+    write_folder(tmp_path, gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(IDXError, match=r"train-images-idx3-ubyte.gz: not a valid gzip file"):
+        idx.read_split(tmp_path, "train")
+
+
+def test_missing_file_is_named(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(IDXError, match=r"missing t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte.gz\)"):
+        idx.read_split(tmp_path, "test")
+
+
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="official MNIST test set not on this machine")
+def test_reads_the_official_mnist_test_set():
+    images, labels = idx.read_split(SHARED_MNIST, "test")
+    assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
+    assert np.bincount(labels).tolist()[:3] == [980, 1135, 1032]
+    with gzip.open(SHARED_MNIST / "train-labels-idx1-ubyte.gz") as f:
+        assert f.read(8) == bytes.fromhex("00000801" "0000ea60")  # 60,000 labels

@@ -1,0 +1,159 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import run_python
+
+from mnist_cnn import CNN
+
+
+def compiled(model=None, lr=1e-3):
+    model = model or CNN()
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss="sparse_categorical_crossentropy",
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def test_parameter_count_and_layers_match_the_tutorial():
+    model = CNN()
+    model.build()
+    assert model.count_params() == 3_274_634
+    assert [layer.name for layer in model.layers] == [
+        "conv1", "pool1", "conv2", "pool2", "flatten", "dense1", "dense2", "softmax",
+    ]
+    assert model.conv1.kernel.shape == (5, 5, 1, 32)
+    assert model.conv2.kernel.shape == (5, 5, 32, 64)
+    assert model.dense1.kernel.shape == (7 * 7 * 64, 1024)
+    assert model.dense2.kernel.shape == (1024, 10)
+
+
+def test_outputs_are_probabilities(tiny):
+    x, _ = tiny
+    probs = CNN()(x[:7]).numpy()
+    assert probs.shape == (7, 10)
+    assert (probs >= 0).all()
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_config_rebuilds_the_same_architecture():
+    model = CNN(filters1=8, filters2=16, kernel_size=3, dense_units=32, num_classes=5)
+    model.build()
+    clone = CNN.from_config(model.get_config())
+    clone.build()
+    assert clone.get_config() == model.get_config()
+    assert clone.count_params() == model.count_params()
+    assert clone(np.zeros((1, 28, 28, 1), "float32")).shape == (1, 5)
+
+
+def test_fit_uses_our_train_step_and_moves_every_weight(tiny, monkeypatch):
+    assert CNN.train_step is not keras.Model.train_step
+    assert CNN.test_step is not keras.Model.test_step
+    calls = []
+    original = CNN.gradient_step
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)  # runs once per trace of the tf.function
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CNN, "gradient_step", counting)
+    x, y = tiny
+    keras.utils.set_random_seed(1)
+    model = compiled()
+    model.build()
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    first = model.evaluate(x, y, batch_size=50, verbose=0, return_dict=True)["loss"]
+    model.fit(x, y, batch_size=50, epochs=3, verbose=0)
+    after = model.evaluate(x, y, batch_size=50, verbose=0, return_dict=True)["loss"]
+    assert calls, "model.fit did not go through CNN.gradient_step"
+    assert after < 0.7 * first
+    for w, old in zip(model.trainable_weights, before, strict=True):
+        assert not np.allclose(w.numpy(), old), f"{w.path} did not change"
+
+
+def test_zero_sample_weights_mean_no_update(tiny):
+    x, y = tiny
+    model = compiled()
+    model.build()
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    history = model.fit(x[:50], y[:50], sample_weight=np.zeros(50), batch_size=50, epochs=1, verbose=0)
+    assert history.history["loss"][0] == 0.0
+    for w, old in zip(model.trainable_weights, before, strict=True):
+        np.testing.assert_array_equal(w.numpy(), old)
+
+
+def test_test_step_weights_samples_like_keras(tiny):
+    x, y = tiny
+    model = compiled()
+    model.build()
+    probs = model.predict(x, verbose=0)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy()
+    weights = np.r_[np.ones(100), np.zeros(100)]
+    weighted = model.evaluate(x, y, sample_weight=weights, batch_size=200, verbose=0, return_dict=True)
+    np.testing.assert_allclose(weighted["loss"], loss_fn(y, probs, sample_weight=weights), rtol=1e-5)
+    # Keras' "sum over batch size": zero weights still count in the denominator
+    half = model.evaluate(x[:100], y[:100], batch_size=100, verbose=0, return_dict=True)
+    np.testing.assert_allclose(weighted["loss"], 0.5 * half["loss"], rtol=1e-5)
+    plain = model.evaluate(x, y, batch_size=200, verbose=0, return_dict=True)
+    np.testing.assert_allclose(plain["loss"], loss_fn(y, probs), rtol=1e-5)
+
+
+def test_keras_file_round_trip_in_a_fresh_process(tiny, tmp_path):
+    x, y = tiny
+    model = compiled()
+    model.fit(x, y, batch_size=50, epochs=1, verbose=0)
+    path = tmp_path / "cnn.keras"
+    model.save(path)
+    np.save(tmp_path / "x.npy", x[:20])
+    np.save(tmp_path / "y.npy", y)
+    expected = model.predict(x[:20], verbose=0)
+
+    code = """
+import sys, numpy as np, keras
+import mnist_cnn  # registers CNN with Keras
+folder = sys.argv[1]
+model = keras.saving.load_model(folder + "/cnn.keras")
+assert type(model).__name__ == "CNN", type(model)
+x = np.load(folder + "/x.npy")
+np.save(folder + "/pred.npy", model.predict(x, verbose=0))
+before = model.optimizer.iterations.numpy()
+model.fit(np.load(folder + "/x.npy"), np.load(folder + "/y.npy")[:20], batch_size=10, verbose=0)
+print("iterations", before, model.optimizer.iterations.numpy())
+"""
+    proc = run_python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp_path / "pred.npy"), expected, atol=1e-6)
+    # the optimizer state came back with the model, and training continues from it
+    assert "iterations 4 6" in proc.stdout
+
+
+def test_nests_in_functional_and_sequential_models(tiny):
+    x, y = tiny
+    inputs = keras.Input((28, 28, 1))
+    outputs = keras.layers.Dense(2)(CNN(dense_units=32)(inputs))
+    functional = keras.Model(inputs, outputs)
+    assert functional.output_shape == (None, 2)
+    functional.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = functional.fit(x, y % 2, batch_size=50, epochs=2, verbose=0).history["loss"]
+    assert np.isfinite(loss).all() and loss[-1] < loss[0]
+
+    sequential = keras.Sequential([keras.Input((28, 28, 1)), CNN(dense_units=32)])
+    assert sequential(x[:3]).shape == (3, 10)
+
+
+def test_gradient_step_is_traceable_on_its_own(tiny):
+    # the tutorial's manual loop wraps this very method in tf.function
+    x, y = tiny
+    model = compiled()
+    step = tf.function(model.gradient_step)
+    losses = [float(step(x[:50], y[:50])[0]) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert model.optimizer.iterations.numpy() == 5
+
+
+@pytest.mark.parametrize("bad", [(28, 28), (1, 28, 28, 1, 1)])
+def test_wrong_input_rank_is_refused(bad):
+    with pytest.raises(ValueError):
+        CNN()(np.zeros(bad, "float32"))

@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import keras
+import pytest
+import tensorflow as tf
+from conftest import REPO
+
+from mnist_cnn import train
+from mnist_cnn.train import TrainConfig, UsageError
+
+
+def read_events(folder: Path):
+    """{tag: [(step, value)]} of scalars, and the set of all tags, from event files in ``folder``."""
+    scalars, tags = defaultdict(list), set()
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.add(value.tag)
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars[value.tag].append((event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars, tags
+
+
+def quick(tmp_path, **overrides):
+    config = dict(data="sample", epochs=2, steps_per_epoch=3, logdir=str(tmp_path / "logs"), seed=7)
+    config.update(overrides)
+    return TrainConfig(**config)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One short real run on the sample, shared by the tests that inspect its folder."""
+    return train.fit(quick(tmp_path_factory.mktemp("run")), verbose=0)
+
+
+def test_fit_writes_a_complete_run_folder(run):
+    assert run.run_dir.parent.name == "logs"
+    assert run.model_path == run.run_dir / "model.keras" and run.model_path.is_file()
+    assert (run.run_dir / "checkpoints" / "best.keras").is_file()
+    metrics = json.loads((run.run_dir / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(run.test_accuracy)
+    assert metrics["epochs_run"] == 2
+    assert metrics["config"]["batch_size"] == 50 and metrics["config"]["learning_rate"] == 1e-3
+    assert metrics["data"] == {"source": "sample", "num_train": 4000, "num_test": 1000}
+    assert set(run.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert run.history["loss"][1] < run.history["loss"][0]
+    assert run.test_accuracy == pytest.approx(run.history["val_accuracy"][-1])
+    assert 0.1 < run.test_accuracy <= 1.0
+    assert not list(run.run_dir.glob(".*tmp*")) and not list(run.run_dir.glob(".*.keras"))
+
+
+def test_tensorboard_has_step_and_epoch_curves_and_histograms(run):
+    train_scalars, train_tags = read_events(run.run_dir / "train")
+    val_scalars, _ = read_events(run.run_dir / "validation")
+    assert [s for s, _ in train_scalars["batch_loss"]] == [1, 2, 3, 4, 5, 6]  # every step
+    assert "batch_accuracy" in train_scalars
+    for tag in ("epoch_loss", "epoch_accuracy"):
+        assert [s for s, _ in train_scalars[tag]] == [0, 1]
+        assert [s for s, _ in val_scalars[tag]] == [0, 1]
+    assert [v for _, v in train_scalars["epoch_loss"]] == pytest.approx(run.history["loss"])
+    assert [v for _, v in val_scalars["epoch_accuracy"]] == pytest.approx(run.history["val_accuracy"])
+    histograms = {t for t in train_tags if t.endswith("/histogram")}
+    assert {"cnn/conv1/kernel/histogram", "cnn/dense2/bias/histogram"} <= histograms
+
+
+def test_saved_model_predicts_like_the_result(run, sample):
+    _, (x_test, y_test) = sample
+    model = keras.saving.load_model(run.model_path)
+    probs = model.predict(x_test[..., None].astype("float32") / 255.0, verbose=0)
+    assert (probs.argmax(1) == y_test).mean() == pytest.approx(run.test_accuracy, abs=1e-6)
+
+
+def test_same_seed_same_losses(tmp_path):
+    first = train.fit(quick(tmp_path, epochs=1), verbose=0)
+    second = train.fit(quick(tmp_path, epochs=1), verbose=0)
+    other = train.fit(quick(tmp_path, epochs=1, seed=8), verbose=0)
+    assert first.run_dir != second.run_dir
+    assert first.history["loss"] == second.history["loss"]
+    assert first.history["val_loss"] == second.history["val_loss"]
+    assert other.history["loss"] != first.history["loss"]
+
+
+def test_run_folders_never_collide(tmp_path):
+    folders = {train.make_run_dir(str(tmp_path), None) for _ in range(5)}
+    assert len(folders) == 5 and all(f.is_dir() for f in folders)
+    named = train.make_run_dir(str(tmp_path), "mine")
+    (named / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match=r"--run-name mine: .* already exists"):
+        train.make_run_dir(str(tmp_path), "mine")
+    assert (named / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--epochs", "0"], "argument --epochs: must be positive, got 0"),
+        (["--batch-size", "-5"], "argument --batch-size: must be positive, got -5"),
+        (["--learning-rate", "abc"], "argument --learning-rate: expected a positive number, got 'abc'"),
+        (["--jit-compile", "maybe"], "argument --jit-compile: invalid choice"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_flags_get_one_line_and_status_2(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_cli_refuses_an_unknown_data_source_without_touching_the_logdir(tmp_path, capsys):
+    assert train.main(["--data", "nowhere", "--logdir", str(tmp_path / "logs")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "fit.py: error: data source 'nowhere': expected auto, tfds, sample or an existing folder of IDX files\n"
+    )
+    assert not (tmp_path / "logs").exists()
+
+
+def test_fit_script_dry_run(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "fit.py"), "--dry-run", "--data", "sample",
+         "--logdir", str(tmp_path), "--run-name", "smoke"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "Device: CPU only" in lines or any(line.startswith("Device: GPU: ") for line in lines)
+    assert "Data: sample (4,000 train / 1,000 test)" in lines
+    accuracy = [line for line in lines if line.startswith("test accuracy: ")]
+    assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(": ")[1]) <= 1.0
+    assert len(accuracy[0].split(": ")[1]) == 8  # the tutorial's %f
+    assert lines[-1].startswith(f"run folder: {tmp_path / 'smoke'}")
+    assert (tmp_path / "smoke" / "model.keras").is_file()
