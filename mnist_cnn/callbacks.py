@@ -1,33 +1,142 @@
-"""The callbacks every training run gets: TensorBoard, checkpoints, NaN guard."""
+"""The callbacks every training run gets, all writing into the run folder.
+
+- ``StopOnNaN``        -- raises ``TrainingDiverged`` at the first NaN/inf loss, before
+                          anything of that batch is saved;
+- ``TensorBoard``      -- per-epoch scalars (``train/epoch_*``, ``validation/epoch_*``)
+                          and weight histograms, steps = epoch numbers;
+- ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
+                          so a resumed run continues its curves instead of restarting them;
+- ``ModelCheckpoint``  -- ``checkpoints/best.keras``, the best validation accuracy so far;
+- ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` after every epoch (the newest few);
+- ``HistoryFile``      -- ``history.json``, every finished epoch's logs, across resumes;
+- ``BackupAndRestore`` -- ``backup/``, the state a killed run resumes from. It runs last
+                          at the end of an epoch, so an epoch counts as done only after
+                          everything else for it was written.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import uuid
 from pathlib import Path
 
 import keras
+import tensorflow as tf
+
+from mnist_cnn.errors import TrainingDiverged
+
+KEEP_EPOCH_CHECKPOINTS = 3
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place: never a half-written ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{path.suffix}")  # same suffix: save() checks it
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "history.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+class StopOnNaN(keras.callbacks.TerminateOnNaN):
+    """TerminateOnNaN that stops at once: Keras' own finishes the epoch's callbacks
+    (checkpoints of NaN weights included); this raises before any of them run."""
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise TrainingDiverged(f"the loss became {float(loss)} at epoch {self.epoch + 1}, batch {batch + 1}")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch = epoch
+
+
+class StepScalars(keras.callbacks.Callback):
+    """``batch_<metric>`` scalars after every training step, at step = optimizer.iterations."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_dir = Path(log_dir)
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        self.writer = tf.summary.create_file_writer(str(self.log_dir / "train"))
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.optimizer.iterations)
+        with self.writer.as_default():
+            for name, value in (logs or {}).items():
+                tf.summary.scalar(f"batch_{name}", value, step=step)
+
+    def on_train_end(self, logs=None):
+        self.writer.close()
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """``epoch-NN.keras`` (model + optimizer) after each epoch, written atomically;
+    older ones beyond the newest ``keep`` are deleted."""
+
+    def __init__(self, folder: Path, keep: int = KEEP_EPOCH_CHECKPOINTS):
+        super().__init__()
+        self.folder, self.keep = Path(folder), keep
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.folder / f"epoch-{epoch + 1:02d}.keras", self.model.save)
+        for old in sorted(self.folder.glob("epoch-*.keras"))[: -self.keep]:
+            old.unlink()
+
+
+class HistoryFile(keras.callbacks.Callback):
+    """Keeps ``history.json``: one entry of logs per finished epoch, across resumes.
+
+    On a resumed run the first epoch tells where training restarted; entries from
+    that epoch on (written by the killed process after its last backup) are dropped.
+    """
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.path = Path(run_dir) / "history.json"
+        self.entries = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.entries is None:
+            self.entries = [e for e in read_history(self.path.parent) if e["epoch"] < epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.entries.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
+        write_json_atomic(self.path, self.entries)
 
 
 def make_callbacks(run_dir: Path) -> list[keras.callbacks.Callback]:
-    """Callbacks writing into ``run_dir``.
-
-    - TensorBoard: loss/accuracy per step (``train/batch_*``) and per epoch
-      (``train/epoch_*``, ``validation/epoch_*``), weight histograms every epoch;
-    - ModelCheckpoint: ``checkpoints/best.keras``, the epoch with the best
-      validation accuracy so far;
-    - TerminateOnNaN: stop at the first NaN loss instead of training on garbage.
-    """
+    """The callbacks of a run in ``run_dir`` (new or resumed)."""
     run_dir = Path(run_dir)
+    best_so_far = max((e["val_accuracy"] for e in read_history(run_dir) if "val_accuracy" in e), default=None)
     return [
-        keras.callbacks.TensorBoard(
-            log_dir=str(run_dir),
-            update_freq="batch",
-            histogram_freq=1,
-        ),
+        StopOnNaN(),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir), update_freq="epoch", histogram_freq=1),
+        StepScalars(run_dir),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "checkpoints" / "best.keras"),
             monitor="val_accuracy",
             mode="max",
             save_best_only=True,
+            initial_value_threshold=best_so_far,  # a resumed run keeps its best
         ),
-        keras.callbacks.TerminateOnNaN(),
+        EpochCheckpoint(run_dir / "checkpoints"),
+        HistoryFile(run_dir),
+        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
     ]

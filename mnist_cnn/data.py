@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import idx
-from mnist_cnn.idx import DataError
+from mnist_cnn.errors import DataError
 
 log = logging.getLogger(__name__)
 

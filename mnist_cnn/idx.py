@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mnist_cnn.errors import DataError
+
 UBYTE = 0x08
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -28,10 +30,6 @@ FILE_STEMS = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
-
-
-class DataError(ValueError):
-    """A data file or folder that cannot be used; the message names it."""
 
 
 class IDXError(DataError):

@@ -9,8 +9,14 @@ conv 32@5x5 same relu -> maxpool 2 -> conv 64@5x5 same relu -> maxpool 2
 
 from __future__ import annotations
 
+import os
+import zipfile
+from pathlib import Path
+
 import keras
 import tensorflow as tf
+
+from mnist_cnn.errors import ModelFileError
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -129,3 +135,27 @@ class CNN(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=tf.shape(x)[0])
+
+
+def load_cnn(path: str | os.PathLike) -> CNN:
+    """Load a ``.keras`` file saved from a ``CNN``, refusing anything else.
+
+    Always ``safe_mode=True``: a file whose layers carry Python code (a ``Lambda``)
+    is refused rather than executed. Every failure is a ``ModelFileError`` naming
+    the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a .keras model file (expected the zip archive model.save() writes)")
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:  # Keras raises ValueError, KeyError, TypeError, OSError ... for bad archives
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "safe_mode" in str(e) or "Lambda" in str(e):
+            reason = "it contains Python code (a Lambda layer), refused in safe mode"
+        raise ModelFileError(f"{path}: cannot load the model: {reason}") from None
+    if not isinstance(model, CNN):
+        raise ModelFileError(f"{path}: holds a {type(model).__name__}, not a mnist_cnn CNN")
+    return model

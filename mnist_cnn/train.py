@@ -13,10 +13,8 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +22,15 @@ import keras
 import tensorflow as tf
 
 from mnist_cnn import data
-from mnist_cnn.callbacks import make_callbacks
-from mnist_cnn.idx import DataError
-from mnist_cnn.model import CNN
+from mnist_cnn.callbacks import make_callbacks, read_history, write_atomic, write_json_atomic
+from mnist_cnn.errors import InputError, ModelFileError, TrainingDiverged, UsageError
+from mnist_cnn.model import CNN, load_cnn
 
 log = logging.getLogger(__name__)
 
 JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
-
-
-class UsageError(ValueError):
-    """A flag or config value that cannot be used; the message names the flag."""
+# Config fields that name the run rather than shape the training; --resume may set them.
+RUN_IDENTITY = ("logdir", "run_name")
 
 
 @dataclass
@@ -51,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     steps_per_epoch: int | None = None  # None: one pass over the training set
     jit_compile: str = "auto"  # auto (XLA on GPU only), on, off
+    init_from: str | None = None  # start from the weights of this .keras file
 
     def validate(self) -> TrainConfig:
         for flag, value in (
@@ -66,6 +63,14 @@ class TrainConfig:
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
             raise UsageError(f"--run-name must be a plain folder name, got {self.run_name!r}")
         return self
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the run folder can be resumed."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(f"interrupted; resume with: python scripts/fit.py --resume {run_dir}")
+        self.run_dir = run_dir
 
 
 @dataclass
@@ -134,56 +139,80 @@ def build_model(config: TrainConfig) -> CNN:
     return model
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+def init_weights(model: CNN, source: CNN, path: str) -> None:
+    """Copy the weights of ``source`` (loaded from ``path``) into ``model``."""
+    try:
+        model.set_weights(source.get_weights())
+    except ValueError:
+        raise ModelFileError(f"{path}: a CNN of another size ({source.get_config()}); cannot start from it") from None
 
 
-def save_model_atomic(model: keras.Model, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.keras")  # save() wants .keras
-    model.save(tmp)
-    os.replace(tmp, path)
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The config a run was started with (its ``config.json``)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        return TrainConfig(**saved)
+    except FileNotFoundError:
+        raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)") from None
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--resume {run_dir}: unreadable config.json ({e})") from None
 
 
-def fit(config: TrainConfig, verbose="auto") -> RunResult:
-    """Train the CNN as ``config`` says; write the run folder; return the result."""
-    config.validate()
-    start = time.perf_counter()
-    keras.utils.set_random_seed(config.seed)
+def backed_up_epochs(run_dir: Path) -> int:
+    """How many epochs the run's backup holds (what BackupAndRestore will restore)."""
+    try:
+        return int(json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError):
+        return 0
 
-    datasets = data.load(
-        config.data,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        data_dir=config.tfds_dir,
-        repeat=config.steps_per_epoch is not None,
-    )
+
+def open_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig]:
+    """The run folder: a new one (with config.json), or the existing one to resume."""
+    if resume:
+        run_dir = Path(config.logdir) / config.run_name
+        if (run_dir / "metrics.json").exists():
+            raise UsageError(f"--resume {run_dir}: this run already finished ({run_dir / 'metrics.json'})")
+        log.info("Resuming %s after epoch %d of %d", run_dir, backed_up_epochs(run_dir), config.epochs)
+        return run_dir, config
     run_dir = make_run_dir(config.logdir, config.run_name)
-    log.info("Device: %s", describe_devices())
-    log.info("Data: %s", datasets.info.describe())
-    log.info("Run folder: %s", run_dir)
+    config = dataclasses.replace(config, run_name=run_dir.name)
+    write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
+    return run_dir, config
 
-    model = build_model(config)
-    history = model.fit(
-        datasets.train,
-        epochs=config.epochs,
-        steps_per_epoch=config.steps_per_epoch,
-        validation_data=datasets.test,
-        shuffle=False,  # the pipeline shuffles, seeded
-        callbacks=make_callbacks(run_dir),
-        verbose=verbose,
-    )
+
+def train_model(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, verbose) -> None:
+    """model.fit with the run's callbacks; a resumed run restarts from its backup."""
+    try:
+        model.fit(
+            datasets.train,
+            epochs=config.epochs,
+            steps_per_epoch=config.steps_per_epoch,
+            validation_data=datasets.test,
+            shuffle=False,  # the pipeline shuffles, seeded
+            callbacks=make_callbacks(run_dir),
+            verbose=verbose,
+        )
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
+    except TrainingDiverged as e:
+        kept = sorted((run_dir / "checkpoints").glob("epoch-*.keras"))
+        where = f"the last good checkpoint is {kept[-1]}" if kept else "no epoch had finished, so no checkpoint"
+        raise TrainingDiverged(f"{e}; {where}") from None
+
+
+def finish_run(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, start: float) -> RunResult:
+    """Evaluate on the test split; write model.keras and metrics.json (atomically)."""
     scores = model.evaluate(datasets.test, return_dict=True, verbose=0)
-
     model_path = run_dir / "model.keras"
-    save_model_atomic(model, model_path)
+    write_atomic(model_path, model.save)
+    epochs = read_history(run_dir)
     result = RunResult(
         run_dir=run_dir,
         model_path=model_path,
         test_loss=float(scores["loss"]),
         test_accuracy=float(scores["accuracy"]),
-        history={k: [float(v) for v in vs] for k, vs in history.history.items()},
+        history={k: [e[k] for e in epochs] for k in epochs[-1] if k != "epoch"},
         data=datasets.info,
         seconds=time.perf_counter() - start,
     )
@@ -192,9 +221,9 @@ def fit(config: TrainConfig, verbose="auto") -> RunResult:
         {
             "test_loss": result.test_loss,
             "test_accuracy": result.test_accuracy,
-            "epochs_run": len(history.epoch),
+            "epochs_run": len(epochs),
             "history": result.history,
-            "seconds": round(result.seconds, 2),
+            "seconds": round(result.seconds, 2),  # of this process (a resumed run: since the resume)
             "config": dataclasses.asdict(config),
             "data": dataclasses.asdict(datasets.info),
             "device": describe_devices(),
@@ -202,6 +231,36 @@ def fit(config: TrainConfig, verbose="auto") -> RunResult:
         },
     )
     return result
+
+
+def fit(config: TrainConfig, verbose="auto", resume: bool = False) -> RunResult:
+    """Train the CNN as ``config`` says; write the run folder; return the result.
+
+    ``resume``: continue the run ``<logdir>/<run_name>`` from its last finished
+    epoch (its backup), appending to its logs. Ctrl-C leaves a resumable run.
+    Everything that can be wrong with the input is checked before the run folder
+    is created.
+    """
+    config.validate()
+    start = time.perf_counter()
+    keras.utils.set_random_seed(config.seed)
+    datasets = data.load(
+        config.data,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        data_dir=config.tfds_dir,
+        repeat=config.steps_per_epoch is not None,
+    )
+    model = build_model(config)
+    if config.init_from and not resume:
+        init_weights(model, load_cnn(config.init_from), config.init_from)
+
+    run_dir, config = open_run_dir(config, resume)
+    log.info("Device: %s", describe_devices())
+    log.info("Data: %s", datasets.info.describe())
+    log.info("Run folder: %s", run_dir)
+    train_model(model, datasets, config, run_dir, verbose)
+    return finish_run(model, datasets, config, run_dir, start)
 
 
 # -- command line ----------------------------------------------------------------
@@ -225,8 +284,8 @@ def _positive(kind):
     return parse
 
 
-def parse_args(argv=None) -> TrainConfig:
-    defaults = TrainConfig()
+def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser:
+    defaults = defaults or TrainConfig()
     p = _Parser(prog="fit.py", description="Train the MNIST CNN and write a run folder under --logdir.")
     p.add_argument("--epochs", type=_positive(int), default=defaults.epochs)
     p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size)
@@ -247,11 +306,47 @@ def parse_args(argv=None) -> TrainConfig:
     )
     p.add_argument("--jit-compile", choices=list(JIT_CHOICES), default=defaults.jit_compile,
                    help="XLA compilation; auto = on with a GPU, off on CPU")
+    p.add_argument("--init-from", default=defaults.init_from, metavar="MODEL.keras",
+                   help="start from the weights of a saved CNN")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                   help="continue a killed or interrupted run (RUN_DIR, or --run-name in --logdir) "
+                   "with its saved config")
     p.add_argument("--dry-run", action="store_true", help="1 epoch of 2 steps: check that everything runs")
-    args = vars(p.parse_args(argv))
-    if args.pop("dry_run"):
+    return p
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+    """The config from the command line, and whether to resume.
+
+    With --resume the config is the run's own (config.json); flags given explicitly
+    must agree with it.
+    """
+    args = vars(build_parser().parse_args(argv))
+    resume, dry_run = args.pop("resume"), args.pop("dry_run")
+    if dry_run:
+        if resume is not None:
+            raise UsageError("--dry-run cannot be combined with --resume")
         args.update(epochs=1, steps_per_epoch=2)
-    return TrainConfig(**args)
+    if resume is None:
+        return TrainConfig(**args), False
+
+    if resume == "":
+        if not args["run_name"]:
+            raise UsageError("--resume without RUN_DIR needs --run-name")
+        run_dir = Path(args["logdir"]) / args["run_name"]
+    else:
+        run_dir = Path(resume)
+    saved = load_run_config(run_dir)
+    # Which flags were typed: parse again with every default suppressed.
+    quiet = build_parser()
+    for action in quiet._actions:
+        action.default = argparse.SUPPRESS
+    typed = vars(quiet.parse_args(argv))
+    for name in typed.keys() - {"resume", "dry_run", *RUN_IDENTITY}:
+        if typed[name] != getattr(saved, name):
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(f"{flag} {typed[name]} conflicts with the resumed run's {name}={getattr(saved, name)!r}")
+    return dataclasses.replace(saved, logdir=str(run_dir.parent), run_name=run_dir.name), True
 
 
 def _setup_logging() -> None:
@@ -268,13 +363,20 @@ def _setup_logging() -> None:
 
 
 def main(argv=None) -> int:
-    config = parse_args(argv)
+    """The command line: 0 done, 1 training diverged, 2 bad input, 130 interrupted."""
     _setup_logging()
     try:
-        result = fit(config)
-    except (UsageError, DataError) as e:
+        config, resume = parse_args(argv)
+        result = fit(config, resume=resume)
+    except InputError as e:
         print(f"fit.py: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"\nfit.py: stopped: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"\nfit.py: {e}", file=sys.stderr)
+        return 130
     print("test accuracy: %f" % result.test_accuracy)
     print(f"run folder: {result.run_dir}  ({result.seconds:.0f} s)")
     return 0

@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data
-from mnist_cnn.idx import DataError
+from mnist_cnn.errors import DataError
 from mnist_cnn.model import CNN
 
 # -- 1. the convolution principle ---------------------------------------------------

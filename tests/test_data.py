@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 from test_idx import write_folder
 
 from mnist_cnn import data
-from mnist_cnn.idx import DataError
+from mnist_cnn.errors import DataError
 
 
 @pytest.fixture

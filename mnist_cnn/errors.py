@@ -1,0 +1,24 @@
+"""The errors a user can fix: each message names the file or flag and what was expected.
+
+The command-line tools print them as one line and exit with status 2.
+"""
+
+
+class InputError(ValueError):
+    """Bad input from the user: a flag, a data file, a model file."""
+
+
+class UsageError(InputError):
+    """A flag or config value that cannot be used; the message names the flag."""
+
+
+class DataError(InputError):
+    """A data file or folder that cannot be used; the message names it."""
+
+
+class ModelFileError(InputError):
+    """A model file that is missing, unreadable or not a CNN of this package."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; training stopped at that batch."""
