@@ -9,6 +9,9 @@
 - ``ModelCheckpoint``  -- ``checkpoints/best.keras``, the best validation accuracy so far;
 - ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` after every epoch (the newest few);
 - ``HistoryFile``      -- ``history.json``, every finished epoch's logs, across resumes;
+- ``TestImages``       -- ``images/``: sample training digits (once); per epoch the
+                          misclassified test digits and the confusion matrix, as pictures;
+- ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;
 - ``BackupAndRestore`` -- ``backup/``, the state a killed run resumes from. It runs last
                           at the end of an epoch, so an epoch counts as done only after
                           everything else for it was written.
@@ -16,6 +19,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,7 +27,9 @@ import uuid
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
 
 from mnist_cnn.errors import TrainingDiverged
 
@@ -121,13 +127,117 @@ class HistoryFile(keras.callbacks.Callback):
         write_json_atomic(self.path, self.entries)
 
 
-def make_callbacks(run_dir: Path) -> list[keras.callbacks.Callback]:
+def figure_to_image(figure) -> tf.Tensor:
+    """A matplotlib figure as a [1, H, W, 4] uint8 tensor for tf.summary.image."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80)
+    plt.close(figure)
+    return tf.image.decode_png(buffer.getvalue(), channels=4)[None]
+
+
+def digit_grid(images: np.ndarray, titles: list[str], columns: int = 5):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5))
+    for ax in np.atleast_1d(axes).ravel():
+        ax.axis("off")
+    for ax, image, title in zip(np.atleast_1d(axes).ravel(), images, titles, strict=False):
+        ax.imshow(image.reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(matrix: np.ndarray):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(np.log1p(matrix), cmap="Blues")
+    for (row, col), count in np.ndenumerate(matrix):
+        if count:
+            ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                    color="white" if count > matrix.max() / 2 else "black")
+    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit")
+    figure.tight_layout()
+    return figure
+
+
+class TestImages(keras.callbacks.Callback):
+    """TensorBoard pictures in ``<run>/images``.
+
+    ``train/samples`` (once): the first training digits with their labels;
+    ``test/misclassified`` and ``test/confusion_matrix`` after every epoch.
+    """
+
+    def __init__(self, run_dir: Path, test: tf.data.Dataset, preview: tuple[np.ndarray, np.ndarray], shown: int = 25):
+        super().__init__()
+        self.log_dir = Path(run_dir) / "images"
+        self.test, self.preview, self.shown = test, preview, shown
+        self.writer = None
+
+    def on_train_begin(self, logs=None):
+        first_time = not self.log_dir.exists()
+        self.writer = tf.summary.create_file_writer(str(self.log_dir))
+        if first_time:
+            images, labels = self.preview
+            figure = digit_grid(images[: self.shown], [f"label {y}" for y in labels[: self.shown]])
+            with self.writer.as_default():
+                tf.summary.image("train/samples", figure_to_image(figure), step=0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        images = np.concatenate([x.numpy() for x, _ in self.test])
+        labels = np.concatenate([y.numpy() for _, y in self.test])
+        predicted = self.model.predict(self.test, verbose=0).argmax(axis=1)
+        wrong = np.flatnonzero(predicted != labels)[: self.shown]
+        titles = [f"#{i}: {labels[i]} as {predicted[i]}" for i in wrong]
+        matrix = tf.math.confusion_matrix(labels, predicted, num_classes=10).numpy()
+        with self.writer.as_default():
+            tf.summary.image("test/misclassified", figure_to_image(digit_grid(images[wrong], titles)), step=epoch)
+            tf.summary.image("test/confusion_matrix", figure_to_image(confusion_figure(matrix)), step=epoch)
+        self.writer.flush()
+
+    def on_train_end(self, logs=None):
+        self.writer.close()
+
+
+class HParams(keras.callbacks.Callback):
+    """Writes the run's hyperparameters once, so TensorBoard's HParams dashboard lists
+    the run with its validation (= test split) metrics next to other runs."""
+
+    def __init__(self, run_dir: Path, hparams: dict):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.hparams = {k: ("none" if v is None else v) for k, v in hparams.items()}
+
+    def on_train_begin(self, logs=None):
+        with tf.summary.create_file_writer(str(self.run_dir)).as_default():
+            hparams_api.hparams(self.hparams, trial_id=self.run_dir.name)
+
+
+def make_callbacks(
+    run_dir: Path,
+    test: tf.data.Dataset,
+    preview: tuple[np.ndarray, np.ndarray],
+    hparams: dict,
+    profile_batch=0,
+) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in ``run_dir`` (new or resumed)."""
     run_dir = Path(run_dir)
     best_so_far = max((e["val_accuracy"] for e in read_history(run_dir) if "val_accuracy" in e), default=None)
     return [
         StopOnNaN(),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir), update_freq="epoch", histogram_freq=1),
+        keras.callbacks.TensorBoard(
+            log_dir=str(run_dir), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch
+        ),
         StepScalars(run_dir),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / "checkpoints" / "best.keras"),
@@ -138,5 +248,7 @@ def make_callbacks(run_dir: Path) -> list[keras.callbacks.Callback]:
         ),
         EpochCheckpoint(run_dir / "checkpoints"),
         HistoryFile(run_dir),
+        TestImages(run_dir, test, preview),
+        HParams(run_dir, hparams),
         keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
     ]

@@ -9,8 +9,8 @@ Sources (the ``--data`` flag):
 - ``auto``   -- tfds when MNIST is prepared locally or its download host answers
                 within seconds, otherwise the sample (with one warning line).
 
-Every source yields uint8 images ``(28, 28, 1)`` and integer labels; the pipelines
-turn them into float32 in [0, 1] and int32 labels.
+Every source gives uint8 images ``(N, 28, 28)`` and integer labels in memory (MNIST
+is 55 MB); the pipelines serve them as float32 in [0, 1] and int32 labels.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -56,6 +57,7 @@ class Datasets:
     train: tf.data.Dataset  # (float32 [B, 28, 28, 1], int32 [B]) batches, shuffled
     test: tf.data.Dataset  # same, in file order
     info: DataInfo
+    preview: tuple[np.ndarray, np.ndarray] | None = None  # the first 25 training images (float) and labels
 
 
 # -- sources -------------------------------------------------------------------
@@ -182,25 +184,51 @@ def load_arrays(source: str = "auto", data_dir: str | None = None) -> tuple[Arra
 # -- pipelines -----------------------------------------------------------------
 
 
-def normalize(image, label):
-    """uint8 image (28, 28[, 1]) -> float32 (28, 28, 1) in [0, 1]; label -> int32."""
-    image = tf.reshape(tf.cast(image, tf.float32) / 255.0, (28, 28, 1))
-    return image, tf.cast(label, tf.int32)
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> float32 (N, 28, 28, 1) in [0, 1]."""
+    return (images.astype(np.float32) / 255.0)[..., None]
 
 
-def train_pipeline(ds: tf.data.Dataset, size: int, batch_size: int, seed: int | None, repeat: bool = False):
-    """cache -> shuffle (seeded, reshuffled every epoch) -> batch -> prefetch."""
-    ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE).cache()
-    ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+def augmenter(seed: int | None = None) -> keras.Sequential:
+    """Small random rotations (±10°), shifts (±10 %) and zooms (±10 %), zero-filled:
+    digits a writer could have drawn. Used on training batches only."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed),
+            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
+            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
+        ],
+        name="augment",
+    )
+
+
+def pipeline(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int | None = None,
+    repeat: bool = False,
+    augment: bool = False,
+) -> tf.data.Dataset:
+    """Batches of (float32 [B, 28, 28, 1] in [0, 1], int32 [B]) from uint8 arrays.
+
+    The whole split is converted once and held in memory (the cache); what flows
+    through tf.data are index batches -- shuffled with ``seed`` and reshuffled every
+    epoch when ``shuffle`` -- gathered into image batches, then prefetched. No
+    per-image work happens in the pipeline, so a 60,000-image epoch starts at once.
+    """
+    x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+    ds = tf.data.Dataset.range(len(labels))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
+    if augment:
+        layers = augmenter(seed)
+        ds = ds.map(lambda xb, yb: (layers(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
     if repeat:
         ds = ds.repeat()
     return ds.prefetch(tf.data.AUTOTUNE)
-
-
-def test_pipeline(ds: tf.data.Dataset, batch_size: int):
-    """batch -> cache -> prefetch, in the source's order."""
-    ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
-    return ds.cache().prefetch(tf.data.AUTOTUNE)
 
 
 def load(
@@ -209,20 +237,31 @@ def load(
     seed: int | None = 0,
     data_dir: str | None = None,
     repeat: bool = False,
+    augment: bool = False,
+    test_source: str | None = None,
 ) -> Datasets:
-    """Train and test pipelines for a source. ``repeat`` makes the train set endless
-    (for a fixed ``steps_per_epoch``)."""
-    source = resolve(source, data_dir)
-    if source == "tfds":
-        train, test = _tfds_load(data_dir)
-        num_train, num_test = int(train.cardinality()), int(test.cardinality())
-    else:
-        (x_train, y_train), (x_test, y_test), info = load_arrays(source, data_dir)
-        train = tf.data.Dataset.from_tensor_slices((x_train, y_train))
-        test = tf.data.Dataset.from_tensor_slices((x_test, y_test))
-        num_train, num_test = info.num_train, info.num_test
+    """Train and test pipelines for a source.
+
+    ``repeat`` makes the train set endless (for a fixed ``steps_per_epoch``);
+    ``augment`` adds random rotations/shifts/zooms to training batches;
+    ``test_source`` takes the test split from another IDX folder (e.g. the official
+    MNIST test set) -- the sample then trains on all of its 5,000 digits.
+    """
+    (x_train, y_train), (x_test, y_test), info = load_arrays(source, data_dir)
+    if test_source is not None:
+        if info.source == "sample":  # its 1,000 held-out digits are not needed for testing
+            x_train, y_train = np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
+        x_test, y_test = _test_split(test_source)
+    name = info.source if test_source is None else f"{info.source}, tested on {test_source}"
     return Datasets(
-        train=train_pipeline(train, num_train, batch_size, seed, repeat),
-        test=test_pipeline(test, batch_size),
-        info=DataInfo(source, num_train, num_test),
+        train=pipeline(x_train, y_train, batch_size, shuffle=True, seed=seed, repeat=repeat, augment=augment),
+        test=pipeline(x_test, y_test, batch_size),
+        info=DataInfo(name, len(y_train), len(y_test)),
+        preview=(to_float(x_train[:25]), y_train[:25]),
     )
+
+
+def _test_split(folder: str) -> Arrays:
+    if not Path(folder).is_dir():
+        raise DataError(f"test data {folder!r}: expected a folder with t10k-images-idx3-ubyte[.gz] and labels")
+    return idx.read_split(folder, "test")

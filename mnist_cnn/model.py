@@ -37,6 +37,7 @@ class CNN(keras.Model):
         kernel_size: int = 5,
         dense_units: int = 1024,
         num_classes: int = 10,
+        dropout: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -45,31 +46,35 @@ class CNN(keras.Model):
         self.kernel_size = kernel_size
         self.dense_units = dense_units
         self.num_classes = num_classes
+        self.dropout = dropout
 
+        # The model's dtype policy (e.g. CNN(dtype="mixed_bfloat16")) applies to every layer ...
+        policy = self.dtype_policy
         self.conv1 = keras.layers.Conv2D(
-            filters1, kernel_size, padding="same", activation="relu", name="conv1"
+            filters1, kernel_size, padding="same", activation="relu", name="conv1", dtype=policy
         )
-        self.pool1 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool1")
+        self.pool1 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool1", dtype=policy)
         self.conv2 = keras.layers.Conv2D(
-            filters2, kernel_size, padding="same", activation="relu", name="conv2"
+            filters2, kernel_size, padding="same", activation="relu", name="conv2", dtype=policy
         )
-        self.pool2 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool2")
+        self.pool2 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool2", dtype=policy)
         # 28 -> 14 -> 7 after the two poolings.
-        self.flatten = keras.layers.Reshape((7 * 7 * filters2,), name="flatten")
-        self.dense1 = keras.layers.Dense(dense_units, activation="relu", name="dense1")
-        self.dense2 = keras.layers.Dense(num_classes, name="dense2")
-        # Probabilities in float32 even under a mixed-precision policy.
+        self.flatten = keras.layers.Reshape((7 * 7 * filters2,), name="flatten", dtype=policy)
+        self.dense1 = keras.layers.Dense(dense_units, activation="relu", name="dense1", dtype=policy)
+        # Off by default: the tutorial's CNN has no dropout.
+        self.drop = keras.layers.Dropout(dropout, name="dropout", dtype=policy) if dropout else None
+        self.dense2 = keras.layers.Dense(num_classes, name="dense2", dtype=policy)
+        # ... but the probabilities are float32 even under mixed precision.
         self.softmax = keras.layers.Softmax(dtype="float32", name="softmax")
 
     def build(self, input_shape=(None, *IMAGE_SHAPE)):
         # Build the layers in order so the model has weights before its first
         # call (and can be saved, summarised and counted right after build()).
         shape = tuple(input_shape)
-        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1):
+        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1, self.dense2):
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
-        self.dense2.build(shape)
-        self.softmax.build(self.dense2.compute_output_shape(shape))
+        self.softmax.build(shape)
 
     def call(self, inputs, training=False):
         x = self.conv1(inputs)  # [batch, 28, 28, 32]
@@ -78,6 +83,8 @@ class CNN(keras.Model):
         x = self.pool2(x)  # [batch, 7, 7, 64]
         x = self.flatten(x)  # [batch, 7 * 7 * 64]
         x = self.dense1(x)  # [batch, 1024]
+        if self.drop is not None:
+            x = self.drop(x, training=training)
         x = self.dense2(x)  # [batch, 10]
         return self.softmax(x)
 
@@ -89,6 +96,7 @@ class CNN(keras.Model):
             kernel_size=self.kernel_size,
             dense_units=self.dense_units,
             num_classes=self.num_classes,
+            dropout=self.dropout,
         )
         return config
 

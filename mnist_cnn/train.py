@@ -24,11 +24,18 @@ import tensorflow as tf
 from mnist_cnn import data
 from mnist_cnn.callbacks import make_callbacks, read_history, write_atomic, write_json_atomic
 from mnist_cnn.errors import InputError, ModelFileError, TrainingDiverged, UsageError
+from mnist_cnn.export import check_export_dir, export_savedmodel
 from mnist_cnn.model import CNN, load_cnn
 
 log = logging.getLogger(__name__)
 
 JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
+LR_SCHEDULES = ("constant", "cosine")
+# Named presets: each sets defaults for the fields it names (explicit flags still win).
+RECIPES = {
+    "seed": {},  # the tutorial: 5 epochs, batch 50, Adam 1e-3, no augmentation, no dropout
+    "best": {"epochs": 20, "augment": True, "lr_schedule": "cosine", "dropout": 0.5},
+}
 # Config fields that name the run rather than shape the training; --resume may set them.
 RUN_IDENTITY = ("logdir", "run_name")
 
@@ -48,6 +55,32 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # None: one pass over the training set
     jit_compile: str = "auto"  # auto (XLA on GPU only), on, off
     init_from: str | None = None  # start from the weights of this .keras file
+    test_data: str | None = None  # test split from this IDX folder (the sample then trains on all 5,000)
+    augment: bool = False  # random rotation/shift/zoom of training batches
+    lr_schedule: str = "constant"  # constant, or cosine decay to 0 over the run
+    dropout: float = 0.0  # before the last dense layer; 0 = the tutorial's CNN
+    mixed_precision: bool = False  # mixed_float16 on GPU, mixed_bfloat16 on CPU
+    profile_batch: str | None = None  # "A,B": profile steps A to B into TensorBoard
+    export: str | None = None  # also write a serving SavedModel into this new folder
+    recipe: str = "seed"  # the preset the other fields started from
+
+    def profile_range(self) -> tuple[int, int] | int:
+        """--profile-batch as the TensorBoard callback takes it (0 = off)."""
+        if self.profile_batch is None:
+            return 0
+        try:
+            bounds = [int(part) for part in self.profile_batch.split(",")]
+        except ValueError:
+            bounds = []
+        if len(bounds) not in (1, 2) or bounds[0] < 1 or bounds[-1] < bounds[0]:
+            raise UsageError(f"--profile-batch must be A or A,B with 1 <= A <= B, got {self.profile_batch!r}")
+        return (bounds[0], bounds[-1])
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "seed", **overrides) -> TrainConfig:
+        if recipe not in RECIPES:
+            raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
 
     def validate(self) -> TrainConfig:
         for flag, value in (
@@ -58,6 +91,12 @@ class TrainConfig:
         ):
             if value is not None and not value > 0:
                 raise UsageError(f"--{flag} must be positive, got {value}")
+        if self.profile_batch is not None:
+            self.profile_range()
+        if not 0.0 <= self.dropout < 1.0:
+            raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.jit_compile not in JIT_CHOICES:
             raise UsageError(f"--jit-compile must be one of auto, on, off, got {self.jit_compile!r}")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
@@ -127,11 +166,27 @@ def make_run_dir(logdir: str, run_name: str | None) -> Path:
     raise UsageError(f"--logdir {logdir}: no free run folder name for {stamp}")
 
 
-def build_model(config: TrainConfig) -> CNN:
-    model = CNN()
+def precision_policy(mixed: bool) -> str:
+    """float32, or the mixed policy this machine runs fast: float16 on GPUs, bfloat16 on CPUs."""
+    if not mixed:
+        return "float32"
+    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+
+
+def learning_rate(config: TrainConfig, steps_per_epoch: int):
+    if config.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=config.epochs * steps_per_epoch)
+    return config.learning_rate
+
+
+def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
+    """The CNN compiled as the config says (Adam; loss and accuracy as in the tutorial).
+    Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer, whose
+    scale_loss CNN.gradient_step applies."""
+    model = CNN(dropout=config.dropout, dtype=precision_policy(config.mixed_precision))
     model.build()
     model.compile(
-        optimizer=keras.optimizers.Adam(config.learning_rate),
+        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],
@@ -181,8 +236,8 @@ def open_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig]:
     return run_dir, config
 
 
-def train_model(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, verbose) -> None:
-    """model.fit with the run's callbacks; a resumed run restarts from its backup."""
+def train_model(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, verbose, extra=()) -> None:
+    """model.fit with the run's callbacks (and ``extra`` ones); a resumed run restarts from its backup."""
     try:
         model.fit(
             datasets.train,
@@ -190,7 +245,16 @@ def train_model(model: CNN, datasets: data.Datasets, config: TrainConfig, run_di
             steps_per_epoch=config.steps_per_epoch,
             validation_data=datasets.test,
             shuffle=False,  # the pipeline shuffles, seeded
-            callbacks=make_callbacks(run_dir),
+            callbacks=[
+                *make_callbacks(
+                    run_dir,
+                    test=datasets.test,
+                    preview=datasets.preview,
+                    hparams=dataclasses.asdict(config),
+                    profile_batch=config.profile_range(),
+                ),
+                *extra,
+            ],
             verbose=verbose,
         )
     except KeyboardInterrupt:
@@ -233,13 +297,13 @@ def finish_run(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir
     return result
 
 
-def fit(config: TrainConfig, verbose="auto", resume: bool = False) -> RunResult:
+def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=()) -> RunResult:
     """Train the CNN as ``config`` says; write the run folder; return the result.
 
     ``resume``: continue the run ``<logdir>/<run_name>`` from its last finished
     epoch (its backup), appending to its logs. Ctrl-C leaves a resumable run.
-    Everything that can be wrong with the input is checked before the run folder
-    is created.
+    ``callbacks`` are added to the run's own. Everything that can be wrong with the
+    input is checked before the run folder is created.
     """
     config.validate()
     start = time.perf_counter()
@@ -250,17 +314,25 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False) -> RunResult:
         seed=config.seed,
         data_dir=config.tfds_dir,
         repeat=config.steps_per_epoch is not None,
+        augment=config.augment,
+        test_source=config.test_data,
     )
-    model = build_model(config)
+    steps_per_epoch = config.steps_per_epoch or -(-datasets.info.num_train // config.batch_size)
+    model = build_model(config, steps_per_epoch)
     if config.init_from and not resume:
         init_weights(model, load_cnn(config.init_from), config.init_from)
+    if config.export:
+        check_export_dir(config.export)
 
     run_dir, config = open_run_dir(config, resume)
     log.info("Device: %s", describe_devices())
     log.info("Data: %s", datasets.info.describe())
     log.info("Run folder: %s", run_dir)
-    train_model(model, datasets, config, run_dir, verbose)
-    return finish_run(model, datasets, config, run_dir, start)
+    train_model(model, datasets, config, run_dir, verbose, callbacks)
+    result = finish_run(model, datasets, config, run_dir, start)
+    if config.export:
+        log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))
+    return result
 
 
 # -- command line ----------------------------------------------------------------
@@ -308,6 +380,20 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
                    help="XLA compilation; auto = on with a GPU, off on CPU")
     p.add_argument("--init-from", default=defaults.init_from, metavar="MODEL.keras",
                    help="start from the weights of a saved CNN")
+    p.add_argument("--test-data", default=defaults.test_data, metavar="PATH",
+                   help="take the test split from this IDX folder (the sample then trains on all 5,000 digits)")
+    p.add_argument("--recipe", choices=list(RECIPES), default=defaults.recipe,
+                   help="preset: seed = the tutorial's; best = 20 epochs, augmentation, cosine decay, dropout 0.5")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=defaults.augment,
+                   help="random rotation/shift/zoom of training images")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=defaults.lr_schedule)
+    p.add_argument("--dropout", type=float, default=defaults.dropout, help="before the last dense layer")
+    p.add_argument("--profile-batch", default=defaults.profile_batch, metavar="A,B",
+                   help="profile training steps A to B (TensorBoard's Profile tab; needs tensorboard-plugin-profile)")
+    p.add_argument("--export", default=defaults.export, metavar="DIR",
+                   help="after training, write a serving SavedModel into this new folder")
+    p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=defaults.mixed_precision,
+                   help="mixed_float16 on GPU, mixed_bfloat16 on CPU")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
                    help="continue a killed or interrupted run (RUN_DIR, or --run-name in --logdir) "
                    "with its saved config")
@@ -315,20 +401,31 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
     return p
 
 
+def typed_flags(argv) -> dict:
+    """The flags actually given on the command line (not defaulted), by config field."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     """The config from the command line, and whether to resume.
 
-    With --resume the config is the run's own (config.json); flags given explicitly
-    must agree with it.
+    A ``--recipe`` supplies defaults for the fields it names; typed flags win. With
+    --resume the config is the run's own (config.json); typed flags must agree with it.
     """
     args = vars(build_parser().parse_args(argv))
-    resume, dry_run = args.pop("resume"), args.pop("dry_run")
-    if dry_run:
-        if resume is not None:
-            raise UsageError("--dry-run cannot be combined with --resume")
-        args.update(epochs=1, steps_per_epoch=2)
+    typed = typed_flags(argv)
+    resume, dry_run, recipe = args.pop("resume"), args.pop("dry_run"), args.pop("recipe")
     if resume is None:
-        return TrainConfig(**args), False
+        fields = {k: v for k, v in args.items() if k in typed or k not in RECIPES[recipe]}
+        config = TrainConfig.from_recipe(recipe, **fields)
+        if dry_run:
+            config = dataclasses.replace(config, epochs=1, steps_per_epoch=2)
+        return config, False
+    if dry_run:
+        raise UsageError("--dry-run cannot be combined with --resume")
 
     if resume == "":
         if not args["run_name"]:
@@ -337,12 +434,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     else:
         run_dir = Path(resume)
     saved = load_run_config(run_dir)
-    # Which flags were typed: parse again with every default suppressed.
-    quiet = build_parser()
-    for action in quiet._actions:
-        action.default = argparse.SUPPRESS
-    typed = vars(quiet.parse_args(argv))
-    for name in typed.keys() - {"resume", "dry_run", *RUN_IDENTITY}:
+    for name in typed.keys() - {"resume", *RUN_IDENTITY}:
         if typed[name] != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
             raise UsageError(f"{flag} {typed[name]} conflicts with the resumed run's {name}={getattr(saved, name)!r}")

@@ -1,0 +1,305 @@
+"""Speed and accuracy, measured as ratios in one run: ``python scripts/bench.py``.
+
+Training throughput: the contenders take turns (round-robin, one timed window each
+per round) so that drift of a shared machine hits all of them alike; each window's
+time runs from the end of its first step to the end of its last, so one-off costs
+(tracing, iterator start) stay out; the figure is the median over rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mnist_cnn import data, idx, train, tutorial
+from mnist_cnn.model import CNN
+
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+OFFICIAL_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+# -- what the model costs ----------------------------------------------------------------
+
+
+def forward_flops(model: CNN) -> int:
+    """Multiply-adds x 2 of one image's forward pass, from the layer shapes
+    (convolutions and dense layers; bias, ReLU, pooling and softmax are negligible)."""
+    flops, shape = 0, (1, 28, 28, 1)
+    for layer in (model.conv1, model.pool1, model.conv2, model.pool2, model.flatten, model.dense1, model.dense2):
+        out = layer.compute_output_shape(shape)
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            flops += 2 * kh * kw * shape[-1] * out[-1] * out[1] * out[2]
+        elif isinstance(layer, keras.layers.Dense):
+            flops += 2 * shape[-1] * out[-1]
+        shape = out
+    return flops
+
+
+# -- timing --------------------------------------------------------------------------------
+
+
+class StepClock(keras.callbacks.Callback):
+    """perf_counter() at the end of every training step."""
+
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter())
+
+
+def loop_window(step: Callable, loader: tutorial.MNISTLoader, batch_size: int) -> Callable[[int], float]:
+    """A window of the tutorial loop: get_batch + step, ``n`` steps; returns seconds."""
+
+    def run(n: int) -> float:
+        marks = []
+        for _ in range(n + 1):
+            x, y = loader.get_batch(batch_size)
+            loss, _ = step(tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+            float(loss)  # wait for the step, as the tutorial's print did
+            marks.append(time.perf_counter())
+        return marks[-1] - marks[0]
+
+    return run
+
+
+def fit_window(model: CNN, dataset: tf.data.Dataset) -> Callable[[int], float]:
+    """A window of model.fit on a tf.data pipeline, ``n`` steps; returns seconds."""
+
+    def run(n: int) -> float:
+        clock = StepClock()
+        model.fit(dataset, epochs=1, steps_per_epoch=n + 1, verbose=0, callbacks=[clock])
+        return clock.times[-1] - clock.times[0]
+
+    return run
+
+
+def compiled_cnn(jit_compile=False, mixed_precision=False, learning_rate=1e-3) -> CNN:
+    config = train.TrainConfig(learning_rate=learning_rate, jit_compile={True: "on", False: "off"}[jit_compile],
+                               mixed_precision=mixed_precision)
+    return train.build_model(config, steps_per_epoch=1)
+
+
+def training_throughput(batch_size: int, rounds: int, window: int, log) -> dict:
+    """images/s and ms/step of the training contenders at one batch size."""
+    keras.utils.set_random_seed(0)
+    loader = tutorial.MNISTLoader("sample", seed=0)
+    pipeline = data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
+    eager, traced = tutorial.tutorial_model(), tutorial.tutorial_model()
+    contenders = {
+        "tutorial loop, eager": loop_window(eager.gradient_step, loader, batch_size),
+        "tutorial loop, tf.function": loop_window(tf.function(traced.gradient_step), loader, batch_size),
+        "model.fit": fit_window(compiled_cnn(), pipeline),
+        "model.fit, XLA": fit_window(compiled_cnn(jit_compile=True), pipeline),
+        "model.fit, mixed precision": fit_window(compiled_cnn(mixed_precision=True), pipeline),
+    }
+    for run in contenders.values():  # warm-up: tracing, XLA compilation, cache fill
+        run(3)
+    seconds = {name: [] for name in contenders}
+    for r in range(rounds):
+        for name, run in contenders.items():
+            seconds[name].append(run(window) / window)
+        log(f"  batch {batch_size}: round {r + 1}/{rounds} done")
+    flops = 3 * forward_flops(eager) * batch_size  # training step = forward + backward (~2x forward)
+    baseline = statistics.median(seconds["tutorial loop, eager"])
+    results = {}
+    for name, per_step in seconds.items():
+        median = statistics.median(per_step)
+        results[name] = {
+            "ms_per_step": 1000 * median,
+            "images_per_s": batch_size / median,
+            "vs_eager": baseline / median,
+            "gflop_per_s": flops / median / 1e9,
+            "spread_pct": 100 * (max(per_step) - min(per_step)) / median,
+        }
+    return results
+
+
+def evaluation_speed(rounds: int, log) -> dict:
+    """model.evaluate on a tf.data pipeline vs the tutorial's batch-wise predict."""
+    folder = next((f for f in (OFFICIAL_TEST, FASHION_MNIST) if (f / "t10k-labels-idx1-ubyte.gz").exists()), None)
+    x, y = idx.read_split(folder, "test") if folder else data.sample_arrays()[1]
+    loader = tutorial.MNISTLoader("sample")  # the tutorial's evaluation reads loader.test_*
+    loader.test_data, loader.test_label, loader.num_test_data = data.to_float(x), y.astype(np.int32), len(y)
+    model = compiled_cnn()
+    pipeline = data.pipeline(x, y, batch_size=50)
+    model.evaluate(pipeline, verbose=0)  # warm-up and cache fill
+    tutorial.evaluate_batchwise(model, loader)
+    times = {"model.evaluate": [], "tutorial batch-wise predict": []}
+    for _ in range(rounds):
+        start = time.perf_counter()
+        model.evaluate(pipeline, verbose=0)
+        times["model.evaluate"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        tutorial.evaluate_batchwise(model, loader)
+        times["tutorial batch-wise predict"].append(time.perf_counter() - start)
+    log(f"  evaluation of {loader.num_test_data} images done")
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "images": loader.num_test_data,
+        "source": str(folder or "sample"),
+        "seconds": median,
+        "speedup": median["tutorial batch-wise predict"] / median["model.evaluate"],
+    }
+
+
+def pipeline_overhead(steps: int, log) -> dict | None:
+    """Training on the full-size IDX pipeline vs the same steps on one in-memory batch."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        log(f"  skipped: {FASHION_MNIST} not found (apt-get install dataset-fashion-mnist)")
+        return None
+    start = time.perf_counter()
+    full = data.load(str(FASHION_MNIST), batch_size=50, seed=0)
+    read_seconds = time.perf_counter() - start
+    x, y = next(iter(full.test))
+    in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
+    model = compiled_cnn()
+    results = {}
+    fit_window(model, in_memory)(3)  # trace once, outside the timing
+    for name, dataset in (("in-memory batch", in_memory), ("IDX pipeline, first epoch", full.train)):
+        clock = StepClock()
+        begin = time.perf_counter()
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[clock])
+        results[name] = clock.times[-1] - begin  # includes the wait for the first batch
+    log(f"  {steps} full-size steps done")
+    return {
+        "train_images": full.info.num_train,
+        "steps": steps,
+        "read_idx_seconds": read_seconds,
+        "seconds": results,
+        "overhead_pct": 100 * (results["IDX pipeline, first epoch"] / results["in-memory batch"] - 1),
+    }
+
+
+FIRST_STEP_CHILD = """
+import os, sys, time
+t0 = float(sys.argv[1])
+import keras
+from mnist_cnn import train
+
+class FirstStep(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        print("FIRST_STEP", time.time() - t0, flush=True)
+        os._exit(0)
+
+train.fit(train.TrainConfig(data="auto", logdir=sys.argv[2]), verbose=0, callbacks=[FirstStep()])
+"""
+
+
+def offline_start(log) -> dict:
+    """Seconds from process start to the first finished training step with --data auto."""
+    with tempfile.TemporaryDirectory() as logdir:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, "-c", FIRST_STEP_CHILD, str(t0), logdir],
+                              capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FIRST_STEP")), None)
+    if line is None:
+        raise RuntimeError(f"the offline-start child failed: {proc.stderr[-2000:]}")
+    chose_sample = "using the 5,000-digit sample" in proc.stderr
+    log("  offline start done")
+    return {"seconds": float(line.split()[1]), "source": "sample (offline fallback)" if chose_sample else "tfds"}
+
+
+def accuracy(epochs_seed: int | None, log) -> dict:
+    """Test accuracy of the seed and best recipes trained on the 5k sample."""
+    test = str(OFFICIAL_TEST) if (OFFICIAL_TEST / "t10k-images-idx3-ubyte.gz").exists() else None
+    results = {}
+    with tempfile.TemporaryDirectory() as logdir:
+        for recipe in ("seed", "best"):
+            config = train.TrainConfig.from_recipe(recipe, data="sample", test_data=test, logdir=logdir)
+            if recipe == "seed" and epochs_seed:
+                config.epochs = epochs_seed
+            result = train.fit(config, verbose=0)
+            results[recipe] = {"test_accuracy": result.test_accuracy, "seconds": result.seconds,
+                               "epochs": config.epochs, "train_images": result.data.num_train}
+            log(f"  recipe {recipe}: {result.test_accuracy:.4f} in {result.seconds:.0f} s")
+    return {"test_set": test or "sample's own 1,000 held-out digits", "recipes": results}
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def report(results: dict) -> str:
+    lines = [f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)", ""]
+    for batch, rows in results["training"].items():
+        lines.append(f"training, batch {batch}:")
+        lines.append(f"  {'contender':<28} {'ms/step':>8} {'images/s':>9} {'vs eager':>8} {'GFLOP/s':>8} {'spread':>7}")
+        for name, r in rows.items():
+            lines.append(
+                f"  {name:<28} {r['ms_per_step']:8.1f} {r['images_per_s']:9.0f} {r['vs_eager']:7.2f}x"
+                f" {r['gflop_per_s']:8.1f} {r['spread_pct']:6.0f}%"
+            )
+    ev = results["evaluation"]
+    lines.append(
+        f"evaluation of {ev['images']:,} images: model.evaluate {ev['seconds']['model.evaluate']:.2f} s, "
+        f"tutorial batch-wise predict {ev['seconds']['tutorial batch-wise predict']:.2f} s -> {ev['speedup']:.1f}x"
+    )
+    pipe = results.get("pipeline")
+    if pipe:
+        s = pipe["seconds"]
+        lines.append(
+            f"full-size input pipeline ({pipe['train_images']:,} IDX images, {pipe['steps']} steps): "
+            f"{s['IDX pipeline, first epoch']:.1f} s vs {s['in-memory batch']:.1f} s in memory -> "
+            f"{pipe['overhead_pct']:+.1f} % (reading the IDX files: {pipe['read_idx_seconds']:.1f} s)"
+        )
+    start = results.get("offline_start")
+    if start:
+        lines.append(f"offline start to first training step (--data auto): {start['seconds']:.1f} s, {start['source']}")
+    acc = results.get("accuracy")
+    if acc:
+        lines.append(f"accuracy on {acc['test_set']}:")
+        for recipe, r in acc["recipes"].items():
+            lines.append(f"  --recipe {recipe:<5} {r['test_accuracy']:.4f}  ({r['epochs']} epochs on "
+                         f"{r['train_images']:,} digits, {r['seconds']:.0f} s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Measure training/evaluation speed (ratios) and accuracy.")
+    p.add_argument("--quick", action="store_true", help="fewer rounds and steps (about a minute)")
+    p.add_argument("--rounds", type=int, default=None, help="timed windows per contender")
+    p.add_argument("--large-batch", type=int, default=256)
+    p.add_argument("--accuracy", action="store_true", help="also train the seed and best recipes (minutes)")
+    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
+    args = p.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 7)
+
+    def log(message):
+        print(message, file=sys.stderr, flush=True)
+
+    results = {
+        "machine": {"cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
+                    "tensorflow": tf.__version__, "keras": keras.__version__},
+        "forward_mflop": forward_flops(CNN()) / 1e6,
+        "training": {},
+    }
+    log("training throughput ...")
+    for batch, window in ((50, 10 if args.quick else 25), (args.large_batch, 3 if args.quick else 6)):
+        results["training"][batch] = training_throughput(batch, rounds, window, log)
+    log("evaluation ...")
+    results["evaluation"] = evaluation_speed(rounds, log)
+    log("full-size pipeline ...")
+    results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
+    log("offline start ...")
+    results["offline_start"] = offline_start(log)
+    if args.accuracy:
+        log("accuracy (two training runs) ...")
+        results["accuracy"] = accuracy(None, log)
+    print(report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0

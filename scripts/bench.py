@@ -1,0 +1,8 @@
+"""Measure speed (as ratios in one run) and accuracy: python scripts/bench.py --help"""
+
+import sys
+
+from mnist_cnn.bench import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,8 @@
+"""python scripts/evaluate.py --help"""
+
+import sys
+
+from mnist_cnn.evaluate import main
+
+if __name__ == "__main__":
+    sys.exit(main())

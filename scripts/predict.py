@@ -1,0 +1,8 @@
+"""python scripts/predict.py --help"""
+
+import sys
+
+from mnist_cnn.predict import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Training options beyond the tutorial: precision, XLA, augmentation, schedule, dropout, recipes."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from test_idx import write_folder
+from test_train import quick
+
+from mnist_cnn import CNN, bench, data, train
+from mnist_cnn.train import TrainConfig
+
+
+def losses_of(model, x, y, epochs=3):
+    return model.fit(x, y, batch_size=50, epochs=epochs, verbose=0, shuffle=False).history["loss"]
+
+
+def test_mixed_precision_trains_like_float32_and_keeps_float32_weights(tiny):
+    x, y = tiny
+    results = {}
+    for mixed in (False, True):
+        keras.utils.set_random_seed(0)
+        model = train.build_model(TrainConfig(mixed_precision=mixed), steps_per_epoch=4)
+        results[mixed] = losses_of(model, x, y)
+        assert all(w.dtype == "float32" for w in model.weights)
+        assert model(x[:2]).dtype == "float32"  # the softmax stays float32
+        assert model.conv1.compute_dtype == ("bfloat16" if mixed else "float32")  # CPU policy
+    assert results[True][-1] < 0.7 * results[True][0]
+    assert results[True][-1] == pytest.approx(results[False][-1], rel=0.15)
+
+
+def test_float16_loss_scaling_keeps_updates_full_size(tiny):
+    """Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer; gradient_step
+    must scale the loss, or apply() would shrink every SGD update by the scale (32768)."""
+    x, y = tiny
+    deltas = {}
+    for policy in ("float32", "mixed_float16"):
+        keras.utils.set_random_seed(0)
+        model = CNN(dense_units=64, dtype=policy)
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        model.build()
+        before = model.dense2.kernel.numpy().copy()
+        model.fit(x[:50], y[:50], batch_size=50, epochs=1, verbose=0)
+        deltas[policy] = np.abs(model.dense2.kernel.numpy() - before).mean()
+        assert model.dense2.kernel.dtype == "float32"
+    assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert deltas["mixed_float16"] == pytest.approx(deltas["float32"], rel=0.1)
+
+
+def test_xla_compiled_fit_trains(tiny):
+    x, y = tiny
+    model = train.build_model(TrainConfig(jit_compile="on"), steps_per_epoch=4)
+    assert model.jit_compile is True
+    losses = losses_of(model, x, y, epochs=2)
+    assert losses[-1] < losses[0]
+
+
+def test_augmentation_changes_training_images_only(tmp_path):
+    write_folder(tmp_path, n_train=20, n_test=5)
+    plain = data.load(str(tmp_path), batch_size=20, seed=1)
+    augmented = data.load(str(tmp_path), batch_size=20, seed=1, augment=True)
+    (x0, y0), (x1, y1) = next(iter(plain.train)), next(iter(augmented.train))
+    np.testing.assert_array_equal(y0, y1)  # same shuffle, same labels
+    assert x1.shape == x0.shape and x1.dtype == tf.float32
+    assert float(tf.reduce_min(x1)) >= 0.0 and float(tf.reduce_max(x1)) <= 1.0 + 1e-6
+    assert float(tf.reduce_mean(tf.abs(x1 - x0))) > 0.01
+    for (a, _), (b, _) in zip(plain.test, augmented.test, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_augmented_digits_stay_recognisable(sample):
+    """The transforms are small: a model trained on clean digits still reads augmented ones."""
+    (x_train, y_train), _ = sample
+    keras.utils.set_random_seed(0)
+    model = train.build_model(TrainConfig(), steps_per_epoch=80)
+    x = x_train[..., None].astype("float32") / 255.0
+    model.fit(x, y_train, batch_size=50, epochs=2, verbose=0)
+    images = tf.convert_to_tensor(x[:500])
+    shifted = data.augmenter(seed=3)(images, training=True)
+    clean_acc = (model.predict(images, verbose=0).argmax(1) == y_train[:500]).mean()
+    aug_acc = (model.predict(shifted, verbose=0).argmax(1) == y_train[:500]).mean()
+    assert clean_acc > 0.9 and aug_acc > 0.6  # broken transforms (huge angles, reflections) fall near chance
+
+
+def test_cosine_schedule_decays_to_zero():
+    model = train.build_model(TrainConfig(lr_schedule="cosine", epochs=2), steps_per_epoch=10)
+    schedule = model.optimizer.learning_rate
+    lr = model.optimizer._learning_rate
+    assert float(lr(0)) == pytest.approx(1e-3) and float(lr(10)) == pytest.approx(5e-4, rel=1e-3)
+    assert float(lr(20)) == pytest.approx(0.0, abs=1e-9)
+    assert float(schedule) == pytest.approx(1e-3)
+
+
+def test_dropout_is_a_constructor_argument_active_only_in_training(tiny):
+    x, _ = tiny
+    model = CNN(dropout=0.5)
+    model.build()
+    assert model.count_params() == 3_274_634  # dropout adds no weights
+    assert CNN.from_config(model.get_config()).dropout == 0.5
+    np.testing.assert_array_equal(model(x[:4], training=False), model(x[:4], training=False))
+    assert not np.allclose(model(x[:4], training=True), model(x[:4], training=False))
+    assert CNN().drop is None  # the tutorial's CNN has none
+
+
+def test_recipes_set_defaults_that_flags_override():
+    best, _ = train.parse_args(["--recipe", "best"])
+    assert (best.epochs, best.augment, best.lr_schedule, best.dropout) == (20, True, "cosine", 0.5)
+    custom, _ = train.parse_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2"])
+    assert (custom.epochs, custom.augment, custom.lr_schedule, custom.dropout) == (3, False, "cosine", 0.2)
+    seed, _ = train.parse_args([])
+    assert seed == TrainConfig()
+
+
+def test_options_reach_the_saved_run(tmp_path):
+    config = quick(tmp_path, epochs=1, augment=True, lr_schedule="cosine", dropout=0.3, mixed_precision=True)
+    result = train.fit(config, verbose=0)
+    model = keras.saving.load_model(result.model_path)
+    assert model.dropout == 0.3 and model.dtype_policy.name == "mixed_bfloat16"
+    saved = json.loads((result.run_dir / "config.json").read_text())
+    assert (saved["augment"], saved["lr_schedule"], saved["mixed_precision"]) == (True, "cosine", True)
+
+
+def test_sample_with_an_official_test_folder_trains_on_all_5000(tmp_path):
+    write_folder(tmp_path, n_train=3, n_test=9)
+    datasets = data.load("sample", test_source=str(tmp_path))
+    assert (datasets.info.num_train, datasets.info.num_test) == (5000, 9)
+    assert datasets.info.source == f"sample, tested on {tmp_path}"
+
+
+def test_forward_flops_counted_from_the_layer_shapes():
+    assert bench.forward_flops(CNN()) == 2 * (28 * 28 * 32 * 25 + 14 * 14 * 64 * 25 * 32 + 3136 * 1024 + 1024 * 10)
+    assert bench.forward_flops(CNN()) / 1e6 == pytest.approx(27.8, abs=0.05)
