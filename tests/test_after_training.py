@@ -70,6 +70,12 @@ def test_profile_batch_flag_is_validated():
             train.TrainConfig(profile_batch=bad).validate()
 
 
+def test_profile_batch_writes_a_trace(tmp_path):
+    run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=4, profile_batch="2,3"), verbose=0)
+    traces = list((run.run_dir / "train" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+
+
 def test_evaluate_agrees_with_keras(trained, sample):
     _, (x, y) = sample
     model = keras.saving.load_model(trained.model_path)
