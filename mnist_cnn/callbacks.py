@@ -82,7 +82,7 @@ class StepScalars(keras.callbacks.Callback):
         self.writer = tf.summary.create_file_writer(str(self.log_dir / "train"))
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations)
+        step = int(self.model.optimizer.iterations.numpy())
         with self.writer.as_default():
             for name, value in (logs or {}).items():
                 tf.summary.scalar(f"batch_{name}", value, step=step)

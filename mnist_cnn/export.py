@@ -1,7 +1,8 @@
 """Serving export: a TensorFlow SavedModel that needs neither Keras nor this package.
 
-    python scripts/fit.py --export exported/   # after training
-    export_savedmodel(model, "exported/")      # from Python
+    python scripts/fit.py --export exported/            # after training
+    python scripts/export.py logs/<run>/model.keras exported/   # a saved model
+    export_savedmodel(model, "exported/")               # from Python
 
 Two signatures (both accept ``(N, 28, 28)`` or ``(N, 28, 28, 1)``):
 - ``serving_default``: float32 images in [0, 1];
@@ -11,22 +12,25 @@ Each returns ``probabilities`` (N, 10) float32 and ``digits`` (N,) int64.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from mnist_cnn.errors import UsageError
+from mnist_cnn.errors import InputError, UsageError
+from mnist_cnn.model import load_cnn
 
 
 def check_export_dir(directory: str | os.PathLike) -> Path:
     """The export target must not exist yet (nothing is ever overwritten)."""
     directory = Path(directory)
     if directory.exists():
-        raise UsageError(f"--export {directory}: already exists; choose a new folder")
+        raise UsageError(f"{directory}: already exists; choose a new folder for the SavedModel")
     return directory
 
 
@@ -61,3 +65,17 @@ def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="export.py", description="Export a saved CNN as a serving SavedModel.")
+    p.add_argument("model", metavar="MODEL.keras")
+    p.add_argument("directory", metavar="DIR", help="a new folder for the SavedModel")
+    args = p.parse_args(argv)
+    try:
+        check_export_dir(args.directory)
+        print(f"SavedModel for serving: {export_savedmodel(load_cnn(args.model), args.directory)}")
+    except InputError as e:
+        print(f"export.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -124,7 +124,7 @@ class CNN(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss, y_pred = self.gradient_step(x, y, sample_weight)
         self._track_loss(loss, x)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return _reducible(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
@@ -133,7 +133,7 @@ class CNN(keras.Model):
             x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=False
         )
         self._track_loss(loss, x)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        return _reducible(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
     def _track_loss(self, loss, x):
         # Keras divides each replica's loss by the number of replicas so that
@@ -143,6 +143,18 @@ class CNN(keras.Model):
         for metric in self.metrics:
             if metric.name == "loss":
                 metric.update_state(loss * replicas, sample_weight=tf.shape(x)[0])
+
+
+def _reducible(logs: dict) -> dict:
+    """Step results in the shape Keras can reduce across workers.
+
+    Under MultiWorkerMirroredStrategy Keras 3 (3.15 here) averages each result with
+    ``strategy.reduce("MEAN", value, axis=0)``, which fails on scalars; give them
+    one axis there (the reduce returns scalars again). Elsewhere: unchanged.
+    """
+    if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
+        return {name: tf.reshape(value, [1]) for name, value in logs.items()}
+    return logs
 
 
 def load_cnn(path: str | os.PathLike) -> CNN:

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn import data
+from mnist_cnn import data, distribute
 from mnist_cnn.callbacks import make_callbacks, read_history, write_atomic, write_json_atomic
 from mnist_cnn.errors import InputError, ModelFileError, TrainingDiverged, UsageError
 from mnist_cnn.export import check_export_dir, export_savedmodel
@@ -62,6 +63,7 @@ class TrainConfig:
     mixed_precision: bool = False  # mixed_float16 on GPU, mixed_bfloat16 on CPU
     profile_batch: str | None = None  # "A,B": profile steps A to B into TensorBoard
     export: str | None = None  # also write a serving SavedModel into this new folder
+    strategy: str = "auto"  # auto, one, mirrored, multiworker (batch_size is per replica)
     recipe: str = "seed"  # the preset the other fields started from
 
     def profile_range(self) -> tuple[int, int] | int:
@@ -97,6 +99,13 @@ class TrainConfig:
             raise UsageError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise UsageError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.strategy not in distribute.STRATEGIES:
+            raise UsageError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}, got {self.strategy!r}")
+        if self.strategy == "multiworker" and not self.run_name:
+            raise UsageError("--strategy multiworker needs --run-name, so that every worker names the same run")
+        if self.strategy == "multiworker" and self.export:
+            raise UsageError("--export is not available with --strategy multiworker; "
+                             "run scripts/export.py on the chief's model.keras afterwards")
         if self.jit_compile not in JIT_CHOICES:
             raise UsageError(f"--jit-compile must be one of auto, on, off, got {self.jit_compile!r}")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
@@ -236,7 +245,14 @@ def open_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig]:
     return run_dir, config
 
 
-def train_model(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, verbose, extra=()) -> None:
+def train_model(
+    model: CNN,
+    datasets: data.Datasets,
+    config: TrainConfig,
+    run_dir: Path,
+    verbose,
+    extra=(),
+) -> None:
     """model.fit with the run's callbacks (and ``extra`` ones); a resumed run restarts from its backup."""
     try:
         model.fit(
@@ -265,7 +281,9 @@ def train_model(model: CNN, datasets: data.Datasets, config: TrainConfig, run_di
         raise TrainingDiverged(f"{e}; {where}") from None
 
 
-def finish_run(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, start: float) -> RunResult:
+def finish_run(
+    model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, start: float, strategy: str = ""
+) -> RunResult:
     """Evaluate on the test split; write model.keras and metrics.json (atomically)."""
     scores = model.evaluate(datasets.test, return_dict=True, verbose=0)
     model_path = run_dir / "model.keras"
@@ -291,6 +309,7 @@ def finish_run(model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir
             "config": dataclasses.asdict(config),
             "data": dataclasses.asdict(datasets.info),
             "device": describe_devices(),
+            "strategy": strategy,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         },
     )
@@ -307,30 +326,45 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=())
     """
     config.validate()
     start = time.perf_counter()
+    strategy = distribute.make_strategy(config.strategy)  # first: multi-worker setup precedes other TF work
+    replicas = strategy.num_replicas_in_sync
     keras.utils.set_random_seed(config.seed)
     datasets = data.load(
         config.data,
-        batch_size=config.batch_size,
+        batch_size=config.batch_size * replicas,  # the global batch; the strategy splits it
         seed=config.seed,
         data_dir=config.tfds_dir,
         repeat=config.steps_per_epoch is not None,
         augment=config.augment,
         test_source=config.test_data,
     )
-    steps_per_epoch = config.steps_per_epoch or -(-datasets.info.num_train // config.batch_size)
-    model = build_model(config, steps_per_epoch)
-    if config.init_from and not resume:
-        init_weights(model, load_cnn(config.init_from), config.init_from)
+    datasets.train, datasets.test = distribute.shard_by_data(datasets.train), distribute.shard_by_data(datasets.test)
+    steps_per_epoch = config.steps_per_epoch or -(-datasets.info.num_train // (config.batch_size * replicas))
+    with strategy.scope():
+        model = build_model(config, steps_per_epoch)
+        if config.init_from and not resume:
+            init_weights(model, load_cnn(config.init_from), config.init_from)
+    distribute.prepare_model(model, strategy)
     if config.export:
         check_export_dir(config.export)
 
-    run_dir, config = open_run_dir(config, resume)
+    chief = distribute.is_chief(strategy)
+    if chief:
+        run_dir, config = open_run_dir(config, resume)
+    else:
+        run_dir = distribute.worker_run_dir(Path(config.logdir) / config.run_name)
     log.info("Device: %s", describe_devices())
+    log.info("Strategy: %s, global batch %d", distribute.describe(strategy), config.batch_size * replicas)
     log.info("Data: %s", datasets.info.describe())
     log.info("Run folder: %s", run_dir)
-    train_model(model, datasets, config, run_dir, verbose, callbacks)
-    result = finish_run(model, datasets, config, run_dir, start)
-    if config.export:
+    try:
+        with strategy.scope():
+            train_model(model, datasets, config, run_dir, verbose, callbacks)
+            result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
+    finally:
+        if not chief:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    if config.export and chief:
         log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))
     return result
 
@@ -360,7 +394,8 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
     defaults = defaults or TrainConfig()
     p = _Parser(prog="fit.py", description="Train the MNIST CNN and write a run folder under --logdir.")
     p.add_argument("--epochs", type=_positive(int), default=defaults.epochs)
-    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size)
+    p.add_argument("--batch-size", type=_positive(int), default=defaults.batch_size,
+                   help="per replica: each step uses batch-size x replicas images")
     p.add_argument("--learning-rate", type=_positive(float), default=defaults.learning_rate)
     p.add_argument(
         "--data",
@@ -392,6 +427,8 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
                    help="profile training steps A to B (TensorBoard's Profile tab; needs tensorboard-plugin-profile)")
     p.add_argument("--export", default=defaults.export, metavar="DIR",
                    help="after training, write a serving SavedModel into this new folder")
+    p.add_argument("--strategy", choices=distribute.STRATEGIES, default=defaults.strategy,
+                   help="auto: all GPUs if more than one, else one device; multiworker: from TF_CONFIG")
     p.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=defaults.mixed_precision,
                    help="mixed_float16 on GPU, mixed_bfloat16 on CPU")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",

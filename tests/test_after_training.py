@@ -13,7 +13,7 @@ from conftest import REPO, run_python
 from PIL import Image
 from test_train import quick
 
-from mnist_cnn import evaluate, predict, train
+from mnist_cnn import evaluate, export, predict, train
 from mnist_cnn.export import export_savedmodel
 
 
@@ -186,8 +186,17 @@ print("imported:", sorted(m for m in sys.modules if m.startswith("mnist_cnn")))
     np.testing.assert_array_equal(np.load(served.parent / "digits.npy"), expected.argmax(1))
 
 
-def test_export_never_overwrites(trained, tmp_path):
+def test_export_never_overwrites(trained, tmp_path, capsys):
     (tmp_path / "taken").mkdir()
     with pytest.raises(train.UsageError, match="already exists"):
         export_savedmodel(keras.saving.load_model(trained.model_path), tmp_path / "taken")
     assert list((tmp_path / "taken").iterdir()) == []
+    assert export.main([str(trained.model_path), str(tmp_path / "taken")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_export_script_on_a_saved_model(trained, tmp_path, capsys):
+    assert export.main([str(trained.model_path), str(tmp_path / "new")]) == 0
+    assert (tmp_path / "new" / "saved_model.pb").exists()
+    assert capsys.readouterr().out.strip() == f"SavedModel for serving: {tmp_path / 'new'}"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -1,0 +1,105 @@
+"""Where training runs: one device, all local GPUs, or several machines (tf.distribute).
+
+``--strategy``:
+- ``auto``        -- MirroredStrategy when more than one GPU is visible, else the default;
+- ``one``         -- OneDeviceStrategy on the first GPU, or the CPU;
+- ``mirrored``    -- MirroredStrategy over the visible GPUs (or, without GPUs, the logical CPUs);
+- ``multiworker`` -- MultiWorkerMirroredStrategy configured from ``TF_CONFIG``.
+
+``--batch-size`` is per replica; each step consumes ``batch_size x replicas`` images.
+With several workers only the chief writes the run folder; the others train
+into a temporary folder that is deleted at the end (see ``worker_run_dir``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import tensorflow as tf
+
+from mnist_cnn.errors import UsageError
+
+STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The strategy for ``--strategy name``. Create it before any other TensorFlow work:
+    MultiWorkerMirroredStrategy must be set up at program start."""
+    if name == "multiworker":
+        if "TF_CONFIG" not in os.environ:
+            raise UsageError("--strategy multiworker needs the TF_CONFIG environment variable (see README)")
+        try:
+            json.loads(os.environ["TF_CONFIG"])
+        except ValueError as e:
+            raise UsageError(f"TF_CONFIG is not valid JSON ({e})") from None
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_physical_devices("GPU")
+    if name == "auto":
+        return tf.distribute.MirroredStrategy() if len(gpus) > 1 else tf.distribute.get_strategy()
+    if name == "one":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if name == "mirrored":
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+    raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {name!r}")
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run folder: always, except for the non-chief
+    workers of a multi-worker cluster (the chief is task "chief", or worker 0)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def worker_run_dir(chief_run_dir: Path) -> Path:
+    """A non-chief worker's scratch run folder, seeded with the chief's backup.
+
+    Every worker runs the same callbacks (saving creates variables, and under
+    MultiWorkerMirroredStrategy that is a collective operation all workers must
+    join), but only the chief's files are kept. To resume, each worker starts from
+    a copy of the chief's backup (the run folder must be on a shared filesystem).
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="mnist_cnn-worker-"))
+    if (chief_run_dir / "backup").is_dir():
+        shutil.copytree(chief_run_dir / "backup", scratch / "backup")
+    return scratch
+
+
+def describe(strategy: tf.distribute.Strategy) -> str:
+    replicas = strategy.num_replicas_in_sync
+    name = type(strategy).__name__.lstrip("_").replace("DefaultDistributionStrategy", "default (one device)")
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"  # TF's class is CollectiveAllReduceStrategy
+    resolver = getattr(strategy, "cluster_resolver", None)
+    where = f", task {resolver.task_type} {resolver.task_id}" if resolver is not None and resolver.task_type else ""
+    return f"{name}, {replicas} replica{'s' if replicas != 1 else ''}{where}"
+
+
+def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """In-memory sources have no files to shard by: split by elements explicitly."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def prepare_model(model, strategy: tf.distribute.Strategy) -> None:
+    """Let Keras 3's fit run under MultiWorkerMirroredStrategy.
+
+    Keras 3 (3.15 here) reduces the first data batch across workers to build a model
+    created under a strategy (``_maybe_symbolic_build``), and that reduce fails for
+    multi-worker batches (keras-team/keras#20585). Our model is built before fit, so
+    the step is not needed: forget the captured strategy, and run fit/evaluate inside
+    ``strategy.scope()``, where Keras picks the strategy up again for every step.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        model._distribute_strategy = None

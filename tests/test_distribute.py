@@ -1,0 +1,148 @@
+"""The same fit.py and train_step under tf.distribute: MirroredStrategy over two
+logical CPUs, and MultiWorkerMirroredStrategy with two processes on 127.0.0.1."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+from conftest import REPO, run_python
+from test_reliability import wait_for_backup
+from test_train import quick
+
+from mnist_cnn import train
+
+MIRRORED = """
+import json, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from mnist_cnn import train
+runs = {}
+for strategy, batch in (("one", 50), ("mirrored", 25)):
+    config = train.TrainConfig(data="sample", epochs=2, steps_per_epoch=4, batch_size=batch, seed=5,
+                               logdir=sys.argv[1], run_name=strategy, strategy=strategy)
+    result = train.fit(config, verbose=0)
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    runs[strategy] = {"history": result.history, "strategy": metrics["strategy"]}
+print("RUNS", json.dumps(runs))
+"""
+
+
+def test_mirrored_two_replicas_match_one_device(tmp_path):
+    proc = run_python(MIRRORED, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = json.loads(proc.stdout.split("RUNS ", 1)[1])
+    assert runs["mirrored"]["strategy"] == "MirroredStrategy, 2 replicas"
+    assert runs["one"]["strategy"] == "OneDeviceStrategy, 1 replica"
+    one, two = runs["one"]["history"], runs["mirrored"]["history"]
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        # same global batch, same seed: the same trajectory. The logged loss is the
+        # true mean (a step that logged the replica-scaled loss would show half).
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    for name in ("one", "mirrored"):
+        assert (tmp_path / name / "checkpoints" / "epoch-02.keras").is_file()
+        assert (tmp_path / name / "checkpoints" / "best.keras").is_file()
+
+
+def free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(tmp_path, *fit_args):
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    procs = []
+    for index in range(2):
+        env = dict(os.environ, TMPDIR=str(scratch),
+                   TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(REPO / "scripts" / "fit.py"), "--strategy", "multiworker", *map(str, fit_args)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    return procs
+
+
+def finish(procs, timeout=240):
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=timeout))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return outputs
+
+
+@pytest.mark.slow
+def test_multiworker_two_processes_match_one_process(tmp_path):
+    args = ["--data", "sample", "--epochs", 2, "--steps-per-epoch", 4, "--seed", 5, "--logdir", tmp_path / "logs"]
+    procs = start_workers(tmp_path, *args, "--batch-size", 25, "--run-name", "mw")
+    outputs = finish(procs)
+    for proc, (_, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert "Strategy: MultiWorkerMirroredStrategy, 2 replicas, task worker 0" in outputs[0][0]
+
+    run_dir = tmp_path / "logs" / "mw"
+    assert {"model.keras", "metrics.json", "history.json", "checkpoints", "train", "validation"} <= {
+        p.name for p in run_dir.iterdir()
+    }
+    assert not (run_dir / "backup").exists()
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["mw"]  # the worker wrote no run folder
+    assert list((tmp_path / "tmp").iterdir()) == []  # and its scratch folder is gone
+
+    single = train.fit(quick(tmp_path / "single", epochs=2, steps_per_epoch=4, seed=5), verbose=0)
+    multi = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
+        assert multi["history"][key] == pytest.approx(single.history[key], rel=1e-5, abs=1e-6), key
+    assert multi["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-6)
+
+
+def test_multiworker_needs_tf_config_and_a_run_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    assert train.main(["--strategy", "multiworker", "--data", "sample", "--logdir", str(tmp_path)]) == 2
+    assert "--strategy multiworker needs --run-name" in capsys.readouterr().err
+    argv = ["--strategy", "multiworker", "--run-name", "x", "--data", "sample", "--logdir", str(tmp_path)]
+    assert train.main(argv) == 2
+    assert "needs the TF_CONFIG environment variable" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_multiworker_resumes_from_the_chiefs_backup(tmp_path):
+    run_dir = tmp_path / "logs" / "mw"
+    args = ["--data", "sample", "--epochs", 3, "--steps-per-epoch", 40, "--logdir", tmp_path / "logs"]
+    procs = start_workers(tmp_path, *args, "--run-name", "mw")
+    try:
+        wait_for_backup(procs[0], run_dir, epochs=1)
+        time.sleep(0.3)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+        finish(procs)
+    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1, "killed too late"
+    left_by_the_kill = set((tmp_path / "tmp").iterdir())
+
+    outputs = finish(start_workers(tmp_path, "--resume", run_dir))
+    assert all("Resuming" in out or "Run folder" in out for out, _ in outputs), outputs[0][1][-3000:]
+    assert f"Resuming {run_dir} after epoch 1 of 3" in outputs[0][0], outputs[0][1][-3000:]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [e["epoch"] for e in history] == [0, 1, 2]
+    model = keras.saving.load_model(run_dir / "model.keras")
+    assert int(model.optimizer.iterations.numpy()) == 3 * 40  # epoch 1 was not trained again
+    new = set((tmp_path / "tmp").iterdir()) - left_by_the_kill
+    assert not [p for p in new if p.name.startswith("mnist_cnn-worker-")]  # the resumed worker cleaned up
