@@ -2,9 +2,12 @@
 
     python scripts/fit.py --epochs 5 --batch-size 50 --learning-rate 1e-3
 
-Each run gets its own folder ``<logdir>/<run-name or timestamp>/`` holding the
-TensorBoard event files, ``checkpoints/best.keras``, the final ``model.keras``
-and ``metrics.json``.
+Each run gets its own folder ``<logdir>/<run-name or timestamp>/`` holding its
+``config.json``, TensorBoard event files, ``history.json``, checkpoints, the final
+``model.keras`` and ``metrics.json`` (see the README for the layout).
+
+``fit(config)`` reads top to bottom: strategy, data, model, run folder, training,
+final evaluation and files. ``main()`` is the command line around it.
 """
 
 from __future__ import annotations
