@@ -82,7 +82,7 @@ def fit_window(model: CNN, dataset: tf.data.Dataset) -> Callable[[int], float]:
 
     def run(n: int) -> float:
         clock = StepClock()
-        model.fit(dataset, epochs=1, steps_per_epoch=n + 1, verbose=0, callbacks=[clock])
+        model.fit(dataset, epochs=1, steps_per_epoch=n + 1, verbose=0, callbacks=[clock], shuffle=False)
         return clock.times[-1] - clock.times[0]
 
     return run
@@ -136,7 +136,7 @@ def evaluation_speed(rounds: int, log) -> dict:
     loader = tutorial.MNISTLoader("sample")  # the tutorial's evaluation reads loader.test_*
     loader.test_data, loader.test_label, loader.num_test_data = data.to_float(x), y.astype(np.int32), len(y)
     model = compiled_cnn()
-    pipeline = data.pipeline(x, y, batch_size=50)
+    pipeline = data.pipeline(x, y, batch_size=data.EVAL_BATCH)  # as fit() evaluates
     model.evaluate(pipeline, verbose=0)  # warm-up and cache fill
     tutorial.evaluate_batchwise(model, loader)
     times = {"model.evaluate": [], "tutorial batch-wise predict": []}
@@ -166,14 +166,14 @@ def pipeline_overhead(steps: int, log) -> dict | None:
     full = data.load(str(FASHION_MNIST), batch_size=50, seed=0)
     read_seconds = time.perf_counter() - start
     x, y = next(iter(full.test))
-    in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()
+    in_memory = tf.data.Dataset.from_tensors((x[:50], y[:50])).repeat()  # one training-size batch
     model = compiled_cnn()
     results = {}
     fit_window(model, in_memory)(3)  # trace once, outside the timing
     for name, dataset in (("in-memory batch", in_memory), ("IDX pipeline, first epoch", full.train)):
         clock = StepClock()
         begin = time.perf_counter()
-        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[clock])
+        model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[clock], shuffle=False)
         results[name] = clock.times[-1] - begin  # includes the wait for the first batch
     log(f"  {steps} full-size steps done")
     return {

@@ -38,6 +38,8 @@ SAMPLE_TEST_PER_CLASS = 100
 # Where tfds downloads MNIST from; probed (TCP connect) before any download.
 TFDS_HOST = ("storage.googleapis.com", 443)
 PROBE_TIMEOUT = 3.0
+# Evaluation batches are larger than training ones: fewer steps, same numbers.
+EVAL_BATCH = 500
 
 Arrays = tuple[np.ndarray, np.ndarray]
 
@@ -55,7 +57,7 @@ class DataInfo:
 @dataclass
 class Datasets:
     train: tf.data.Dataset  # (float32 [B, 28, 28, 1], int32 [B]) batches, shuffled
-    test: tf.data.Dataset  # same, in file order
+    test: tf.data.Dataset  # same, in file order, EVAL_BATCH (or the train batch, if larger) at a time
     info: DataInfo
     preview: tuple[np.ndarray, np.ndarray] | None = None  # the first 25 training images (float) and labels
 
@@ -141,7 +143,8 @@ def sample_arrays() -> tuple[Arrays, Arrays]:
     return (images[train_ids], labels[train_ids]), (images[test_ids], labels[test_ids])
 
 
-def _tfds_load(data_dir: str | None, **kwargs):
+def _tfds_load(data_dir: str | None) -> list[tf.data.Dataset]:
+    """tfds' MNIST train and test splits; downloads only when the host answers."""
     import tensorflow_datasets as tfds  # slow to import; only when used
 
     download = tfds_prepared(data_dir) or host_reachable()
@@ -152,7 +155,6 @@ def _tfds_load(data_dir: str | None, **kwargs):
             as_supervised=True,
             data_dir=str(tfds_data_dir(data_dir)),
             download=download,
-            **kwargs,
         )
     except (AssertionError, OSError, tfds.core.registered.DatasetNotFoundError) as e:
         reason = "" if download else " and the download host is unreachable"
@@ -255,7 +257,7 @@ def load(
     name = info.source if test_source is None else f"{info.source}, tested on {test_source}"
     return Datasets(
         train=pipeline(x_train, y_train, batch_size, shuffle=True, seed=seed, repeat=repeat, augment=augment),
-        test=pipeline(x_test, y_test, batch_size),
+        test=pipeline(x_test, y_test, max(batch_size, EVAL_BATCH)),
         info=DataInfo(name, len(y_train), len(y_test)),
         preview=(to_float(x_train[:25]), y_train[:25]),
     )

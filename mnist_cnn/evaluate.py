@@ -60,7 +60,7 @@ def test_arrays(source: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 def evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray, source: str = "", top: int = 10) -> Report:
     """Score ``model`` on uint8 ``images`` (N, 28, 28) with integer ``labels``."""
-    probs = model.predict(data.pipeline(images, labels, batch_size=500).map(lambda x, y: x), verbose=0)
+    probs = model.predict(data.pipeline(images, labels, batch_size=data.EVAL_BATCH).map(lambda x, y: x), verbose=0)
     labels = labels.astype(np.int64)
     predicted = probs.argmax(axis=1)
     loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probs))

@@ -45,8 +45,9 @@ def test_pipelines_scale_batch_and_shuffle_only_the_train_part(tmp_path):
 
     test_labels = np.concatenate([y.numpy() for _, y in datasets.test])
     np.testing.assert_array_equal(test_labels, written["test"][1])  # file order, never shuffled
-    first_images = next(iter(datasets.test))[0].numpy()[..., 0]
-    np.testing.assert_allclose(first_images, written["test"][0][:4] / 255.0, rtol=1e-6)
+    test_images = np.concatenate([x.numpy() for x, _ in datasets.test])[..., 0]
+    np.testing.assert_allclose(test_images, written["test"][0] / 255.0, rtol=1e-6)
+    assert next(iter(datasets.test))[0].shape[0] == 7  # evaluation batches: up to data.EVAL_BATCH
 
     def two_epochs(seed):
         train = data.load(str(tmp_path), batch_size=4, seed=seed).train
