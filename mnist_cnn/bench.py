@@ -37,7 +37,7 @@ def forward_flops(model: CNN) -> int:
     """Multiply-adds x 2 of one image's forward pass, from the layer shapes
     (convolutions and dense layers; bias, ReLU, pooling and softmax are negligible)."""
     flops, shape = 0, (1, 28, 28, 1)
-    for layer in (model.conv1, model.pool1, model.conv2, model.pool2, model.flatten, model.dense1, model.dense2):
+    for layer in model.layers_in_order():
         out = layer.compute_output_shape(shape)
         if isinstance(layer, keras.layers.Conv2D):
             kh, kw = layer.kernel_size

@@ -61,6 +61,8 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
     """TerminateOnNaN that stops at once: Keras' own finishes the epoch's callbacks
     (checkpoints of NaN weights included); this raises before any of them run."""
 
+    epoch = 0
+
     def on_batch_end(self, batch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
@@ -127,10 +129,19 @@ class HistoryFile(keras.callbacks.Callback):
         write_json_atomic(self.path, self.entries)
 
 
-def figure_to_image(figure) -> tf.Tensor:
-    """A matplotlib figure as a [1, H, W, 4] uint8 tensor for tf.summary.image."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (imported when first drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def figure_to_image(figure) -> tf.Tensor:
+    """A matplotlib figure as a [1, H, W, 4] uint8 tensor for tf.summary.image."""
+    plt = _pyplot()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=80)
     plt.close(figure)
@@ -138,11 +149,7 @@ def figure_to_image(figure) -> tf.Tensor:
 
 
 def digit_grid(images: np.ndarray, titles: list[str], columns: int = 5):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows = max(1, -(-len(images) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5))
     for ax in np.atleast_1d(axes).ravel():
@@ -155,11 +162,7 @@ def digit_grid(images: np.ndarray, titles: list[str], columns: int = 5):
 
 
 def confusion_figure(matrix: np.ndarray):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, ax = plt.subplots(figsize=(5.5, 5))
     ax.imshow(np.log1p(matrix), cmap="Blues")
     for (row, col), count in np.ndenumerate(matrix):

@@ -67,11 +67,15 @@ class CNN(keras.Model):
         # ... but the probabilities are float32 even under mixed precision.
         self.softmax = keras.layers.Softmax(dtype="float32", name="softmax")
 
+    def layers_in_order(self) -> tuple[keras.layers.Layer, ...]:
+        """The layers an image passes through, in order (without dropout and softmax)."""
+        return (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1, self.dense2)
+
     def build(self, input_shape=(None, *IMAGE_SHAPE)):
         # Build the layers in order so the model has weights before its first
         # call (and can be saved, summarised and counted right after build()).
         shape = tuple(input_shape)
-        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1, self.dense2):
+        for layer in self.layers_in_order():
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
         self.softmax.build(shape)
