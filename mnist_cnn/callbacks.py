@@ -1,4 +1,4 @@
-"""The callbacks every training run gets, all writing into the run folder.
+"""The callbacks every training run gets, all writing through the run folder (``RunDir``).
 
 - ``StopOnNaN``        -- raises ``TrainingDiverged`` at the first NaN/inf loss, before
                           anything of that batch is saved;
@@ -6,24 +6,25 @@
                           and weight histograms, steps = epoch numbers;
 - ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
                           so a resumed run continues its curves instead of restarting them;
-- ``ModelCheckpoint``  -- ``checkpoints/best.keras``, the best validation accuracy so far;
-- ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` after every epoch (the newest few);
+- ``BestCheckpoint``   -- ``checkpoints/best.keras``, the best validation accuracy so far;
+- ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` (model + optimizer) after every epoch;
 - ``HistoryFile``      -- ``history.json``, every finished epoch's logs, across resumes;
 - ``TestImages``       -- ``images/``: sample training digits (once); per epoch the
-                          misclassified test digits and the confusion matrix, as pictures;
+                          misclassified digits and the confusion matrix, as pictures;
 - ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;
-- ``BackupAndRestore`` -- ``backup/``, the state a killed run resumes from. It runs last
-                          at the end of an epoch, so an epoch counts as done only after
-                          everything else for it was written.
+- ``CommitEpoch``      -- ``resume.json``: runs last, so an epoch counts as finished (and a
+                          killed run resumes after it) only once everything else for it
+                          was written. It replaces Keras' ``BackupAndRestore``, which
+                          deletes its backup when ``fit`` returns -- before the run's final
+                          evaluation and files exist.
+
+Every file is written atomically (``rundir.write_atomic``).
 """
 
 from __future__ import annotations
 
 import io
-import json
 import math
-import os
-import uuid
 from pathlib import Path
 
 import keras
@@ -32,29 +33,9 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 from mnist_cnn.errors import TrainingDiverged
+from mnist_cnn.rundir import RunDir, model_bytes, write_atomic
 
 KEEP_EPOCH_CHECKPOINTS = 3
-
-
-def write_atomic(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place: never a half-written ``path``."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}{path.suffix}")  # same suffix: save() checks it
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_json_atomic(path: Path, payload) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n"))
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "history.json"
-    return json.loads(path.read_text()) if path.exists() else []
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
@@ -94,39 +75,64 @@ class StepScalars(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """``epoch-NN.keras`` (model + optimizer) after each epoch, written atomically;
-    older ones beyond the newest ``keep`` are deleted."""
+    """``checkpoints/epoch-NN.keras`` (model + optimizer) after each epoch, written
+    atomically. Old ones are pruned when the epoch is committed (``CommitEpoch``)."""
 
-    def __init__(self, folder: Path, keep: int = KEEP_EPOCH_CHECKPOINTS):
+    def __init__(self, run_dir: RunDir):
         super().__init__()
-        self.folder, self.keep = Path(folder), keep
+        self.run_dir = run_dir
 
     def on_epoch_end(self, epoch, logs=None):
-        self.folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.folder / f"epoch-{epoch + 1:02d}.keras", self.model.save)
-        for old in sorted(self.folder.glob("epoch-*.keras"))[: -self.keep]:
-            old.unlink()
+        self.run_dir.checkpoints.mkdir(exist_ok=True)
+        write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), model_bytes(self.model))
+
+
+class BestCheckpoint(keras.callbacks.Callback):
+    """``checkpoints/best.keras``: the model of the epoch with the highest ``monitor``,
+    replaced atomically (Keras' ModelCheckpoint overwrites it in place, so a kill
+    during a rewrite destroyed the earlier best). ``best`` carries a resumed run's record."""
+
+    def __init__(self, run_dir: RunDir, monitor: str = "val_accuracy", best: float | None = None):
+        super().__init__()
+        self.run_dir, self.monitor, self.best = run_dir, monitor, best
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None or (self.best is not None and not float(value) > self.best):
+            return
+        self.run_dir.checkpoints.mkdir(exist_ok=True)
+        write_atomic(self.run_dir.best_checkpoint, model_bytes(self.model))
+        self.best = float(value)
 
 
 class HistoryFile(keras.callbacks.Callback):
-    """Keeps ``history.json``: one entry of logs per finished epoch, across resumes.
+    """Keeps ``history.json``: one entry of logs per finished epoch, across resumes
+    (``RunDir.rollback`` has removed what a killed process wrote past its last commit)."""
 
-    On a resumed run the first epoch tells where training restarted; entries from
-    that epoch on (written by the killed process after its last backup) are dropped.
-    """
-
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: RunDir):
         super().__init__()
-        self.path = Path(run_dir) / "history.json"
-        self.entries = None
+        self.run_dir = run_dir
+        self.entries: list[dict] = []
 
-    def on_epoch_begin(self, epoch, logs=None):
-        if self.entries is None:
-            self.entries = [e for e in read_history(self.path.parent) if e["epoch"] < epoch]
+    def on_train_begin(self, logs=None):
+        self.entries = self.run_dir.read_history()
 
     def on_epoch_end(self, epoch, logs=None):
         self.entries.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
-        write_json_atomic(self.path, self.entries)
+        self.run_dir.write_history(self.entries)
+
+
+class CommitEpoch(keras.callbacks.Callback):
+    """The last callback of an epoch: records it in ``resume.json`` (epochs, optimizer
+    steps, checkpoint), which is what ``--resume`` starts from."""
+
+    def __init__(self, run_dir: RunDir, keep: int = KEEP_EPOCH_CHECKPOINTS):
+        super().__init__()
+        self.run_dir, self.keep = run_dir, keep
+
+    def on_epoch_end(self, epoch, logs=None):
+        steps = int(self.model.optimizer.iterations.numpy())
+        self.run_dir.commit_epoch(epoch + 1, steps, self.run_dir.epoch_checkpoint(epoch + 1), self.keep)
 
 
 def _pyplot():
@@ -150,7 +156,7 @@ def figure_to_image(figure) -> tf.Tensor:
 
 def digit_grid(images: np.ndarray, titles: list[str], columns: int = 5):
     plt = _pyplot()
-    rows = max(1, -(-len(images) // columns))
+    rows = max(1, math.ceil(len(images) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.3, rows * 1.5))
     for ax in np.atleast_1d(axes).ravel():
         ax.axis("off")
@@ -227,31 +233,24 @@ class HParams(keras.callbacks.Callback):
 
 
 def make_callbacks(
-    run_dir: Path,
+    run_dir: RunDir,
     test: tf.data.Dataset,
     preview: tuple[np.ndarray, np.ndarray],
     hparams: dict,
     profile_batch=0,
 ) -> list[keras.callbacks.Callback]:
-    """The callbacks of a run in ``run_dir`` (new or resumed)."""
-    run_dir = Path(run_dir)
-    best_so_far = max((e["val_accuracy"] for e in read_history(run_dir) if "val_accuracy" in e), default=None)
+    """The callbacks of a run in ``run_dir`` (new or resumed), in the order they run."""
+    best_so_far = max((e["val_accuracy"] for e in run_dir.read_history() if "val_accuracy" in e), default=None)
     return [
         StopOnNaN(),
         keras.callbacks.TensorBoard(
-            log_dir=str(run_dir), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch
+            log_dir=str(run_dir.path), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch
         ),
-        StepScalars(run_dir),
-        keras.callbacks.ModelCheckpoint(
-            str(run_dir / "checkpoints" / "best.keras"),
-            monitor="val_accuracy",
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=best_so_far,  # a resumed run keeps its best
-        ),
-        EpochCheckpoint(run_dir / "checkpoints"),
+        StepScalars(run_dir.path),
+        BestCheckpoint(run_dir, best=best_so_far),
+        EpochCheckpoint(run_dir),
         HistoryFile(run_dir),
-        TestImages(run_dir, test, preview),
-        HParams(run_dir, hparams),
-        keras.callbacks.BackupAndRestore(str(run_dir / "backup"), double_checkpoint=True),
+        TestImages(run_dir.path, test, preview),
+        HParams(run_dir.path, hparams),
+        CommitEpoch(run_dir),
     ]

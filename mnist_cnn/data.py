@@ -110,7 +110,7 @@ def resolve(source: str, data_dir: str | None = None) -> str:
             tfds_data_dir(data_dir),
         )
         return "sample"
-    if source in SOURCES or Path(source).is_dir():
+    if source in SOURCES or (source and Path(source).is_dir()):
         return source
     raise DataError(
         f"data source {source!r}: expected auto, tfds, sample or an existing folder of IDX files"

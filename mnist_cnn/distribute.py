@@ -22,6 +22,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from mnist_cnn.errors import UsageError
+from mnist_cnn.rundir import RunDir
 
 STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 
@@ -62,16 +63,20 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def worker_run_dir(chief_run_dir: Path) -> Path:
-    """A non-chief worker's scratch run folder, seeded with the chief's backup.
+    """A non-chief worker's scratch run folder, seeded with the chief's resume state.
 
     Every worker runs the same callbacks (saving creates variables, and under
     MultiWorkerMirroredStrategy that is a collective operation all workers must
     join), but only the chief's files are kept. To resume, each worker starts from
-    a copy of the chief's backup (the run folder must be on a shared filesystem).
+    a copy of the chief's resume state and checkpoint (the run folder must be on a
+    shared filesystem).
     """
     scratch = Path(tempfile.mkdtemp(prefix="mnist_cnn-worker-"))
-    if (chief_run_dir / "backup").is_dir():
-        shutil.copytree(chief_run_dir / "backup", scratch / "backup")
+    state = RunDir(chief_run_dir).read_resume_state()
+    if state:
+        (scratch / state.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(chief_run_dir / state.checkpoint, scratch / state.checkpoint)
+        shutil.copy2(chief_run_dir / "resume.json", scratch / "resume.json")
     return scratch
 
 

@@ -22,3 +22,11 @@ class ModelFileError(InputError):
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped at that batch."""
+
+
+class StorageError(RuntimeError):
+    """A file could not be written (disk full, file too large, read-only); names the file.
+
+    The previous version of that file is intact, and a killed or stopped run resumes
+    once the cause is fixed.
+    """

@@ -22,16 +22,36 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn.errors import InputError, UsageError
+from mnist_cnn.errors import InputError, StorageError, UsageError
 from mnist_cnn.model import load_cnn
+from mnist_cnn.rundir import check_name
 
 
 def check_export_dir(directory: str | os.PathLike) -> Path:
-    """The export target must not exist yet (nothing is ever overwritten)."""
+    """The export target: a new folder (nothing is ever overwritten) whose name the
+    filesystem can hold, in a place we can write -- checked before any training."""
     directory = Path(directory)
+    if not str(directory):
+        raise UsageError("--export needs a folder name")
     if directory.exists():
         raise UsageError(f"{directory}: already exists; choose a new folder for the SavedModel")
+    check_name("--export", directory.name)
+    parent = directory.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UsageError(f"{directory}: cannot create it ({parent} is not a writable folder)")
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".mnist_cnn-probe-").cleanup()
+    except OSError as e:
+        raise UsageError(f"{directory}: cannot create it ({parent}: {e.strerror or e})") from None
     return directory
+
+
+def _staging(directory: Path) -> Path:
+    """Where an export is built before it is renamed into place; one fixed name per
+    target, so an export cut short by a kill is cleared by the next attempt."""
+    return directory.with_name(f".{directory.name}.partial")
 
 
 def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
@@ -57,14 +77,27 @@ def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
         lambda images: predict(tf.cast(images, tf.float32) / 255.0),
         input_signature=[tf.TensorSpec(None, tf.uint8, name="images")],
     )
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    staging = _staging(directory)
     try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
         archive.write_out(str(staging), verbose=False)
+        _usual_permissions(staging)
         os.rename(staging, directory)
+    except OSError as e:
+        raise StorageError(f"cannot write the SavedModel {directory}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Folders 0777 and files 0666 less the umask (TensorFlow writes some 0700/0600),
+    so that a serving process running as another user can read the export."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def main(argv=None) -> int:
@@ -75,7 +108,7 @@ def main(argv=None) -> int:
     try:
         check_export_dir(args.directory)
         print(f"SavedModel for serving: {export_savedmodel(load_cnn(args.model), args.directory)}")
-    except InputError as e:
+    except (InputError, StorageError) as e:
         print(f"export.py: error: {e}", file=sys.stderr)
         return 2
     return 0

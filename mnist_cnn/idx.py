@@ -10,6 +10,7 @@ with the file's path and what was expected.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -36,48 +37,81 @@ class IDXError(DataError):
     """An IDX file that is missing, truncated or not what was expected."""
 
 
-def _read_bytes(path: Path) -> bytes:
+CHUNK = 1 << 20
+
+
+def _open(path: Path):
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
     except FileNotFoundError:
         raise IDXError(f"{path}: file not found") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise IDXError(f"{path}: not a valid gzip file ({e})") from None
     except OSError as e:
         raise IDXError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
-def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
-    """Read an unsigned-byte IDX file into a uint8 array, validating its header.
+def _read_exactly(f, size: int) -> bytes:
+    """Up to ``size`` bytes, read in chunks: memory follows the data, not the header's claim."""
+    parts, left = [], size
+    while left > 0:
+        part = f.read(min(left, CHUNK))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
 
-    ``ndim`` (when given) is the number of dimensions the caller expects.
+
+def read_idx(
+    path: str | os.PathLike, ndim: int | None = None, item_shape: tuple[int, ...] | None = None
+) -> np.ndarray:
+    """Read an unsigned-byte IDX file into a uint8 array, validating its header first.
+
+    ``ndim`` (when given) is the number of dimensions the caller expects, and
+    ``item_shape`` the size of every item (e.g. (28, 28) for images): both are checked
+    before the payload is read. A ``.gz`` file is decompressed as a stream and never
+    past the size its header declares.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4:
-        raise IDXError(f"{path}: truncated: {len(raw)} bytes, shorter than the 4-byte IDX header")
-    zero, dtype, file_ndim = struct.unpack(">HBB", raw[:4])
-    if zero != 0 or dtype != UBYTE or file_ndim == 0:
-        raise IDXError(
-            f"{path}: wrong magic number 0x{raw[:4].hex()}: expected an unsigned-byte IDX file "
-            f"(0x0000080N, e.g. 0x00000803 for images, 0x00000801 for labels)"
-        )
-    if ndim is not None and file_ndim != ndim:
-        raise IDXError(f"{path}: has {file_ndim} dimensions, expected {ndim}")
-    header_size = 4 + 4 * file_ndim
-    if len(raw) < header_size:
-        raise IDXError(f"{path}: truncated inside the header ({len(raw)} of {header_size} bytes)")
-    shape = struct.unpack(f">{file_ndim}I", raw[4:header_size])
-    expected = header_size + int(np.prod(shape, dtype=np.int64))
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise IDXError(
-            f"{path}: {what}: header says shape {shape} ({expected} bytes), file has {len(raw)} bytes"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(shape)
+    try:
+        with _open(path) as f:
+            head = _read_exactly(f, 4)
+            if len(head) < 4:
+                raise IDXError(f"{path}: truncated: {len(head)} bytes, shorter than the 4-byte IDX header")
+            zero, dtype, file_ndim = struct.unpack(">HBB", head)
+            if zero != 0 or dtype != UBYTE or file_ndim == 0:
+                raise IDXError(
+                    f"{path}: wrong magic number 0x{head.hex()}: expected an unsigned-byte IDX file "
+                    f"(0x0000080N, e.g. 0x00000803 for images, 0x00000801 for labels)"
+                )
+            if ndim is not None and file_ndim != ndim:
+                raise IDXError(f"{path}: has {file_ndim} dimensions, expected {ndim}")
+            header_size = 4 + 4 * file_ndim
+            dims = _read_exactly(f, header_size - 4)
+            if len(dims) < header_size - 4:
+                raise IDXError(f"{path}: truncated inside the header ({4 + len(dims)} of {header_size} bytes)")
+            shape = struct.unpack(f">{file_ndim}I", dims)
+            if item_shape is not None and shape[1:] != item_shape:
+                kind = "images" if len(item_shape) == 2 else "items"
+                size = "x".join(map(str, shape[1:]))
+                raise IDXError(f"{path}: {kind} are {size}, expected {'x'.join(map(str, item_shape))}")
+            if shape[0] == 0:
+                raise IDXError(f"{path}: holds 0 items; a split needs at least one")
+            expected = math.prod(shape)  # Python ints: no overflow
+            payload = _read_exactly(f, expected)
+            if len(payload) < expected:
+                raise IDXError(
+                    f"{path}: truncated: header says shape {shape} ({header_size + expected} bytes), "
+                    f"file has {header_size + len(payload)} bytes"
+                )
+            if f.read(1):
+                raise IDXError(
+                    f"{path}: has trailing bytes: header says shape {shape} ({header_size + expected} bytes)"
+                )
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise IDXError(f"{path}: not a valid gzip file ({e})") from None
+    except OSError as e:
+        raise IDXError(f"{path}: cannot read ({e.strerror or e})") from None
+    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:
@@ -108,9 +142,7 @@ def read_split(folder: str | os.PathLike, split: str) -> tuple[np.ndarray, np.nd
     """Images (N, 28, 28) uint8 and labels (N,) uint8 of one split of an IDX folder."""
     images_path = find_file(folder, split, "images")
     labels_path = find_file(folder, split, "labels")
-    images = read_idx(images_path, ndim=3)
-    if images.shape[1:] != IMAGE_SHAPE:
-        raise IDXError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    images = read_idx(images_path, ndim=3, item_shape=IMAGE_SHAPE)
     labels = read_idx(labels_path, ndim=1)
     if len(images) != len(labels):
         raise IDXError(

@@ -52,15 +52,48 @@ def mnist_style(image: np.ndarray) -> np.ndarray:
     return field
 
 
+# Images larger than this are refused before they are decoded (Pillow's own bomb
+# check only starts at 89 megapixels and aborts the whole command).
+MAX_PIXELS = 40_000_000
+
+
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as a grayscale array (ImageError otherwise)."""
+    """An image file as a grayscale float array (H, W), as a person made it.
+
+    16-bit and 32-bit grayscale keep their full range (no clipping to 8 bits);
+    1-bit, palette, CMYK and colour images are converted to gray; transparent
+    pixels are composited onto the paper colour (white under dark ink, black under
+    light ink), so a canvas export with ink on transparency keeps its digit.
+    """
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("L"))
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS:,} this reads")
+            return _gray(img)
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError("file not found") from None
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"refused as a decompression bomb ({e})") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageError(f"not a readable image ({e.__class__.__name__})") from None
+
+
+def _gray(img: Image.Image) -> np.ndarray:
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # high bit depth: keep every level
+        return np.asarray(img, dtype=np.float32)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+    if not has_alpha:
+        return np.asarray(img.convert("L"), dtype=np.float32)
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
+    alpha = rgba[..., 3] / 255.0
+    gray = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    if alpha.sum() == 0:
+        return gray
+    ink = float((gray * alpha).sum() / alpha.sum())
+    paper = 255.0 if ink < 128 else 0.0
+    return alpha * gray + (1.0 - alpha) * paper
 
 
 def predict_files(model, paths: list[str], top: int = 1) -> list[tuple[str, list[tuple[int, float]] | str]]:
@@ -79,11 +112,21 @@ def predict_files(model, paths: list[str], top: int = 1) -> list[tuple[str, list
     return [(path, outcomes[path]) for path in paths]
 
 
+def _top(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 10:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="predict.py", description="Predict the digit in each image file.")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=int, default=1, help="show the N most likely digits")
+    p.add_argument("--top", type=_top, default=1, help="show the N most likely digits (1-10)")
     args = p.parse_args(argv)
     try:
         model = load_cnn(args.model)

@@ -16,9 +16,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import sys
 import time
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +28,11 @@ import keras
 import tensorflow as tf
 
 from mnist_cnn import data, distribute
-from mnist_cnn.callbacks import make_callbacks, read_history, write_atomic, write_json_atomic
-from mnist_cnn.errors import InputError, ModelFileError, TrainingDiverged, UsageError
+from mnist_cnn.callbacks import make_callbacks
+from mnist_cnn.errors import InputError, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.export import check_export_dir, export_savedmodel
-from mnist_cnn.model import CNN, load_cnn
+from mnist_cnn.model import CNN, load_cnn, load_weights_strict
+from mnist_cnn.rundir import ResumeState, RunDir, check_name, write_json, write_model
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +116,36 @@ class TrainConfig:
             raise UsageError(f"--jit-compile must be one of auto, on, off, got {self.jit_compile!r}")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name):
             raise UsageError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+        if self.run_name:
+            check_name("--run-name", self.run_name)
+        if not 0 <= self.seed < 2**32:
+            raise UsageError(f"--seed must be in 0..{2**32 - 1} (numpy's range), got {self.seed}")
+        if not self.data:
+            raise UsageError("--data must be auto, tfds, sample or a folder of IDX files, got ''")
         return self
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> TrainConfig:
+        """A config from saved JSON, each value checked against its field's type."""
+        if not isinstance(values, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = values.keys() - hints.keys()
+        if unknown:
+            raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        for name, value in values.items():
+            allowed = typing.get_args(hints[name]) or (hints[name],)
+            ok = any(
+                value is None if kind is type(None)
+                else isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float
+                else isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+                for kind in allowed
+            )
+            if not ok:
+                expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+                raise UsageError(f"{where}: {name} must be {expected}, got {value!r}")
+        config = cls(**values)
+        return config.validate()
 
 
 class Interrupted(Exception):
@@ -145,37 +177,6 @@ def describe_devices() -> str:
         return "CPU only"
     names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
     return "GPU: " + ", ".join(names)
-
-
-def make_run_dir(logdir: str, run_name: str | None) -> Path:
-    """Create a new, empty run folder; never reuse an existing one.
-
-    Without a name the folder is a timestamp, with -2, -3, ... appended when
-    another run took that second (mkdir is atomic, so concurrent runs never share).
-    """
-    root = Path(logdir)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        if run_name:
-            path = root / run_name
-            try:
-                path.mkdir()
-            except FileExistsError:
-                raise UsageError(
-                    f"--run-name {run_name}: {path} already exists; choose another name"
-                ) from None
-            return path
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        for n in range(1, 10_000):
-            path = root / (stamp if n == 1 else f"{stamp}-{n}")
-            try:
-                path.mkdir()
-                return path
-            except FileExistsError:
-                continue
-    except OSError as e:
-        raise UsageError(f"--logdir {logdir}: cannot create a run folder there ({e.strerror or e})") from None
-    raise UsageError(f"--logdir {logdir}: no free run folder name for {stamp}")
 
 
 def precision_policy(mixed: bool) -> str:
@@ -215,52 +216,72 @@ def init_weights(model: CNN, source: CNN, path: str) -> None:
 
 
 def load_run_config(run_dir: str | Path) -> TrainConfig:
-    """The config a run was started with (its ``config.json``)."""
+    """The config a run was started with (its ``config.json``), type-checked."""
     path = Path(run_dir) / "config.json"
     try:
         saved = json.loads(path.read_text())
-        return TrainConfig(**saved)
     except FileNotFoundError:
         raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)") from None
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--resume {run_dir}: unreadable config.json ({e})") from None
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise UsageError(f"--resume {run_dir}: unreadable config.json ({reason})") from None
+    return TrainConfig.from_dict(saved, f"--resume {run_dir}: config.json")
 
 
-def backed_up_epochs(run_dir: Path) -> int:
-    """How many epochs the run's backup holds (what BackupAndRestore will restore)."""
+def open_run_dir(config: TrainConfig, resume: bool) -> tuple[RunDir, TrainConfig, ResumeState | None]:
+    """The run folder, locked: a new one (with config.json), or the existing one to
+    resume, swept of a killed process's temporary files, with its resume state."""
+    if not resume:
+        run_dir = RunDir.create(config.logdir, config.run_name)
+        config = dataclasses.replace(config, run_name=run_dir.path.name)
+        try:
+            write_json(run_dir.config, dataclasses.asdict(config))
+        except StorageError as e:
+            run_dir.unlock()
+            shutil.rmtree(run_dir.path, ignore_errors=True)
+            raise UsageError(str(e)) from None
+        return run_dir, config, None
+    run_dir = RunDir(Path(config.logdir) / config.run_name).lock()
     try:
-        return int(json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError):
-        return 0
+        if run_dir.finished:
+            raise UsageError(f"--resume {run_dir.path}: this run already finished ({run_dir.metrics})")
+        run_dir.check_writable()
+        run_dir.sweep()
+        return run_dir, config, run_dir.read_resume_state()
+    except BaseException:
+        run_dir.unlock()
+        raise
 
 
-def open_run_dir(config: TrainConfig, resume: bool) -> tuple[Path, TrainConfig]:
-    """The run folder: a new one (with config.json), or the existing one to resume."""
-    if resume:
-        run_dir = Path(config.logdir) / config.run_name
-        if (run_dir / "metrics.json").exists():
-            raise UsageError(f"--resume {run_dir}: this run already finished ({run_dir / 'metrics.json'})")
-        log.info("Resuming %s after epoch %d of %d", run_dir, backed_up_epochs(run_dir), config.epochs)
-        return run_dir, config
-    run_dir = make_run_dir(config.logdir, config.run_name)
-    config = dataclasses.replace(config, run_name=run_dir.name)
-    write_json_atomic(run_dir / "config.json", dataclasses.asdict(config))
-    return run_dir, config
+def restore(model: CNN, run_dir: RunDir, state: ResumeState) -> None:
+    """Load the committed epoch's weights and optimizer state into ``model``."""
+    model.optimizer.build(model.trainable_variables)
+    path = run_dir.path / state.checkpoint
+    load_weights_strict(model, path)
+    steps = int(model.optimizer.iterations.numpy())
+    if steps != state.steps:
+        raise ModelFileError(
+            f"{path}: holds the optimizer state of step {steps}, {run_dir.resume_file} says {state.steps}"
+        )
 
 
 def train_model(
     model: CNN,
     datasets: data.Datasets,
     config: TrainConfig,
-    run_dir: Path,
+    run_dir: RunDir,
     verbose,
     extra=(),
+    initial_epoch: int = 0,
 ) -> None:
-    """model.fit with the run's callbacks (and ``extra`` ones); a resumed run restarts from its backup."""
+    """model.fit from ``initial_epoch`` with the run's callbacks (and ``extra`` ones)."""
+    if initial_epoch >= config.epochs:
+        return
     try:
         model.fit(
             datasets.train,
             epochs=config.epochs,
+            initial_epoch=initial_epoch,
             steps_per_epoch=config.steps_per_epoch,
             validation_data=datasets.test,
             shuffle=False,  # the pipeline shuffles, seeded
@@ -276,33 +297,38 @@ def train_model(
             ],
             verbose=verbose,
         )
-    except KeyboardInterrupt:
-        raise Interrupted(run_dir) from None
     except TrainingDiverged as e:
-        kept = sorted((run_dir / "checkpoints").glob("epoch-*.keras"))
-        where = f"the last good checkpoint is {kept[-1]}" if kept else "no epoch had finished, so no checkpoint"
+        kept = run_dir.read_resume_state()
+        where = (f"the last good checkpoint is {run_dir.path / kept.checkpoint}" if kept
+                 else "no epoch had finished, so no checkpoint")
         raise TrainingDiverged(f"{e}; {where}") from None
 
 
 def finish_run(
-    model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: Path, start: float, strategy: str = ""
+    model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: RunDir, start: float, strategy: str = ""
 ) -> RunResult:
-    """Evaluate on the test split; write model.keras and metrics.json (atomically)."""
+    """After the last epoch: evaluate on the test split, write model.keras, the export
+    (if asked) and, last, metrics.json -- the mark of a finished run. Until then the
+    resume state stays, so a run killed in here resumes at this step, not from scratch."""
     scores = model.evaluate(datasets.test, return_dict=True, verbose=0)
-    model_path = run_dir / "model.keras"
-    write_atomic(model_path, model.save)
-    epochs = read_history(run_dir)
+    write_model(run_dir.model, model)
+    state = run_dir.read_resume_state()
+    if config.export and not (state and state.exported):
+        log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))
+        if state:
+            run_dir.mark_exported(state)
+    epochs = run_dir.read_history()
     result = RunResult(
-        run_dir=run_dir,
-        model_path=model_path,
+        run_dir=run_dir.path,
+        model_path=run_dir.model,
         test_loss=float(scores["loss"]),
         test_accuracy=float(scores["accuracy"]),
         history={k: [e[k] for e in epochs] for k in epochs[-1] if k != "epoch"},
         data=datasets.info,
         seconds=time.perf_counter() - start,
     )
-    write_json_atomic(
-        run_dir / "metrics.json",
+    write_json(
+        run_dir.metrics,
         {
             "test_loss": result.test_loss,
             "test_accuracy": result.test_accuracy,
@@ -316,14 +342,16 @@ def finish_run(
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         },
     )
+    run_dir.close_resume_state()
     return result
 
 
 def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=()) -> RunResult:
     """Train the CNN as ``config`` says; write the run folder; return the result.
 
-    ``resume``: continue the run ``<logdir>/<run_name>`` from its last finished
-    epoch (its backup), appending to its logs. Ctrl-C leaves a resumable run.
+    ``resume``: continue the run ``<logdir>/<run_name>`` after its last finished
+    epoch (``resume.json``), appending to its logs; a run whose epochs all finished
+    is only evaluated and saved. Ctrl-C or a storage failure leaves a resumable run.
     ``callbacks`` are added to the run's own. Everything that can be wrong with the
     input is checked before the run folder is created.
     """
@@ -342,33 +370,46 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=())
         test_source=config.test_data,
     )
     datasets.train, datasets.test = distribute.shard_by_data(datasets.train), distribute.shard_by_data(datasets.test)
-    steps_per_epoch = config.steps_per_epoch or -(-datasets.info.num_train // (config.batch_size * replicas))
+    steps_per_epoch = config.steps_per_epoch or math.ceil(datasets.info.num_train / (config.batch_size * replicas))
     with strategy.scope():
         model = build_model(config, steps_per_epoch)
         if config.init_from and not resume:
             init_weights(model, load_cnn(config.init_from), config.init_from)
     distribute.prepare_model(model, strategy)
-    if config.export:
-        check_export_dir(config.export)
 
     chief = distribute.is_chief(strategy)
     if chief:
-        run_dir, config = open_run_dir(config, resume)
+        run_dir, config, state = open_run_dir(config, resume)
     else:
-        run_dir = distribute.worker_run_dir(Path(config.logdir) / config.run_name)
-    log.info("Device: %s", describe_devices())
-    log.info("Strategy: %s, global batch %d", distribute.describe(strategy), config.batch_size * replicas)
-    log.info("Data: %s", datasets.info.describe())
-    log.info("Run folder: %s", run_dir)
+        run_dir = RunDir(distribute.worker_run_dir(Path(config.logdir) / config.run_name))
+        state = run_dir.read_resume_state()
     try:
+        if config.export and not (state and state.exported):
+            check_export_dir(config.export)
+        log.info("Device: %s", describe_devices())
+        log.info("Strategy: %s, global batch %d", distribute.describe(strategy), config.batch_size * replicas)
+        log.info("Data: %s", datasets.info.describe())
+        log.info("Run folder: %s", run_dir.path)
         with strategy.scope():
-            train_model(model, datasets, config, run_dir, verbose, callbacks)
-            result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
+            if state:
+                restore(model, run_dir, state)
+                run_dir.rollback(state.epochs, state.steps)
+                log.info("Resuming %s after epoch %d of %d%s", run_dir.path, state.epochs, config.epochs,
+                         ": every epoch is trained, evaluating and saving" if state.epochs >= config.epochs else "")
+            elif resume:
+                run_dir.rollback(0, 0)
+                log.info("Resuming %s after epoch 0 of %d (no epoch had finished)", run_dir.path, config.epochs)
+            try:
+                train_model(model, datasets, config, run_dir, verbose, callbacks, state.epochs if state else 0)
+                result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
+            except KeyboardInterrupt:
+                raise Interrupted(run_dir.path) from None
+            except StorageError as e:
+                raise StorageError(f"{e}; resume with: python scripts/fit.py --resume {run_dir.path}") from None
     finally:
+        run_dir.unlock()
         if not chief:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    if config.export and chief:
-        log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))
+            shutil.rmtree(run_dir.path, ignore_errors=True)
     return result
 
 
@@ -503,7 +544,7 @@ def main(argv=None) -> int:
     except InputError as e:
         print(f"fit.py: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, StorageError) as e:
         print(f"\nfit.py: stopped: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

@@ -11,8 +11,7 @@ import time
 
 import keras
 import pytest
-from conftest import REPO, run_python
-from test_reliability import wait_for_backup
+from conftest import REPO, committed_epochs, run_python, wait_for_epochs
 from test_train import quick
 
 from mnist_cnn import train
@@ -101,7 +100,7 @@ def test_multiworker_two_processes_match_one_process(tmp_path):
     assert {"model.keras", "metrics.json", "history.json", "checkpoints", "train", "validation"} <= {
         p.name for p in run_dir.iterdir()
     }
-    assert not (run_dir / "backup").exists()
+    assert not (run_dir / "resume.json").exists()
     assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["mw"]  # the worker wrote no run folder
     assert list((tmp_path / "tmp").iterdir()) == []  # and its scratch folder is gone
 
@@ -123,18 +122,18 @@ def test_multiworker_needs_tf_config_and_a_run_name(tmp_path, monkeypatch, capsy
 
 
 @pytest.mark.slow
-def test_multiworker_resumes_from_the_chiefs_backup(tmp_path):
+def test_multiworker_resumes_from_the_chiefs_state(tmp_path):
     run_dir = tmp_path / "logs" / "mw"
     args = ["--data", "sample", "--epochs", 3, "--steps-per-epoch", 40, "--logdir", tmp_path / "logs"]
     procs = start_workers(tmp_path, *args, "--run-name", "mw")
     try:
-        wait_for_backup(procs[0], run_dir, epochs=1)
+        wait_for_epochs(procs[0], run_dir, epochs=1)
         time.sleep(0.3)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGKILL)
         finish(procs)
-    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1, "killed too late"
+    assert committed_epochs(run_dir) == 1, "killed too late"
     left_by_the_kill = set((tmp_path / "tmp").iterdir())
 
     outputs = finish(start_workers(tmp_path, "--resume", run_dir))

@@ -1,60 +1,23 @@
 """Resume after a kill, clear errors for bad input, runs that never collide."""
 
-import hashlib
 import json
 import os
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO
+from conftest import FIT, committed_epochs, snapshot, start_fit, wait_for_epochs
 from test_idx import write_folder
 from test_train import quick, read_events
 
 from mnist_cnn import CNN, idx, train
-from mnist_cnn.callbacks import write_atomic
 from mnist_cnn.errors import ModelFileError, TrainingDiverged
 from mnist_cnn.model import load_cnn
-
-FIT = [sys.executable, str(REPO / "scripts" / "fit.py")]
-
-
-def snapshot(*folders):
-    """{path: sha256} of every file under ``folders``: to show nothing was touched."""
-    return {
-        str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-        for folder in folders
-        for p in sorted(Path(folder).rglob("*"))
-        if p.is_file()
-    }
-
-
-def start_fit(*args):
-    return subprocess.Popen([*FIT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_backup(proc, run_dir, epochs, timeout=240):
-    """Block until the run's backup holds ``epochs`` finished epochs."""
-    meta = run_dir / "backup" / "training_metadata.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"training exited early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
-        try:
-            if json.loads(meta.read_text())["epoch"] >= epochs:
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("no backup appeared in time")
 
 
 def check_resumed_run(run_dir, epochs, steps):
@@ -69,7 +32,8 @@ def check_resumed_run(run_dir, epochs, steps):
     # process's partial steps when the resumed process rewrites them (out-of-order purge)
     steps_logged = {step for step, _ in read_events(run_dir / "train")[0]["batch_loss"]}
     assert steps_logged == set(range(1, epochs * steps + 1))
-    assert not (run_dir / "backup").exists()  # removed once the run finished
+    assert not (run_dir / "resume.json").exists()  # removed once the run finished
+    assert not [p for p in run_dir.rglob(".*") if p.name != ".lock"]  # no temporary file left
     model = keras.saving.load_model(run_dir / "model.keras")
     assert int(model.optimizer.iterations) == epochs * steps  # no epoch trained twice
 
@@ -80,11 +44,11 @@ def test_sigkill_in_epoch_2_then_resume(tmp_path):
     steps = 60
     args = ["--data", "sample", "--epochs", 3, "--steps-per-epoch", steps, "--logdir", tmp_path, "--run-name", "run"]
     proc = start_fit(*args)
-    wait_for_backup(proc, run_dir, epochs=1)
+    wait_for_epochs(proc, run_dir, epochs=1)
     time.sleep(0.4)  # into epoch 2 (60 steps take well over a second here)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1, "killed too late"
+    assert committed_epochs(run_dir) == 1, "killed too late"
     assert not (run_dir / "metrics.json").exists()
 
     resumed = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
@@ -99,7 +63,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
     args = ["--data", "sample", "--epochs", 2, "--steps-per-epoch", 40, "--logdir", tmp_path, "--run-name", "run"]
     proc = start_fit(*args)
-    wait_for_backup(proc, run_dir, epochs=1)
+    wait_for_epochs(proc, run_dir, epochs=1)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
@@ -266,7 +230,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, mon
         train.fit(quick(tmp_path, epochs=3, run_name="nan"), verbose=0)
     run_dir = tmp_path / "logs" / "nan"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.keras", "epoch-01.keras"]
-    assert json.loads((run_dir / "backup" / "training_metadata.json").read_text())["epoch"] == 1
+    assert committed_epochs(run_dir) == 1
     assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
     assert len(json.loads((run_dir / "history.json").read_text())) == 1
     good = keras.saving.load_model(run_dir / "checkpoints" / "epoch-01.keras")
@@ -293,17 +257,3 @@ def test_two_concurrent_runs_keep_their_own_folders(tmp_path):
     assert {line.split()[2] for out, _ in outs for line in out.splitlines() if line.startswith("run folder:")} == {
         str(r) for r in runs
     }
-
-
-def test_atomic_write_never_leaves_a_half_file(tmp_path):
-    target = tmp_path / "metrics.json"
-    target.write_text('{"old": true}')
-
-    def crash(tmp):
-        tmp.write_text('{"half')
-        raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        write_atomic(target, crash)
-    assert target.read_text() == '{"old": true}'
-    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

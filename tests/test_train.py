@@ -10,6 +10,7 @@ import tensorflow as tf
 from conftest import REPO
 
 from mnist_cnn import train
+from mnist_cnn.rundir import RunDir
 from mnist_cnn.train import TrainConfig, UsageError
 
 
@@ -86,12 +87,12 @@ def test_same_seed_same_losses(tmp_path):
 
 
 def test_run_folders_never_collide(tmp_path):
-    folders = {train.make_run_dir(str(tmp_path), None) for _ in range(5)}
+    folders = {RunDir.create(str(tmp_path), None).path for _ in range(5)}
     assert len(folders) == 5 and all(f.is_dir() for f in folders)
-    named = train.make_run_dir(str(tmp_path), "mine")
+    named = RunDir.create(str(tmp_path), "mine").path
     (named / "keep.txt").write_text("precious")
     with pytest.raises(UsageError, match=r"--run-name mine: .* already exists"):
-        train.make_run_dir(str(tmp_path), "mine")
+        RunDir.create(str(tmp_path), "mine")
     assert (named / "keep.txt").read_text() == "precious"
 
 

@@ -1,0 +1,341 @@
+"""The run folder: its layout, atomic writes, the lock, and the state a killed run resumes from.
+
+``RunDir`` is the one owner of a run folder's files::
+
+    <logdir>/<run>/
+      config.json          the run's TrainConfig
+      resume.json          the last finished epoch: its number, optimizer steps and checkpoint
+                           (the commit point of an epoch; removed once metrics.json exists)
+      history.json         every finished epoch's metrics
+      checkpoints/         epoch-NN.keras (model + optimizer) and best.keras
+      train/ validation/ images/ and the root: TensorBoard event files
+      model.keras          the final model
+      metrics.json         written last: a run is finished exactly when this file exists
+      .lock                held (flock) by the one process that writes the run
+
+Every file is written whole or not at all: to a temporary name in the same folder,
+flushed to disk, then renamed over the old one. A kill leaves at worst a temporary
+file, which the next process that opens the run sweeps away. A storage failure
+(disk full, file too large, read-only) is a ``StorageError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import io
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_cnn.errors import StorageError, UsageError
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, tmpfs, ...)
+_TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+# TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
+STEP_TAG_PREFIX = "batch_"
+# ... and the ones written once, by the run's first process only.
+ONCE_TAGS = ("train/samples",)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename).
+
+    On failure the old ``path`` is untouched, no temporary file is left, and a
+    ``StorageError`` names the file and the cause.
+    """
+    path = Path(path)
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as e:
+        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: str | os.PathLike, payload) -> Path:
+    return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def model_bytes(model) -> bytes:
+    """``model`` as the bytes of a ``.keras`` file (model, weights, optimizer state).
+
+    Serialised in memory so that the file itself is written by ``write_atomic``:
+    Keras' own ``model.save(path)`` writes in place through h5py, which leaves a
+    truncated file on a kill and crashes on a full disk.
+    """
+    from keras.src.saving import saving_lib  # Keras 3.x: the public save() takes only paths
+
+    buffer = io.BytesIO()
+    saving_lib.save_model(model, buffer)
+    return buffer.getvalue()
+
+
+def write_model(path: str | os.PathLike, model) -> Path:
+    return write_atomic(path, model_bytes(model))
+
+
+def check_name(flag: str, name: str) -> None:
+    """A file or folder name the filesystem can hold (with our temporary suffix)."""
+    if len(os.fsencode(name)) + 45 > NAME_MAX:
+        raise UsageError(f"{flag} {name[:40]}...: name too long ({len(os.fsencode(name))} bytes; at most 210)")
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """What the last finished epoch left: the run resumes from here."""
+
+    epochs: int  # finished epochs
+    steps: int  # the optimizer's step count after them
+    checkpoint: str  # relative to the run folder
+    exported: bool = False  # the --export SavedModel was written
+
+
+class RunDir:
+    """One run folder: paths, atomic writes, the lock, resume state."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+
+    def __repr__(self):
+        return f"RunDir({str(self.path)!r})"
+
+    # -- layout ------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def history(self) -> Path:
+        return self.path / "history.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def model(self) -> Path:
+        return self.path / "model.keras"
+
+    @property
+    def resume_file(self) -> Path:
+        return self.path / "resume.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoints / "best.keras"
+
+    def epoch_checkpoint(self, epoch: int) -> Path:
+        """The checkpoint after ``epoch`` finished epochs (1-based)."""
+        return self.checkpoints / f"epoch-{epoch:02d}.keras"
+
+    def epoch_checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoints.glob("epoch-*.keras"))
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics.exists()
+
+    # -- creating and opening ------------------------------------------------------
+
+    @classmethod
+    def create(cls, logdir: str, run_name: str | None) -> RunDir:
+        """A new, empty, locked run folder; never an existing one.
+
+        Without a name the folder is a timestamp, with -2, -3, ... appended when
+        another run took that second (mkdir is atomic, so concurrent runs never share).
+        """
+        root = Path(logdir)
+        if run_name:
+            check_name("--run-name", run_name)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if run_name:
+                try:
+                    (root / run_name).mkdir()
+                except FileExistsError:
+                    raise UsageError(
+                        f"--run-name {run_name}: {root / run_name} already exists; choose another name"
+                    ) from None
+                return cls(root / run_name).lock()
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for n in range(1, 10_000):
+                path = root / (stamp if n == 1 else f"{stamp}-{n}")
+                try:
+                    path.mkdir()
+                    return cls(path).lock()
+                except FileExistsError:
+                    continue
+        except OSError as e:
+            raise UsageError(f"--logdir {logdir}: cannot create a run folder there ({e.strerror or e})") from None
+        raise UsageError(f"--logdir {logdir}: no free run folder name for {stamp}")
+
+    def lock(self) -> RunDir:
+        """Take the run's lock: one process writes a run at a time."""
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UsageError(f"{self.path}: cannot write the run folder ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise UsageError(f"{self.path}: another process is training this run right now") from None
+            raise UsageError(f"{self.path}: cannot lock the run folder ({e.strerror or e})") from None
+        self._lock_fd = fd
+        return self
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
+
+    def sweep(self) -> list[Path]:
+        """Delete temporary files a killed process left (only under the lock)."""
+        swept = []
+        for folder in (self.path, self.checkpoints):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if _TEMP.match(p.name) and p.is_file():
+                        p.unlink()
+                        swept.append(p)
+        if swept:
+            log.info("Removed %d temporary file(s) left by a killed process", len(swept))
+        return swept
+
+    def check_writable(self) -> None:
+        """Fail now, with the reason, if this folder cannot take new files."""
+        probe = _temp_name(self.path / "probe")
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise UsageError(f"{self.path}: cannot write the run folder ({e.strerror or e})") from None
+
+    # -- history -------------------------------------------------------------------
+
+    def read_history(self) -> list[dict]:
+        return json.loads(self.history.read_text()) if self.history.exists() else []
+
+    def write_history(self, entries: list[dict]) -> None:
+        write_json(self.history, entries)
+
+    # -- resume state --------------------------------------------------------------
+
+    def read_resume_state(self) -> ResumeState | None:
+        """The last committed epoch, or None when no epoch finished."""
+        if not self.resume_file.exists():
+            return None
+        try:
+            state = ResumeState(**json.loads(self.resume_file.read_text()))
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"{self.resume_file}: unreadable resume state ({e})") from None
+        if not (self.path / state.checkpoint).is_file():
+            raise UsageError(f"{self.resume_file}: its checkpoint {state.checkpoint} is missing")
+        return state
+
+    def commit_epoch(self, epochs: int, steps: int, checkpoint: Path, keep: int) -> ResumeState:
+        """Make ``epochs`` finished epochs the state a resume starts from; then drop
+        epoch checkpoints beyond the newest ``keep`` (never the committed one)."""
+        state = ResumeState(epochs, steps, str(Path(checkpoint).relative_to(self.path)))
+        write_json(self.resume_file, dataclasses.asdict(state))
+        for old in self.epoch_checkpoints()[:-keep]:
+            if old != Path(checkpoint):
+                old.unlink()
+        return state
+
+    def mark_exported(self, state: ResumeState) -> None:
+        write_json(self.resume_file, dataclasses.asdict(dataclasses.replace(state, exported=True)))
+
+    def close_resume_state(self) -> None:
+        """The run is finished (metrics.json exists): the resume state has done its job."""
+        self.resume_file.unlink(missing_ok=True)
+
+    def rollback(self, epochs: int, steps: int) -> None:
+        """Forget what a killed process wrote after its last committed epoch.
+
+        ``epochs`` finished epochs and ``steps`` optimizer steps stay; later history
+        entries, epoch checkpoints and TensorBoard events go, so that the resumed
+        run writes each epoch and step exactly once.
+        """
+        history = self.read_history()
+        if len(history) != epochs or any(e["epoch"] >= epochs for e in history):
+            self.write_history([e for e in history if e["epoch"] < epochs])
+        for checkpoint in self.epoch_checkpoints():
+            if int(checkpoint.stem.split("-")[1]) > epochs:
+                checkpoint.unlink()
+        for events in self.path.rglob("events.out.tfevents.*"):
+            if "plugins" not in events.parts:
+                _drop_events(events, epochs, steps)
+
+
+def _drop_events(path: Path, epochs: int, steps: int) -> None:
+    """Rewrite one TensorBoard event file without the events past the committed
+    epoch/step (and without hparams, which every process writes anew)."""
+    import tensorflow as tf
+    from tensorboard.compat.proto import event_pb2
+
+    kept, dropped = [], 0
+    try:
+        for record in tf.data.TFRecordDataset(str(path)):
+            raw = record.numpy()
+            event = event_pb2.Event.FromString(raw)
+            if event.HasField("summary") and not _keep(event, epochs, steps):
+                dropped += 1
+            else:
+                kept.append(raw)
+    except tf.errors.DataLossError:  # the killed process's last record was cut short
+        dropped += 1
+    if not dropped:
+        return
+    tmp = _temp_name(path)
+    with tf.io.TFRecordWriter(str(tmp)) as writer:
+        for raw in kept:
+            writer.write(raw)
+    os.replace(tmp, path)
+
+
+def _keep(event, epochs: int, steps: int) -> bool:
+    tags = [value.tag for value in event.summary.value]
+    if any(tag in ONCE_TAGS for tag in tags):
+        return True
+    if any(tag.startswith("_hparams_") for tag in tags):
+        return False
+    if any(tag.startswith(STEP_TAG_PREFIX) for tag in tags):
+        return event.step <= steps
+    return event.step < epochs
