@@ -228,6 +228,8 @@ class HParams(keras.callbacks.Callback):
         self.hparams = {k: ("none" if v is None else v) for k, v in hparams.items()}
 
     def on_train_begin(self, logs=None):
+        if any(self.run_dir.glob("events.out.tfevents.*")):
+            return  # a resumed run: its first process wrote them
         with tf.summary.create_file_writer(str(self.run_dir)).as_default():
             hparams_api.hparams(self.hparams, trial_id=self.run_dir.name)
 

@@ -30,3 +30,11 @@ class StorageError(RuntimeError):
     The previous version of that file is intact, and a killed or stopped run resumes
     once the cause is fixed.
     """
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; the run folder can be resumed."""
+
+    def __init__(self, run_dir):
+        super().__init__(f"interrupted; resume with: python scripts/fit.py --resume {run_dir}")
+        self.run_dir = run_dir

@@ -39,8 +39,6 @@ def check_export_dir(directory: str | os.PathLike) -> Path:
     parent = directory.absolute().parent
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UsageError(f"{directory}: cannot create it ({parent} is not a writable folder)")
     try:
         tempfile.TemporaryDirectory(dir=parent, prefix=".mnist_cnn-probe-").cleanup()
     except OSError as e:

@@ -86,9 +86,18 @@ class CNN(keras.Model):
         self.softmax.build(shape)
 
     def build_from_config(self, config):
-        # The input shape is fixed: build at it whatever a (possibly edited) file's
-        # build_config says; Keras' default would leave the model without weights
-        # when that shape does not fit, and then load nothing into it with only a warning.
+        # The input shape is fixed. Keras' default, given a build_config it cannot
+        # build from (an edited file), only warns and leaves the model without
+        # weights -- and then loads nothing into it: refuse such a config instead.
+        config = dict(config or {})
+        shapes = list(config.pop("shapes_dict", {}).values())
+        if "input_shape" in config:
+            shapes.append(config.pop("input_shape"))
+        for shape in shapes:
+            if not isinstance(shape, (list, tuple)) or tuple(shape[1:]) not in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
+                raise ValueError(f"build_config input shape {shape!r} is not the CNN's (None, 28, 28, 1)")
+        if config:
+            raise ValueError(f"build_config has unknown entries {sorted(config)}")
         self.build()
 
     def call(self, inputs, training=False):

@@ -43,7 +43,7 @@ _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 # TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
 STEP_TAG_PREFIX = "batch_"
 # ... and the ones written once, by the run's first process only.
-ONCE_TAGS = ("train/samples",)
+ONCE_TAGS = ("train/samples", "_hparams_/session_start_info")
 
 
 def _temp_name(path: Path) -> Path:
@@ -221,7 +221,11 @@ class RunDir:
         return self
 
     def unlock(self) -> None:
+        """Release the lock; a finished run keeps no lock file (any later process
+        that opens it refuses the finished run, so removing it races with nothing)."""
         if self._lock_fd is not None:
+            if self.finished:
+                (self.path / ".lock").unlink(missing_ok=True)
             os.close(self._lock_fd)  # closing releases the flock
             self._lock_fd = None
 
@@ -305,8 +309,7 @@ class RunDir:
 
 
 def _drop_events(path: Path, epochs: int, steps: int) -> None:
-    """Rewrite one TensorBoard event file without the events past the committed
-    epoch/step (and without hparams, which every process writes anew)."""
+    """Rewrite one TensorBoard event file without the events past the committed epoch/step."""
     import tensorflow as tf
     from tensorboard.compat.proto import event_pb2
 
@@ -334,8 +337,6 @@ def _keep(event, epochs: int, steps: int) -> bool:
     tags = [value.tag for value in event.summary.value]
     if any(tag in ONCE_TAGS for tag in tags):
         return True
-    if any(tag.startswith("_hparams_") for tag in tags):
-        return False
     if any(tag.startswith(STEP_TAG_PREFIX) for tag in tags):
         return event.step <= steps
     return event.step < epochs

@@ -376,6 +376,8 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=())
         if config.init_from and not resume:
             init_weights(model, load_cnn(config.init_from), config.init_from)
     distribute.prepare_model(model, strategy)
+    if config.export and not resume:
+        check_export_dir(config.export)
 
     chief = distribute.is_chief(strategy)
     if chief:
@@ -384,7 +386,7 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=())
         run_dir = RunDir(distribute.worker_run_dir(Path(config.logdir) / config.run_name))
         state = run_dir.read_resume_state()
     try:
-        if config.export and not (state and state.exported):
+        if config.export and resume and not (state and state.exported):
             check_export_dir(config.export)
         log.info("Device: %s", describe_devices())
         log.info("Strategy: %s, global batch %d", distribute.describe(strategy), config.batch_size * replicas)

@@ -3,14 +3,19 @@ import json
 import subprocess
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from mnist_cnn import data
+from mnist_cnn import data, idx
+from mnist_cnn.train import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-# The official MNIST test set, for developers and CI only (see DESIGN.md).
+# The official MNIST test set: present beside the checkout on developer machines and in CI only;
+# the tests that read it skip where it is absent.
 SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
@@ -73,3 +78,46 @@ def snapshot(*folders):
         for p in sorted(Path(folder).rglob("*"))
         if p.is_file()
     }
+
+
+def read_events(folder: Path):
+    """{tag: [(step, value)]} of scalars, and the set of all tags, from event files in ``folder``."""
+    scalars, tags = defaultdict(list), set()
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                tags.add(value.tag)
+                if value.metadata.plugin_data.plugin_name == "scalars":
+                    scalars[value.tag].append((event.step, float(tf.make_ndarray(value.tensor))))
+    return scalars, tags
+
+
+def quick(tmp_path, **overrides):
+    config = dict(data="sample", epochs=2, steps_per_epoch=3, logdir=str(tmp_path / "logs"), seed=7)
+    config.update(overrides)
+    return TrainConfig(**config)
+
+
+def write_folder(folder, n_train=12, n_test=5, gz=False, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        suffix = ".gz" if gz else ""
+        idx.write_idx(folder / (idx.FILE_STEMS[(split, "images")] + suffix), images)
+        idx.write_idx(folder / (idx.FILE_STEMS[(split, "labels")] + suffix), labels)
+        arrays[split] = (images, labels)
+    return arrays
+
+
+def read_summaries(folder):
+    """{tag: [(step, plugin, tensor)]} of every summary in the event files of ``folder``."""
+    found = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                plugin = value.metadata.plugin_data.plugin_name
+                found.setdefault(value.tag, []).append((event.step, plugin, value))
+    return found

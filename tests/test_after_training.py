@@ -9,23 +9,11 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, run_python
+from conftest import REPO, quick, read_summaries, run_python
 from PIL import Image
-from test_train import quick
 
 from mnist_cnn import evaluate, export, predict, train
 from mnist_cnn.export import export_savedmodel
-
-
-def read_summaries(folder):
-    """{tag: [(step, plugin, tensor)]} of every summary in the event files of ``folder``."""
-    found = {}
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                plugin = value.metadata.plugin_data.plugin_name
-                found.setdefault(value.tag, []).append((event.step, plugin, value))
-    return found
 
 
 @pytest.fixture(scope="module")

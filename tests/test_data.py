@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from test_idx import write_folder
+from conftest import write_folder
 
 from mnist_cnn import data
 from mnist_cnn.errors import DataError

@@ -11,8 +11,7 @@ import time
 
 import keras
 import pytest
-from conftest import REPO, committed_epochs, run_python, wait_for_epochs
-from test_train import quick
+from conftest import REPO, committed_epochs, quick, run_python, wait_for_epochs
 
 from mnist_cnn import train
 

@@ -3,24 +3,10 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import SHARED_MNIST
+from conftest import SHARED_MNIST, write_folder
 
 from mnist_cnn import idx
 from mnist_cnn.idx import IDXError
-
-
-def write_folder(folder, n_train=12, n_test=5, gz=False, seed=0):
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = rng.integers(0, 10, n, dtype=np.uint8)
-        suffix = ".gz" if gz else ""
-        idx.write_idx(folder / (idx.FILE_STEMS[(split, "images")] + suffix), images)
-        idx.write_idx(folder / (idx.FILE_STEMS[(split, "labels")] + suffix), labels)
-        arrays[split] = (images, labels)
-    return arrays
 
 
 @pytest.mark.parametrize("gz", [False, True])

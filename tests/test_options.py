@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_idx import write_folder
-from test_train import quick
+from conftest import quick, write_folder
 
 from mnist_cnn import CNN, bench, data, train
 from mnist_cnn.train import TrainConfig

@@ -11,9 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FIT, committed_epochs, snapshot, start_fit, wait_for_epochs
-from test_idx import write_folder
-from test_train import quick, read_events
+from conftest import FIT, committed_epochs, quick, read_events, snapshot, start_fit, wait_for_epochs, write_folder
 
 from mnist_cnn import CNN, idx, train
 from mnist_cnn.errors import ModelFileError, TrainingDiverged
@@ -33,7 +31,7 @@ def check_resumed_run(run_dir, epochs, steps):
     steps_logged = {step for step, _ in read_events(run_dir / "train")[0]["batch_loss"]}
     assert steps_logged == set(range(1, epochs * steps + 1))
     assert not (run_dir / "resume.json").exists()  # removed once the run finished
-    assert not [p for p in run_dir.rglob(".*") if p.name != ".lock"]  # no temporary file left
+    assert not list(run_dir.rglob(".*"))  # no temporary or lock file left
     model = keras.saving.load_model(run_dir / "model.keras")
     assert int(model.optimizer.iterations) == epochs * steps  # no epoch trained twice
 

@@ -1,35 +1,14 @@
 import json
 import subprocess
 import sys
-from collections import defaultdict
-from pathlib import Path
 
 import keras
 import pytest
-import tensorflow as tf
-from conftest import REPO
+from conftest import REPO, quick, read_events
 
 from mnist_cnn import train
 from mnist_cnn.rundir import RunDir
-from mnist_cnn.train import TrainConfig, UsageError
-
-
-def read_events(folder: Path):
-    """{tag: [(step, value)]} of scalars, and the set of all tags, from event files in ``folder``."""
-    scalars, tags = defaultdict(list), set()
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                tags.add(value.tag)
-                if value.metadata.plugin_data.plugin_name == "scalars":
-                    scalars[value.tag].append((event.step, float(tf.make_ndarray(value.tensor))))
-    return scalars, tags
-
-
-def quick(tmp_path, **overrides):
-    config = dict(data="sample", epochs=2, steps_per_epoch=3, logdir=str(tmp_path / "logs"), seed=7)
-    config.update(overrides)
-    return TrainConfig(**config)
+from mnist_cnn.train import UsageError
 
 
 @pytest.fixture(scope="module")

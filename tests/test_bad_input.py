@@ -1,0 +1,320 @@
+"""Bad input an adversarial user tried: tampered models, hostile images and IDX files,
+broken config.json files and out-of-range flags. Each is one line and exit status 2,
+caught before anything is written."""
+
+import gzip
+import io
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import tracemalloc
+import zipfile
+
+import keras
+import numpy as np
+import pytest
+from conftest import FIT, REPO, snapshot, write_folder
+from PIL import Image
+
+from mnist_cnn import CNN, evaluate, export, idx, predict, train
+from mnist_cnn.errors import ModelFileError
+from mnist_cnn.idx import IDXError
+from mnist_cnn.model import load_cnn
+
+
+def one_line_error(capsys, prog="fit.py"):
+    err = capsys.readouterr().err
+    assert err.startswith(f"{prog}: error: ") and err.count("\n") == 1, err
+    return err
+
+
+# -- tampered model files -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, sample):
+    """A CNN trained for a few steps (so its weights are not the initial ones), saved."""
+    folder = tmp_path_factory.mktemp("tamper")
+    (x, y), _ = sample
+    model = CNN()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x[:500, ..., None] / 255.0, y[:500], batch_size=50, epochs=1, verbose=0)
+    model.save(folder / "good.keras")
+    return folder
+
+
+def rewrite(source, target, edit_config=None, edit_weights=None):
+    """Copy a .keras zip, editing its config.json (a dict) or its weights (an h5py.File)."""
+    import h5py
+
+    with zipfile.ZipFile(source) as zin, zipfile.ZipFile(target, "w") as zout:
+        for name in zin.namelist():
+            payload = zin.read(name)
+            if name == "config.json" and edit_config:
+                config = json.loads(payload)
+                edit_config(config)
+                payload = json.dumps(config).encode()
+            if name == "model.weights.h5" and edit_weights:
+                buffer = io.BytesIO(payload)
+                with h5py.File(buffer, "r+") as store:
+                    edit_weights(store)
+                payload = buffer.getvalue()
+            zout.writestr(name, payload)
+    return target
+
+
+TAMPERING = {
+    "build_config shape": (
+        dict(edit_config=lambda c: c.update(build_config={"input_shape": [None, 10]})),
+        "build_config input shape [None, 10] is not the CNN's"),
+    "build_config garbage": (
+        dict(edit_config=lambda c: c.update(build_config={"shapes_dict": {"x": "nonsense"}})),
+        "build_config input shape 'nonsense'"),
+    "dense_units 1e9": (
+        dict(edit_config=lambda c: c["config"].update(dense_units=10**9)), "dense_units=1000000000 is outside 1-16384"),
+    "kernel_size text": (
+        dict(edit_config=lambda c: c["config"].update(kernel_size="5")), "kernel_size='5' is outside 1-28"),
+    "missing weight": (dict(edit_weights=lambda h: h.__delitem__("dense1/vars/0")), None),
+    "weight of another shape": (
+        dict(edit_weights=lambda h: (h.__delitem__("dense2/vars/1"),
+                                     h.create_dataset("dense2/vars/1", data=np.ones(3)))),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(TAMPERING))
+def test_a_tampered_model_file_is_refused(saved, kind, tmp_path, capsys):
+    edits, message = TAMPERING[kind]
+    path = rewrite(saved / "good.keras", tmp_path / "tampered.keras", **edits)
+    with pytest.raises(ModelFileError, match=re.escape(message) if message else ".") as caught:
+        load_cnn(path)
+    assert str(path) in str(caught.value)
+    assert "another size" not in str(caught.value)
+    assert evaluate.main([str(path), "--data", "sample"]) == 2
+    err = one_line_error(capsys, "evaluate.py")
+    assert "test accuracy" not in capsys.readouterr().out
+    assert train.main(["--data", "sample", "--dry-run", "--init-from", str(path), "--logdir", str(tmp_path / "l")]) == 2
+    assert one_line_error(capsys) .split(": error: ")[1] == err.split(": error: ")[1]  # the same reason
+    assert not (tmp_path / "l").exists()
+
+
+def test_the_untouched_model_file_loads_with_its_own_weights(saved):
+    model = load_cnn(saved / "good.keras")
+    reference = keras.saving.load_model(saved / "good.keras")
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- predict.py on images as people make them ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory, sample):
+    """A CNN that reads the sample's digits well (trained for 2 epochs on 4,000)."""
+    (x, y), _ = sample
+    keras.utils.set_random_seed(1)
+    model = CNN()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(x[..., None] / 255.0, y, batch_size=50, epochs=2, verbose=0)
+    return model
+
+
+def digits(sample, count=6):
+    _, (x, y) = sample
+    picks = [int(np.flatnonzero(y == d)[0]) for d in range(count)]
+    return x[picks], y[picks]
+
+
+def test_predict_reads_16_bit_paper_and_canvas_exports(reader, sample, tmp_path):
+    """16-bit dark-on-light scans and ink-on-transparency canvas exports read as the
+    same digits as plain 8-bit files of the same pictures (and mostly correctly)."""
+    images, labels = digits(sample)
+    kinds = {"plain8": [], "scan16": [], "canvas": []}
+    for i, image in enumerate(images):
+        big = np.kron(image, np.ones((4, 4), np.uint8))  # 112 x 112, like a scan
+        Image.fromarray(255 - big).save(tmp_path / f"plain8-{i}.png")
+        paper16 = (65535 - big.astype(np.uint32) * 200).astype(np.uint16)  # dark ink on light paper, 16-bit
+        Image.fromarray(paper16).save(tmp_path / f"scan16-{i}.png")
+        rgba = np.zeros((*big.shape, 4), np.uint8)
+        rgba[..., 3] = big  # black ink, alpha = ink, transparent elsewhere
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"canvas-{i}.png")
+        for kind in kinds:
+            kinds[kind].append(str(tmp_path / f"{kind}-{i}.png"))
+    assert Image.open(kinds["scan16"][0]).mode.startswith("I")  # really a 16-bit file
+    read = {kind: [o[0][0] for _, o in predict.predict_files(reader, paths)] for kind, paths in kinds.items()}
+    assert read["scan16"] == read["plain8"] and read["canvas"] == read["plain8"], read
+    assert sum(int(a == b) for a, b in zip(read["plain8"], labels, strict=True)) >= 5, (read, labels)
+
+
+def test_a_decompression_bomb_is_one_bad_file_and_the_others_are_read(reader, sample, tmp_path):
+    bomb, large = tmp_path / "bomb.png", tmp_path / "large.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 megapixels, a few hundred KB on disk
+    Image.new("1", (7000, 7000)).save(large)  # 49 megapixels: under Pillow's limit, over ours
+    images, labels = digits(sample, 2)
+    good = []
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"d{i}.png")
+        good.append(str(tmp_path / f"d{i}.png"))
+    outcomes = dict(predict.predict_files(reader, [good[0], str(bomb), str(large), good[1]]))
+    assert "refused as a decompression bomb" in outcomes[str(bomb)]
+    assert "7000x7000 pixels, more than the 40,000,000 this reads" in outcomes[str(large)]
+    assert [outcomes[g][0][0] for g in good] == [int(v) for v in labels]
+
+
+@pytest.mark.parametrize("top", ["-1", "0", "11", "x"])
+def test_predict_top_outside_1_to_10_is_a_usage_error(top, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        predict.main([str(tmp_path / "m.keras"), "x.png", "--top", top])
+    assert exit_.value.code == 2
+    assert "expected a whole number from 1 to 10" in capsys.readouterr().err
+
+
+# -- IDX files ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_zero_images_are_refused_before_a_run_folder_exists(split, saved, tmp_path, capsys):
+    folder = tmp_path / "data"
+    write_folder(folder)
+    idx.write_idx(folder / idx.FILE_STEMS[(split, "images")], np.zeros((0, 28, 28)))
+    idx.write_idx(folder / idx.FILE_STEMS[(split, "labels")], np.zeros(0))
+    assert train.main(["--data", str(folder), "--logdir", str(tmp_path / "logs")]) == 2
+    assert "holds 0 items; a split needs at least one" in one_line_error(capsys)
+    assert not (tmp_path / "logs").exists()
+    if split == "test":
+        assert evaluate.main([str(saved / "good.keras"), "--data", str(folder)]) == 2
+        assert "holds 0 items" in one_line_error(capsys, "evaluate.py")
+
+
+def test_a_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    zeros = bytes(1 << 20)
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(struct.pack(">HBBI", 0, 8, 1, 10))
+        for _ in range(256):  # 256 MiB of zeros behind a 10-label header
+            f.write(zeros)
+    assert path.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(IDXError, match="has trailing bytes: header says shape \\(10,\\)"):
+            idx.read_idx(path, ndim=1)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.0f} MiB allocated to read a 10-label file"
+
+
+def test_dimensions_whose_product_overflows_are_refused(tmp_path):
+    path = tmp_path / "big"
+    path.write_bytes(struct.pack(">HBB3I", 0, 8, 3, 2**32 - 1, 2**32 - 1, 2**32 - 1) + bytes(100))
+    with pytest.raises(IDXError, match="truncated: header says shape"):
+        idx.read_idx(path)
+    with pytest.raises(IDXError, match="images are 4294967295x4294967295, expected 28x28"):
+        idx.read_idx(path, ndim=3, item_shape=(28, 28))
+
+
+# -- config.json and flags ----------------------------------------------------------------
+
+
+@pytest.fixture
+def unfinished_run(tmp_path):
+    """A run folder as a process killed in its first epoch leaves it: config.json only."""
+    config = train.TrainConfig(data="sample", epochs=1, steps_per_epoch=2, logdir=str(tmp_path), run_name="r")
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "config.json").write_text(json.dumps(train.dataclasses.asdict(config)))
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda c: c.update(epochs="abc"), "epochs must be int, got 'abc'"),
+        (lambda c: c.update(epochs=2.5), "epochs must be int, got 2.5"),
+        (lambda c: c.update(augment="yes"), "augment must be bool, got 'yes'"),
+        (lambda c: c.update(steps_per_epoch=True), "steps_per_epoch must be int or null, got True"),
+        (lambda c: c.update(surprise=1), "unknown field(s) surprise"),
+        (lambda c: c.update(seed=-1), "--seed must be in 0..4294967295"),
+    ],
+)
+def test_a_broken_config_json_is_one_line_on_resume(unfinished_run, edit, message, capsys):
+    config = json.loads((unfinished_run / "config.json").read_text())
+    edit(config)
+    (unfinished_run / "config.json").write_text(json.dumps(config))
+    before = snapshot(unfinished_run)
+    assert train.main(["--resume", str(unfinished_run)]) == 2
+    assert message in one_line_error(capsys)
+    assert snapshot(unfinished_run) == before  # not even an event file
+
+
+def test_config_json_that_is_a_folder_is_one_line(unfinished_run, capsys):
+    (unfinished_run / "config.json").unlink()
+    (unfinished_run / "config.json").mkdir()
+    assert train.main(["--resume", str(unfinished_run)]) == 2
+    assert "unreadable config.json (Is a directory)" in one_line_error(capsys)
+
+
+def test_an_unfinished_run_resumes_from_its_config_alone(unfinished_run):
+    proc = subprocess.run([*FIT, "--resume", str(unfinished_run)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "after epoch 0 of 1 (no epoch had finished)" in proc.stdout
+    assert (unfinished_run / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "--seed must be in 0..4294967295"),
+        (["--seed", "99999999999999999999"], "--seed must be in 0..4294967295"),
+        (["--data", ""], "--data must be auto, tfds, sample or a folder of IDX files, got ''"),
+        (["--run-name", "r" * 256], "--run-name rrrr"),
+        (["--export", "e" * 250], "--export eeee"),
+    ],
+)
+def test_out_of_range_flags_are_one_line_before_anything_is_written(argv, message, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    assert train.main(["--data", "sample", "--dry-run", "--logdir", str(logs), *argv]) == 2
+    err = one_line_error(capsys)
+    assert message in err
+    if "--run-name" in argv or "--export" in argv:
+        assert "name too long" in err
+    assert not logs.exists()
+
+
+def test_export_script_refuses_a_name_too_long(saved, tmp_path, capsys):
+    assert export.main([str(saved / "good.keras"), str(tmp_path / ("e" * 250))]) == 2
+    assert "name too long" in one_line_error(capsys, "export.py")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_has_the_usual_permissions_and_clears_a_killed_attempt(saved, tmp_path):
+    target = tmp_path / "served"
+    partial = tmp_path / ".served.partial"
+    partial.mkdir()
+    (partial / "junk").write_bytes(b"left by a killed export")
+    old = os.umask(0o022)
+    try:
+        export.export_savedmodel(load_cnn(saved / "good.keras"), target)
+    finally:
+        os.umask(old)
+    assert not partial.exists()
+    assert oct(target.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((target / "saved_model.pb").stat().st_mode & 0o777) == oct(0o644)
+    assert all(p.stat().st_mode & 0o004 for p in target.rglob("*"))  # others can read everything
+
+
+def test_scripts_print_no_traceback_for_a_tampered_model(saved, tmp_path):
+    path = rewrite(saved / "good.keras", tmp_path / "t.keras",
+                   edit_config=lambda c: c.update(build_config={"input_shape": [None, 10]}))
+    for script in ("evaluate.py", "predict.py", "export.py"):
+        extra = {"evaluate.py": ["--data", "sample"], "predict.py": ["x.png"], "export.py": [str(tmp_path / "o")]}
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), str(path), *extra[script]],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (script, proc.stderr[-2000:])
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in proc.stderr and last.startswith(f"{script}: error: {path}: "), script
+        assert "is not the CNN's (None, 28, 28, 1)" in last, script
