@@ -8,7 +8,6 @@ time runs from the end of its first step to the end of its last, so one-off cost
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -24,10 +23,10 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data, idx, train, tutorial
+from mnist_cnn.cli import Parser, main_with, positive_int
 from mnist_cnn.model import CNN
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
-OFFICIAL_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
 
 # -- what the model costs ----------------------------------------------------------------
@@ -129,9 +128,10 @@ def training_throughput(batch_size: int, rounds: int, window: int, log) -> dict:
     return results
 
 
-def evaluation_speed(rounds: int, log) -> dict:
-    """model.evaluate on a tf.data pipeline vs the tutorial's batch-wise predict."""
-    folder = next((f for f in (OFFICIAL_TEST, FASHION_MNIST) if (f / "t10k-labels-idx1-ubyte.gz").exists()), None)
+def evaluation_speed(rounds: int, official: Path | None, log) -> dict:
+    """model.evaluate on a tf.data pipeline vs the tutorial's batch-wise predict, on the
+    official test set (or Fashion-MNIST's, or the sample's) -- 10,000 images where there are."""
+    folder = next((f for f in (official, FASHION_MNIST) if f and (f / "t10k-labels-idx1-ubyte.gz").exists()), None)
     x, y = idx.read_split(folder, "test") if folder else data.sample_arrays()[1]
     loader = tutorial.MNISTLoader("sample")  # the tutorial's evaluation reads loader.test_*
     loader.test_data, loader.test_label, loader.num_test_data = data.to_float(x), y.astype(np.int32), len(y)
@@ -214,18 +214,19 @@ def offline_start(log) -> dict:
     return {"seconds": float(line.split()[1]), "source": "sample (offline fallback)" if chose_sample else "tfds"}
 
 
-def accuracy(epochs_seed: int | None, log) -> dict:
-    """Test accuracy of the seed and best recipes trained on the 5k sample."""
-    test = str(OFFICIAL_TEST) if (OFFICIAL_TEST / "t10k-images-idx3-ubyte.gz").exists() else None
+def accuracy(epochs_seed: int | None, official: Path | None, log) -> dict:
+    """Test accuracy of the tutorial and best recipes trained on the 5k sample, tested on
+    ``official`` (an IDX folder with the official t10k files) when given."""
+    test = str(official) if official else None
     results = {}
     with tempfile.TemporaryDirectory() as logdir:
-        for recipe in ("seed", "best"):
+        for recipe in ("tutorial", "best"):
             config = train.TrainConfig.from_recipe(recipe, data="sample", test_data=test, logdir=logdir)
-            if recipe == "seed" and epochs_seed:
+            if recipe == "tutorial" and epochs_seed:
                 config.epochs = epochs_seed
             result = train.fit(config, verbose=0)
             results[recipe] = {"test_accuracy": result.test_accuracy, "seconds": result.seconds,
-                               "epochs": config.epochs, "train_images": result.data.num_train}
+                               "epochs": config.epochs, "train_images": result.data_info.num_train}
             log(f"  recipe {recipe}: {result.test_accuracy:.4f} in {result.seconds:.0f} s")
     return {"test_set": test or "sample's own 1,000 held-out digits", "recipes": results}
 
@@ -263,19 +264,33 @@ def report(results: dict) -> str:
     if acc:
         lines.append(f"accuracy on {acc['test_set']}:")
         for recipe, r in acc["recipes"].items():
-            lines.append(f"  --recipe {recipe:<5} {r['test_accuracy']:.4f}  ({r['epochs']} epochs on "
+            lines.append(f"  --recipe {recipe:<8} {r['test_accuracy']:.4f}  ({r['epochs']} epochs on "
                          f"{r['train_images']:,} digits, {r['seconds']:.0f} s)")
     return "\n".join(lines)
 
 
+def _idx_folder(text: str) -> Path:
+    import argparse
+
+    path = Path(text)
+    if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
+        raise argparse.ArgumentTypeError(f"{text}: no t10k-images-idx3-ubyte[.gz] there")
+    return path
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Measure training/evaluation speed (ratios) and accuracy.")
+    p = Parser(prog="bench.py", description="Measure training/evaluation speed (ratios) and accuracy.")
     p.add_argument("--quick", action="store_true", help="fewer rounds and steps (about a minute)")
-    p.add_argument("--rounds", type=int, default=None, help="timed windows per contender")
-    p.add_argument("--large-batch", type=int, default=256)
-    p.add_argument("--accuracy", action="store_true", help="also train the seed and best recipes (minutes)")
+    p.add_argument("--rounds", type=positive_int, default=None, help="timed windows per contender")
+    p.add_argument("--large-batch", type=positive_int, default=256, help="the second batch size timed (default: 256)")
+    p.add_argument("--official-test", type=_idx_folder, default=None, metavar="PATH",
+                   help="a folder with the official MNIST t10k files: evaluation speed and --accuracy use it")
+    p.add_argument("--accuracy", action="store_true", help="also train the tutorial and best recipes (minutes)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
-    args = p.parse_args(argv)
+    return main_with(p, argv, _bench)
+
+
+def _bench(args) -> None:
     rounds = args.rounds or (3 if args.quick else 7)
 
     def log(message):
@@ -291,15 +306,14 @@ def main(argv=None) -> int:
     for batch, window in ((50, 10 if args.quick else 25), (args.large_batch, 3 if args.quick else 6)):
         results["training"][batch] = training_throughput(batch, rounds, window, log)
     log("evaluation ...")
-    results["evaluation"] = evaluation_speed(rounds, log)
+    results["evaluation"] = evaluation_speed(rounds, args.official_test, log)
     log("full-size pipeline ...")
     results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
     log("offline start ...")
     results["offline_start"] = offline_start(log)
     if args.accuracy:
         log("accuracy (two training runs) ...")
-        results["accuracy"] = accuracy(None, log)
+        results["accuracy"] = accuracy(None, args.official_test, log)
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    return 0

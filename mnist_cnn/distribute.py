@@ -21,10 +21,9 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from mnist_cnn.config import STRATEGIES
 from mnist_cnn.errors import UsageError
 from mnist_cnn.rundir import RunDir
-
-STRATEGIES = ("auto", "one", "mirrored", "multiworker")
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy:

@@ -6,9 +6,7 @@ most confident mistakes -- as text, or as JSON with ``--json``.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import keras
 import numpy as np
 
 from mnist_cnn import data, idx
-from mnist_cnn.errors import InputError
+from mnist_cnn.cli import Parser, main_with
 from mnist_cnn.model import load_cnn
 
 
@@ -106,19 +104,16 @@ def format_report(report: Report) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a saved CNN on a test set.")
+    p = Parser(prog="evaluate.py", description="Evaluate a saved CNN on a test set.")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("--data", default="auto", metavar="{auto,tfds,sample,PATH}",
                    help="test set: the split of a source, or an IDX folder with t10k files")
     p.add_argument("--top", type=int, default=10, help="how many confident mistakes to list")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    args = p.parse_args(argv)
-    try:
+    def body(args):
         model = load_cnn(args.model)
         images, labels, source = test_arrays(args.data)
-    except InputError as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
-        return 2
-    report = evaluate(model, images, labels, source, args.top)
-    print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
-    return 0
+        report = evaluate(model, images, labels, source, args.top)
+        print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
+
+    return main_with(p, argv, body)

@@ -12,17 +12,16 @@ Each returns ``probabilities`` (N, 10) float32 and ``digits`` (N,) int64.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import keras
 import tensorflow as tf
 
-from mnist_cnn.errors import InputError, StorageError, UsageError
+from mnist_cnn.cli import Parser, main_with
+from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.model import load_cnn
 from mnist_cnn.rundir import check_name
 
@@ -99,14 +98,11 @@ def _usual_permissions(folder: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="export.py", description="Export a saved CNN as a serving SavedModel.")
+    p = Parser(prog="export.py", description="Export a saved CNN as a serving SavedModel.")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("directory", metavar="DIR", help="a new folder for the SavedModel")
-    args = p.parse_args(argv)
-    try:
+    def body(args):
         check_export_dir(args.directory)
         print(f"SavedModel for serving: {export_savedmodel(load_cnn(args.model), args.directory)}")
-    except (InputError, StorageError) as e:
-        print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return main_with(p, argv, body)

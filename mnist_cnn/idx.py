@@ -74,28 +74,7 @@ def read_idx(
     path = Path(path)
     try:
         with _open(path) as f:
-            head = _read_exactly(f, 4)
-            if len(head) < 4:
-                raise IDXError(f"{path}: truncated: {len(head)} bytes, shorter than the 4-byte IDX header")
-            zero, dtype, file_ndim = struct.unpack(">HBB", head)
-            if zero != 0 or dtype != UBYTE or file_ndim == 0:
-                raise IDXError(
-                    f"{path}: wrong magic number 0x{head.hex()}: expected an unsigned-byte IDX file "
-                    f"(0x0000080N, e.g. 0x00000803 for images, 0x00000801 for labels)"
-                )
-            if ndim is not None and file_ndim != ndim:
-                raise IDXError(f"{path}: has {file_ndim} dimensions, expected {ndim}")
-            header_size = 4 + 4 * file_ndim
-            dims = _read_exactly(f, header_size - 4)
-            if len(dims) < header_size - 4:
-                raise IDXError(f"{path}: truncated inside the header ({4 + len(dims)} of {header_size} bytes)")
-            shape = struct.unpack(f">{file_ndim}I", dims)
-            if item_shape is not None and shape[1:] != item_shape:
-                kind = "images" if len(item_shape) == 2 else "items"
-                size = "x".join(map(str, shape[1:]))
-                raise IDXError(f"{path}: {kind} are {size}, expected {'x'.join(map(str, item_shape))}")
-            if shape[0] == 0:
-                raise IDXError(f"{path}: holds 0 items; a split needs at least one")
+            shape, header_size = _read_header(f, path, ndim, item_shape)
             expected = math.prod(shape)  # Python ints: no overflow
             payload = _read_exactly(f, expected)
             if len(payload) < expected:
@@ -112,6 +91,33 @@ def read_idx(
     except OSError as e:
         raise IDXError(f"{path}: cannot read ({e.strerror or e})") from None
     return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+
+
+def _read_header(f, path: Path, ndim: int | None, item_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:
+    """The shape an IDX header declares, and the header's size, checked as ``read_idx`` says."""
+    head = _read_exactly(f, 4)
+    if len(head) < 4:
+        raise IDXError(f"{path}: truncated: {len(head)} bytes, shorter than the 4-byte IDX header")
+    zero, dtype, file_ndim = struct.unpack(">HBB", head)
+    if zero != 0 or dtype != UBYTE or file_ndim == 0:
+        raise IDXError(
+            f"{path}: wrong magic number 0x{head.hex()}: expected an unsigned-byte IDX file "
+            f"(0x0000080N, e.g. 0x00000803 for images, 0x00000801 for labels)"
+        )
+    if ndim is not None and file_ndim != ndim:
+        raise IDXError(f"{path}: has {file_ndim} dimensions, expected {ndim}")
+    header_size = 4 + 4 * file_ndim
+    dims = _read_exactly(f, header_size - 4)
+    if len(dims) < header_size - 4:
+        raise IDXError(f"{path}: truncated inside the header ({4 + len(dims)} of {header_size} bytes)")
+    shape = struct.unpack(f">{file_ndim}I", dims)
+    if item_shape is not None and shape[1:] != item_shape:
+        kind = "images" if len(item_shape) == 2 else "items"
+        size = "x".join(map(str, shape[1:]))
+        raise IDXError(f"{path}: {kind} are {size}, expected {'x'.join(map(str, item_shape))}")
+    if shape[0] == 0:
+        raise IDXError(f"{path}: holds 0 items; a split needs at least one")
+    return shape, header_size
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mnist_cnn.cli import EXIT_BAD_INPUT, Parser, main_with
 from mnist_cnn.errors import InputError
 from mnist_cnn.model import load_cnn
 
@@ -123,21 +124,18 @@ def _top(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="predict.py", description="Predict the digit in each image file.")
+    p = Parser(prog="predict.py", description="Predict the digit in each image file.")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=_top, default=1, help="show the N most likely digits (1-10)")
-    args = p.parse_args(argv)
-    try:
-        model = load_cnn(args.model)
-    except InputError as e:
-        print(f"predict.py: error: {e}", file=sys.stderr)
-        return 2
-    failed = False
-    for path, outcome in predict_files(model, args.images, args.top):
-        if isinstance(outcome, str):
-            print(f"predict.py: error: {outcome}", file=sys.stderr)
-            failed = True
-        else:
-            print(f"{path}: " + ", ".join(f"{digit} ({prob:.4f})" for digit, prob in outcome))
-    return 2 if failed else 0
+    def body(args):
+        failed = False
+        for path, outcome in predict_files(load_cnn(args.model), args.images, args.top):
+            if isinstance(outcome, str):
+                print(f"predict.py: error: {outcome}", file=sys.stderr)
+                failed = True
+            else:
+                print(f"{path}: " + ", ".join(f"{digit} ({prob:.4f})" for digit, prob in outcome))
+        return EXIT_BAD_INPUT if failed else 0
+
+    return main_with(p, argv, body)

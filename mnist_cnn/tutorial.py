@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable
 
@@ -20,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data
-from mnist_cnn.errors import DataError
+from mnist_cnn.cli import Parser, main_with, positive_int
 from mnist_cnn.model import CNN
 
 # -- 1. the convolution principle ---------------------------------------------------
@@ -90,7 +88,11 @@ def _grid(array: np.ndarray) -> str:
 
 
 def conv_main(argv=None) -> int:
-    argparse.ArgumentParser(description="The convolution principle on the tutorial's 7x7 image.").parse_args(argv)
+    parser = Parser(prog="conv_demo.py", description="The convolution principle on the tutorial's 7x7 image.")
+    return main_with(parser, argv, lambda args: _conv_demo())
+
+
+def _conv_demo() -> int:
     print(f"input image (7x7):\n{_grid(IMAGE)}\n")
     print(f"kernel (3x3), bias {BIAS:g}:\n{_grid(KERNEL)}\n")
     by_keras, by_hand = keras_conv(), numpy_conv()
@@ -123,15 +125,18 @@ def reshape_demo(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reshape_main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="What Reshape((3*3*4,)) does to a (1, 3, 3, 4) tensor.")
+    parser = Parser(prog="reshape_demo.py", description="What Reshape((3*3*4,)) does to a (1, 3, 3, 4) tensor.")
     parser.add_argument("--seed", type=int, default=0)
-    x, y = reshape_demo(parser.parse_args(argv).seed)
+    return main_with(parser, argv, lambda args: _reshape_demo(args.seed))
+
+
+def _reshape_demo(seed: int) -> None:
+    x, y = reshape_demo(seed)
     with np.printoptions(precision=4, suppress=True, linewidth=100):
         print(f"input {x.shape} (3 rows x 3 columns x 4 channels):\n{x[0]}\n")
         print(f"Reshape((3 * 3 * 4,)) -> {y.shape}:\n{y[0]}\n")
     print("row-major order, channels fastest: the 4 channels of pixel (0,0), then of (0,1), ...")
     print("the CNN flattens its (7, 7, 64) feature map into 3136 numbers the same way.")
-    return 0
 
 
 # -- 3. the loader ---------------------------------------------------------------------
@@ -212,33 +217,24 @@ def evaluate_batchwise(model: keras.Model, loader: MNISTLoader, batch_size: int 
     return float(accuracy.result())
 
 
-def _positive_int(text):
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 def loop_main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="The tutorial's hand-written GradientTape loop.")
-    p.add_argument("--epochs", type=_positive_int, default=5, help="sets num_batches = N // batch * epochs")
-    p.add_argument("--batch-size", type=_positive_int, default=50)
+    p = Parser(prog="tutorial_loop.py", description="The tutorial's hand-written GradientTape loop.")
+    p.add_argument("--epochs", type=positive_int, default=5, help="sets num_batches = N // batch * epochs")
+    p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--max-batches", type=_positive_int, default=None,
+    p.add_argument("--max-batches", type=positive_int, default=None,
                    help="stop after this many batches (the tutorial stopped after batch 1000)")
     p.add_argument("--data", default="auto", metavar="{auto,tfds,sample,PATH}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=_positive_int, default=1, help="print every N-th batch's loss")
+    p.add_argument("--log-every", type=positive_int, default=1, help="print every N-th batch's loss")
     p.add_argument("--quiet", action="store_true", help="print no per-batch lines")
     p.add_argument("--eager", action="store_true", help="run the step eagerly, as the notebook did")
-    args = p.parse_args(argv)
+    return main_with(p, argv, _loop)
 
+
+def _loop(args) -> None:
     keras.utils.set_random_seed(args.seed)
-    try:
-        loader = MNISTLoader(args.data, seed=args.seed)
-    except DataError as e:
-        print(f"tutorial_loop.py: error: {e}", file=sys.stderr)
-        return 2
+    loader = MNISTLoader(args.data, seed=args.seed)
     print(f"Data: {loader.info.describe()}")
     model = tutorial_model(args.learning_rate)
 
@@ -252,4 +248,3 @@ def loop_main(argv=None) -> int:
     accuracy = evaluate_batchwise(model, loader, args.batch_size)
     print("test accuracy: %f" % accuracy)
     print(f"{len(losses)} batches in {trained:.1f} s, evaluation in {time.perf_counter() - start - trained:.1f} s")
-    return 0

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from mnist_cnn import data, idx
-from mnist_cnn.train import TrainConfig
+from mnist_cnn.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 # The official MNIST test set: present beside the checkout on developer machines and in CI only;

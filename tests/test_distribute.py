@@ -13,7 +13,7 @@ import keras
 import pytest
 from conftest import REPO, committed_epochs, quick, run_python, wait_for_epochs
 
-from mnist_cnn import train
+from mnist_cnn import cli, train
 
 MIRRORED = """
 import json, sys
@@ -112,10 +112,10 @@ def test_multiworker_two_processes_match_one_process(tmp_path):
 
 def test_multiworker_needs_tf_config_and_a_run_name(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert train.main(["--strategy", "multiworker", "--data", "sample", "--logdir", str(tmp_path)]) == 2
+    assert cli.fit_main(["--strategy", "multiworker", "--data", "sample", "--logdir", str(tmp_path)]) == 2
     assert "--strategy multiworker needs --run-name" in capsys.readouterr().err
     argv = ["--strategy", "multiworker", "--run-name", "x", "--data", "sample", "--logdir", str(tmp_path)]
-    assert train.main(argv) == 2
+    assert cli.fit_main(argv) == 2
     assert "needs the TF_CONFIG environment variable" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

@@ -1,3 +1,5 @@
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -155,5 +157,5 @@ def test_gradient_step_is_traceable_on_its_own(tiny):
 
 @pytest.mark.parametrize("bad", [(28, 28), (1, 28, 28, 1, 1)])
 def test_wrong_input_rank_is_refused(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=re.escape(f"input of shape {bad}")):
         CNN()(np.zeros(bad, "float32"))

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 from conftest import quick, write_folder
 
-from mnist_cnn import CNN, bench, data, train
-from mnist_cnn.train import TrainConfig
+from mnist_cnn import CNN, bench, cli, data, train
+from mnist_cnn.config import TrainConfig
 
 
 def losses_of(model, x, y, epochs=3):
@@ -104,11 +104,11 @@ def test_dropout_is_a_constructor_argument_active_only_in_training(tiny):
 
 
 def test_recipes_set_defaults_that_flags_override():
-    best, _ = train.parse_args(["--recipe", "best"])
+    best, _ = cli.parse_fit_args(["--recipe", "best"])
     assert (best.epochs, best.augment, best.lr_schedule, best.dropout) == (20, True, "cosine", 0.5)
-    custom, _ = train.parse_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2"])
+    custom, _ = cli.parse_fit_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2"])
     assert (custom.epochs, custom.augment, custom.lr_schedule, custom.dropout) == (3, False, "cosine", 0.2)
-    seed, _ = train.parse_args([])
+    seed, _ = cli.parse_fit_args([])
     assert seed == TrainConfig()
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from conftest import FIT, committed_epochs, read_events, read_summaries, snapshot, start_fit, wait_for_epochs
 
-from mnist_cnn import train
+from mnist_cnn import cli
 from mnist_cnn.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -53,6 +53,14 @@ def last_line(text: str) -> str:
 def kill(proc, sig=signal.SIGKILL):
     proc.send_signal(sig)
     return proc.communicate(timeout=60)
+
+
+def resume_completes(run_dir, after: int, epochs: int, steps: int) -> list[dict]:
+    """--resume the run: it must say where it continues and end complete (``check_complete``)."""
+    resumed = resume(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Resuming {run_dir} after epoch {after} of {epochs}" in resumed.stdout
+    return check_complete(run_dir, epochs, steps)
 
 
 def check_complete(run_dir, epochs, steps):
@@ -105,10 +113,7 @@ def test_kill_while_an_epoch_checkpoint_is_written(tmp_path, epoch):
     assert list((run_dir / "checkpoints").glob(".epoch-*.tmp-*")), "the kill came after the write"
     assert committed_epochs(run_dir) == epoch - 1
 
-    resumed = resume(run_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"after epoch {epoch - 1} of 2" in resumed.stdout
-    check_complete(run_dir, epochs=2, steps=10)
+    resume_completes(run_dir, after=epoch - 1, epochs=2, steps=10)
 
 
 def test_kill_while_best_is_rewritten_keeps_the_earlier_best(tmp_path):
@@ -134,13 +139,12 @@ def test_two_processes_never_train_one_run(tmp_path, capsys):
         second = resume(run_dir)
         assert second.returncode == 2
         assert last_line(second.stderr) == f"fit.py: error: {run_dir}: another process is training this run right now"
-        assert train.main(["--resume", str(run_dir)]) == 2
+        assert cli.fit_main(["--resume", str(run_dir)]) == 2
         assert "another process is training this run" in capsys.readouterr().err
         assert snapshot(run_dir) == before
     finally:
         holder.unlock()
-    assert resume(run_dir).returncode == 0
-    check_complete(run_dir, epochs=3, steps=10)
+    resume_completes(run_dir, after=1, epochs=3, steps=10)
 
 
 def test_temporary_files_of_a_killed_process_are_swept(tmp_path):
@@ -153,10 +157,9 @@ def test_temporary_files_of_a_killed_process_are_swept(tmp_path):
         path.write_bytes(os.urandom(1000))
     mine = run_dir / "notes.txt"
     mine.write_text("a user's file")
-    assert resume(run_dir).returncode == 0
+    resume_completes(run_dir, after=1, epochs=2, steps=10)
     assert not any(p.exists() for p in litter)
     assert mine.read_text() == "a user's file"
-    check_complete(run_dir, epochs=2, steps=10)
 
 
 # -- storage faults -----------------------------------------------------------------
@@ -189,10 +192,7 @@ def test_disk_full_mid_training_stops_cleanly_and_resumes_once_space_is_back(sma
     keras.saving.load_model(run_dir / "checkpoints" / "best.keras")  # the earlier files are whole
 
     subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
-    resumed = resume(run_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"Resuming {run_dir} after epoch 1 of 3" in resumed.stdout
-    check_complete(run_dir, epochs=3, steps=5)
+    resume_completes(run_dir, after=1, epochs=3, steps=5)
 
 
 def test_file_size_limit_is_one_line_and_leaves_no_partial_file(tmp_path):
@@ -205,9 +205,7 @@ def test_file_size_limit_is_one_line_and_leaves_no_partial_file(tmp_path):
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "checkpoints" / "best.keras").exists()  # never a file cut at the limit
     assert not list(run_dir.rglob(".*.tmp-*"))
-    resumed = resume(run_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    check_complete(run_dir, epochs=2, steps=5)
+    resume_completes(run_dir, after=0, epochs=2, steps=5)
 
 
 def test_resume_of_a_read_only_run_folder_is_one_line(small_disk):

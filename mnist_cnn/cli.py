@@ -1,0 +1,166 @@
+"""The command line: one parser class, the fit.py parser built from ``TrainConfig``'s
+fields, and one wrapper that gives every entry point the same errors and exit codes.
+
+Exit codes: 0 done, 1 training failed (diverged, or a file could not be written
+mid-run), 2 bad input (one line on stderr, nothing touched), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+
+from mnist_cnn.config import RECIPE_ALIASES, RUN_IDENTITY, TrainConfig, check_value, flag_name
+from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are ``UsageError``s: one line and exit status 2 through ``run``
+    (no usage dump)."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+
+def bounded(f: dataclasses.Field, kind: type) -> Callable[[str], object]:
+    """An argparse type for field ``f``: parses ``kind`` and applies the field's bounds."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            what = ("a positive " if check_value(f, 0) else "a ") + ("whole number" if kind is int else "number")
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        problem = check_value(f, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for counts outside TrainConfig (the tutorial loop's flags)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _value_type(hint) -> type:
+    """int for ``int | None``, and so on."""
+    return next(k for k in (typing.get_args(hint) or (hint,)) if k is not type(None))
+
+
+def fit_parser() -> Parser:
+    """fit.py's parser: one flag per TrainConfig field (help, choices, bounds from the
+    field), plus --resume and --dry-run. Nothing is defaulted here: a flag that is not
+    typed is absent from the result, so the recipe and --resume can tell."""
+    p = Parser(prog="fit.py", description="Train the MNIST CNN and write a run folder under --logdir.",
+               argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        meta, kind = f.metadata, _value_type(hints[f.name])
+        helptext = meta["help"].replace("%", "%%") + ("" if f.default is None else f" (default: {f.default})")
+        if kind is bool:
+            p.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, help=helptext)
+        elif meta["choices"]:
+            alias = (lambda text: RECIPE_ALIASES.get(text, text)) if f.name == "recipe" else str
+            p.add_argument(flag_name(f.name), type=alias, choices=list(meta["choices"]), help=helptext)
+        else:
+            p.add_argument(flag_name(f.name), type=bounded(f, kind) if kind in (int, float) else str,
+                           metavar=meta["metavar"], help=helptext)
+    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                   help="continue a killed or stopped run (RUN_DIR, or --run-name in --logdir) with its saved config")
+    p.add_argument("--dry-run", action="store_true", help="1 epoch of 2 steps: check that everything runs")
+    return p
+
+
+def parse_fit_args(argv=None) -> tuple[TrainConfig, bool]:
+    """The config from the command line (parsed once), and whether to resume.
+
+    A ``--recipe`` supplies defaults for the fields it names; typed flags win. With
+    --resume the config is the run's own (config.json); typed flags must agree with it.
+    """
+    typed = vars(fit_parser().parse_args(argv))
+    resume, dry_run = typed.pop("resume", None), typed.pop("dry_run", False)
+    if resume is None:
+        config = TrainConfig.from_recipe(typed.pop("recipe", "tutorial"), **typed)
+        if dry_run:
+            config = dataclasses.replace(config, epochs=1, steps_per_epoch=2)
+        return config, False
+    if dry_run:
+        raise UsageError("--dry-run cannot be combined with --resume")
+    if resume == "":
+        if not typed.get("run_name"):
+            raise UsageError("--resume without RUN_DIR needs --run-name")
+        run_dir = Path(typed.get("logdir", TrainConfig.logdir)) / typed["run_name"]
+    else:
+        run_dir = Path(resume)
+    saved = TrainConfig.load(run_dir)
+    for name in typed.keys() - set(RUN_IDENTITY):
+        if typed[name] != getattr(saved, name):
+            raise UsageError(f"{flag_name(name)} {typed[name]} conflicts with the resumed run's "
+                             f"{name}={getattr(saved, name)!r}")
+    return dataclasses.replace(saved, logdir=str(run_dir.parent), run_name=run_dir.name), True
+
+
+def setup_logging() -> None:
+    """Package INFO lines on stdout, warnings and errors on stderr, unadorned."""
+    logger = logging.getLogger("mnist_cnn")
+    logger.setLevel(logging.INFO)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.handlers[:] = [out, err]
+    logger.propagate = False
+
+
+def run(prog: str, body: Callable[[], int | None]) -> int:
+    """Run an entry point's ``body`` with the package's errors turned into exit codes."""
+    setup_logging()
+    try:
+        return body() or EXIT_OK
+    except InputError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (TrainingDiverged, StorageError) as e:
+        print(f"\n{prog}: stopped: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except Interrupted as e:
+        print(f"\n{prog}: {e}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def main_with(parser: Parser, argv, body: Callable[[argparse.Namespace], int | None]) -> int:
+    """Parse ``argv`` and run ``body(args)``: what every entry point's ``main`` does."""
+    return run(parser.prog, lambda: body(parser.parse_args(argv)))
+
+
+def fit_main(argv=None) -> int:
+    """``scripts/fit.py`` / ``mnist-cnn-fit``."""
+    from mnist_cnn import train  # here, not at the top: train's modules use this one's Parser and run
+
+    def body():
+        config, resume = parse_fit_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
+        result = train.fit(config, resume=resume)
+        print("test accuracy: %f" % result.test_accuracy)
+        print(f"run folder: {result.run_dir}  ({result.seconds:.0f} s)")
+
+    return run("fit.py", body)
+

@@ -1,0 +1,177 @@
+"""Every training option, declared once.
+
+Each ``TrainConfig`` field carries its command-line help, its choices and its bounds
+(``option(...)``); the ``fit.py`` parser is built from these fields, ``validate()``
+checks the same bounds for configs made in Python or read back from ``config.json``,
+and the README's option table is tested against ``fit.py --help``. The defaults are
+the tutorial's numbers. To add an option: add a field here, use it in ``train.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mnist_cnn.errors import UsageError
+from mnist_cnn.rundir import check_name
+
+JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
+LR_SCHEDULES = ("constant", "cosine")
+STRATEGIES = ("auto", "one", "mirrored", "multiworker")
+# Named presets: each sets defaults for the fields it names (flags typed on the command line still win).
+RECIPES = {
+    "tutorial": {},  # the notebook: 5 epochs, batch 50, Adam 1e-3, no augmentation, no dropout
+    "best": {"epochs": 20, "augment": True, "lr_schedule": "cosine", "dropout": 0.5},
+}
+RECIPE_ALIASES = {"seed": "tutorial"}  # the old name, still in earlier runs' config.json
+# Fields that name the run rather than shape the training; --resume may set them.
+RUN_IDENTITY = ("logdir", "run_name")
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+
+def option(default, help: str, *, choices=None, low=None, high=None, open_low=False, open_high=False, metavar=None):
+    """A TrainConfig field with what its flag needs: help, choices, bounds (inclusive
+    unless ``open_*``), metavar."""
+    return field(default=default, metadata=dict(help=help, choices=choices, low=low, high=high,
+                                                open_low=open_low, open_high=open_high, metavar=metavar))
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run. The defaults are the tutorial's numbers."""
+
+    epochs: int = option(5, "passes over the training set", low=1)
+    batch_size: int = option(50, "images per step and replica (each step uses batch-size x replicas)", low=1)
+    learning_rate: float = option(1e-3, "Adam's learning rate", low=0, open_low=True)
+    data: str = option("auto", "auto: tfds if MNIST is prepared or reachable, else the bundled 5k sample; "
+                       "tfds; sample; or PATH, a folder of MNIST IDX files", metavar="{auto,tfds,sample,PATH}")
+    tfds_dir: str | None = option(None, "TensorFlow Datasets data dir (default: $TFDS_DATA_DIR or "
+                                  "~/tensorflow_datasets)", metavar="DIR")
+    logdir: str = option("logs", "parent folder of the run folders", metavar="DIR")
+    run_name: str | None = option(None, "run folder name (default: a timestamp); an existing name is refused",
+                                  metavar="NAME")
+    seed: int = option(0, "random seed: the same seed gives the same losses (on CPU)", low=0, high=SEED_MAX)
+    steps_per_epoch: int | None = option(None, "train this many batches per epoch (default: one pass over "
+                                         "the data)", low=1, metavar="N")
+    jit_compile: str = option("auto", "XLA compilation: auto = on with a GPU, off on CPU", choices=tuple(JIT_CHOICES))
+    init_from: str | None = option(None, "start from the weights of a saved CNN", metavar="MODEL.keras")
+    test_data: str | None = option(None, "take the test split from this IDX folder (the sample then trains on "
+                                   "all 5,000 digits)", metavar="PATH")
+    augment: bool = option(False, "random ±10° rotation, ±10% shift and zoom of training batches")
+    lr_schedule: str = option("constant", "constant, or cosine decay to 0 over the run", choices=LR_SCHEDULES)
+    dropout: float = option(0.0, "dropout before the last dense layer (0 = the tutorial's CNN)",
+                            low=0.0, high=1.0, open_high=True)
+    mixed_precision: bool = option(False, "mixed_float16 on GPU, mixed_bfloat16 on CPU; the softmax stays float32")
+    profile_batch: str | None = option(None, "profile training steps A to B into TensorBoard's Profile tab",
+                                       metavar="A,B")
+    export: str | None = option(None, "after training, also write a serving SavedModel into this new folder",
+                                metavar="DIR")
+    strategy: str = option("auto", "auto: all GPUs if more than one, else one device; mirrored; one; "
+                           "multiworker: from TF_CONFIG", choices=STRATEGIES)
+    recipe: str = option("tutorial", "preset: tutorial = the notebook's numbers; best = 20 epochs, --augment, "
+                         "--lr-schedule cosine, --dropout 0.5", choices=tuple(RECIPES))
+
+    @classmethod
+    def from_recipe(cls, recipe: str = "tutorial", **overrides) -> TrainConfig:
+        recipe = RECIPE_ALIASES.get(recipe, recipe)
+        if recipe not in RECIPES:
+            raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        return cls(**{**RECIPES[recipe], **overrides, "recipe": recipe})
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str) -> TrainConfig:
+        """A config from saved JSON, each value checked against its field's type."""
+        if not isinstance(values, dict):
+            raise UsageError(f"{where}: expected a JSON object, got {type(values).__name__}")
+        hints = typing.get_type_hints(cls)
+        unknown = values.keys() - hints.keys()
+        if unknown:
+            raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        for name, value in values.items():
+            allowed = typing.get_args(hints[name]) or (hints[name],)
+            if not any(_has_type(value, kind) for kind in allowed):
+                expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+                raise UsageError(f"{where}: {name} must be {expected}, got {value!r}")
+        values = {**values, "recipe": RECIPE_ALIASES.get(values.get("recipe"), values.get("recipe", "tutorial"))}
+        return cls(**values).validate()
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> TrainConfig:
+        """The config a run was started with (its ``config.json``), type-checked."""
+        path = Path(run_dir) / "config.json"
+        try:
+            saved = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)") from None
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise UsageError(f"--resume {run_dir}: unreadable config.json ({reason})") from None
+        return cls.from_dict(saved, f"--resume {run_dir}: config.json")
+
+    def profile_range(self) -> tuple[int, int] | int:
+        """--profile-batch as the TensorBoard callback takes it (0 = off)."""
+        if self.profile_batch is None:
+            return 0
+        try:
+            bounds = [int(part) for part in self.profile_batch.split(",")]
+        except ValueError:
+            bounds = []
+        if len(bounds) not in (1, 2) or bounds[0] < 1 or bounds[-1] < bounds[0]:
+            raise UsageError(f"--profile-batch must be A or A,B with 1 <= A <= B, got {self.profile_batch!r}")
+        return (bounds[0], bounds[-1])
+
+    def validate(self) -> TrainConfig:
+        """Every field within its declared choices and bounds, and the rules between fields."""
+        for f in dataclasses.fields(self):
+            problem = check_value(f, getattr(self, f.name))
+            if problem:
+                raise UsageError(f"{flag_name(f.name)} {problem}")
+        self.profile_range()
+        if not self.data:
+            raise UsageError("--data must be auto, tfds, sample or a folder of IDX files, got ''")
+        if self.run_name is not None:
+            if self.run_name in ("", ".", "..") or Path(self.run_name).name != self.run_name:
+                raise UsageError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+            check_name("--run-name", self.run_name)
+        if self.strategy == "multiworker" and not self.run_name:
+            raise UsageError("--strategy multiworker needs --run-name, so that every worker names the same run")
+        if self.strategy == "multiworker" and self.export:
+            raise UsageError("--export is not available with --strategy multiworker; "
+                             "run scripts/export.py on the chief's model.keras afterwards")
+        return self
+
+
+def _has_type(value, kind) -> bool:
+    if kind is type(None):
+        return value is None
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, kind)
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def check_value(f: dataclasses.Field, value) -> str | None:
+    """What is wrong with ``value`` for field ``f`` (its choices and bounds), or None."""
+    meta = f.metadata
+    if value is None:
+        return None
+    if meta.get("choices") and value not in meta["choices"]:
+        return f"must be one of {', '.join(meta['choices'])}, got {value!r}"
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return None
+    below = value <= low if meta["open_low"] else value < low
+    above = high is not None and (value >= high if meta["open_high"] else value > high)
+    if not (below or above):
+        return None
+    if high is None:
+        return f"must be positive, got {value}" if low in (0, 1) else f"must be at least {low}, got {value}"
+    return f"must be in {'(' if meta['open_low'] else '['}{low}, {high}{')' if meta['open_high'] else ']'}, got {value}"

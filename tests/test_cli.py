@@ -1,0 +1,111 @@
+"""The command line: every option declared once (on TrainConfig), parsed once, the same
+errors and exit codes for every entry point, and a README that lists every flag."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+import tomllib
+from conftest import REPO
+
+from mnist_cnn import bench, cli, evaluate, export, predict, tutorial
+from mnist_cnn.config import RECIPES, TrainConfig
+from mnist_cnn.errors import UsageError
+
+MAINS = {
+    "fit.py": cli.fit_main,
+    "evaluate.py": evaluate.main,
+    "predict.py": predict.main,
+    "export.py": export.main,
+    "bench.py": bench.main,
+    "conv_demo.py": tutorial.conv_main,
+    "reshape_demo.py": tutorial.reshape_main,
+    "tutorial_loop.py": tutorial.loop_main,
+}
+
+
+def fit_help() -> str:
+    return cli.fit_parser().format_help()
+
+
+def test_every_config_field_is_a_flag_with_its_help_and_default():
+    text = fit_help()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f.metadata["help"], f"{f.name} has no help text"
+        if f.default is not None:
+            assert f"(default: {f.default})" in re.sub(r"\s+", " ", text), f.name
+
+
+@pytest.mark.parametrize("script, argv", [(s, ["--bogus"]) for s in MAINS])
+def test_every_script_answers_an_unknown_flag_in_one_line(script, argv, capsys):
+    needs = {"evaluate.py": ["m.keras"], "predict.py": ["m.keras", "x.png"], "export.py": ["m.keras", "out"]}
+    assert MAINS[script](needs.get(script, []) + argv) == 2
+    assert capsys.readouterr().err == f"{script}: error: unrecognized arguments: --bogus\n"
+
+
+def test_every_script_is_an_installed_entry_point():
+    entry_points = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    targets = set(entry_points.values())
+    for script in sorted((REPO / "scripts").glob("*.py")):
+        imported = re.search(r"^from (mnist_cnn\.\w+) import (\w+)", script.read_text(), re.M)
+        assert imported, f"{script.name} does not call one function of the package"
+        assert f"{imported.group(1)}:{imported.group(2)}" in targets, f"{script.name} has no mnist-cnn-* entry point"
+        assert script.name in MAINS
+    assert len(targets) == len(MAINS)
+
+
+def test_the_readme_lists_exactly_the_flags_of_fit_help():
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Training options"):readme.index("## When things go wrong")]
+    in_readme = set(re.findall(r"^\| `(--[a-z-]+)", table, re.M))
+    in_help = set(re.findall(r"^  (--[a-z-]+)", fit_help(), re.M)) - {"--help"}
+    in_help = {flag.replace("--no-", "--") for flag in in_help}
+    assert in_readme == in_help
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"dropout": 1.0}, "--dropout must be in [0.0, 1.0), got 1.0"),
+        ({"dropout": -0.1}, "--dropout must be in [0.0, 1.0), got -0.1"),
+        ({"lr_schedule": "linear"}, "--lr-schedule must be one of constant, cosine, got 'linear'"),
+        ({"run_name": "a/b"}, "--run-name must be a plain folder name, got 'a/b'"),
+        ({"run_name": ".."}, "--run-name must be a plain folder name, got '..'"),
+        ({"strategy": "multiworker", "run_name": "x", "export": "out"}, "--export is not available with --strategy"),
+        ({"strategy": "multiworker"}, "--strategy multiworker needs --run-name"),
+        ({"strategy": "all"}, "--strategy must be one of auto, one, mirrored, multiworker"),
+        ({"jit_compile": "yes"}, "--jit-compile must be one of auto, on, off"),
+        ({"profile_batch": "5,2"}, "--profile-batch must be A or A,B with 1 <= A <= B"),
+        ({"epochs": 0}, "--epochs must be positive, got 0"),
+        ({"learning_rate": 0.0}, "--learning-rate must be positive, got 0.0"),
+        ({"seed": 2**32}, "--seed must be in [0, 4294967295], got 4294967296"),
+    ],
+)
+def test_validate_refuses_what_the_flags_refuse(overrides, message):
+    with pytest.raises(UsageError, match=re.escape(message)):
+        TrainConfig(**overrides).validate()
+
+
+def test_parsing_keeps_typed_flags_apart_from_defaults():
+    config, resume = cli.parse_fit_args(["--epochs", "5", "--recipe", "best"])
+    assert config.epochs == 5 and config.augment is True and not resume  # typed 5 wins over best's 20
+    assert cli.parse_fit_args([])[0] == TrainConfig()
+
+
+def test_the_old_recipe_name_still_works(tmp_path):
+    assert cli.parse_fit_args(["--recipe", "seed"])[0] == TrainConfig.from_recipe("tutorial") == TrainConfig()
+    assert set(RECIPES) == {"tutorial", "best"}
+    run = tmp_path / "old"
+    run.mkdir()
+    saved = dataclasses.asdict(TrainConfig(data="sample", logdir=str(tmp_path), run_name="old"))
+    (run / "config.json").write_text(json.dumps({**saved, "recipe": "seed"}))  # as written before the rename
+    config, resume = cli.parse_fit_args(["--resume", str(run), "--recipe", "seed"])
+    assert resume and config.recipe == "tutorial"
+
+
+def test_resume_and_dry_run_do_not_mix(capsys):
+    assert cli.fit_main(["--resume", "x", "--dry-run"]) == 2
+    assert capsys.readouterr().err == "fit.py: error: --dry-run cannot be combined with --resume\n"
