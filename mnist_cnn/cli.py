@@ -78,8 +78,9 @@ def fit_parser() -> Parser:
             alias = (lambda text: RECIPE_ALIASES.get(text, text)) if f.name == "recipe" else str
             p.add_argument(flag_name(f.name), type=alias, choices=list(meta["choices"]), help=helptext)
         else:
+            metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind)
             p.add_argument(flag_name(f.name), type=bounded(f, kind) if kind in (int, float) else str,
-                           metavar=meta["metavar"], help=helptext)
+                           metavar=metavar, help=helptext)
     p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                    help="continue a killed or stopped run (RUN_DIR, or --run-name in --logdir) with its saved config")
     p.add_argument("--dry-run", action="store_true", help="1 epoch of 2 steps: check that everything runs")
