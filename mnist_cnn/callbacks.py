@@ -9,8 +9,8 @@
 - ``BestCheckpoint``   -- ``checkpoints/best.keras``, the best validation accuracy so far;
 - ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` (model + optimizer) after every epoch;
 - ``HistoryFile``      -- ``history.json``, every finished epoch's logs, across resumes;
-- ``TestImages``       -- ``images/``: sample training digits (once); per epoch the
-                          misclassified digits and the confusion matrix, as pictures;
+- ``EpochPictures``    -- ``images/``: sample training digits (once); per epoch the
+                          validation split's misclassified digits and confusion matrix;
 - ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;
 - ``CommitEpoch``      -- ``resume.json``: runs last, so an epoch counts as finished (and a
                           killed run resumes after it) only once everything else for it
@@ -180,17 +180,32 @@ def confusion_figure(matrix: np.ndarray):
     return figure
 
 
-class TestImages(keras.callbacks.Callback):
+def write_split_pictures(writer, split: str, images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
+                         step: int, shown: int = 25) -> None:
+    """``<split>/misclassified`` (the first ``shown`` mistakes, titled ``#index: true as
+    predicted``) and ``<split>/confusion_matrix`` pictures at ``step``."""
+    wrong = np.flatnonzero(predicted != labels)[:shown]
+    titles = [f"#{i}: {labels[i]} as {predicted[i]}" for i in wrong]
+    matrix = tf.math.confusion_matrix(labels, predicted, num_classes=10).numpy()
+    with writer.as_default():
+        tf.summary.image(f"{split}/misclassified", figure_to_image(digit_grid(images[wrong], titles)), step=step)
+        tf.summary.image(f"{split}/confusion_matrix", figure_to_image(confusion_figure(matrix)), step=step)
+    writer.flush()
+
+
+class EpochPictures(keras.callbacks.Callback):
     """TensorBoard pictures in ``<run>/images``.
 
-    ``train/samples`` (once): the first training digits with their labels;
-    ``test/misclassified`` and ``test/confusion_matrix`` after every epoch.
+    ``train/samples`` (once): the first training digits with their labels; after
+    every epoch the misclassified digits and the confusion matrix of the split that
+    scores epochs (``validation``, or ``test`` when there is no validation split).
     """
 
-    def __init__(self, run_dir: Path, test: tf.data.Dataset, preview: tuple[np.ndarray, np.ndarray], shown: int = 25):
+    def __init__(self, run_dir: Path, split: str, dataset: tf.data.Dataset,
+                 preview: tuple[np.ndarray, np.ndarray], shown: int = 25):
         super().__init__()
         self.log_dir = Path(run_dir) / "images"
-        self.test, self.preview, self.shown = test, preview, shown
+        self.split, self.dataset, self.preview, self.shown = split, dataset, preview, shown
         self.writer = None
 
     def on_train_begin(self, logs=None):
@@ -203,16 +218,10 @@ class TestImages(keras.callbacks.Callback):
                 tf.summary.image("train/samples", figure_to_image(figure), step=0)
 
     def on_epoch_end(self, epoch, logs=None):
-        images = np.concatenate([x.numpy() for x, _ in self.test])
-        labels = np.concatenate([y.numpy() for _, y in self.test])
-        predicted = self.model.predict(self.test, verbose=0).argmax(axis=1)
-        wrong = np.flatnonzero(predicted != labels)[: self.shown]
-        titles = [f"#{i}: {labels[i]} as {predicted[i]}" for i in wrong]
-        matrix = tf.math.confusion_matrix(labels, predicted, num_classes=10).numpy()
-        with self.writer.as_default():
-            tf.summary.image("test/misclassified", figure_to_image(digit_grid(images[wrong], titles)), step=epoch)
-            tf.summary.image("test/confusion_matrix", figure_to_image(confusion_figure(matrix)), step=epoch)
-        self.writer.flush()
+        images = np.concatenate([x.numpy() for x, _ in self.dataset])
+        labels = np.concatenate([y.numpy() for _, y in self.dataset])
+        predicted = self.model.predict(self.dataset, verbose=0).argmax(axis=1)
+        write_split_pictures(self.writer, self.split, images, labels, predicted, epoch, self.shown)
 
     def on_train_end(self, logs=None):
         self.writer.close()
@@ -220,7 +229,7 @@ class TestImages(keras.callbacks.Callback):
 
 class HParams(keras.callbacks.Callback):
     """Writes the run's hyperparameters once, so TensorBoard's HParams dashboard lists
-    the run with its validation (= test split) metrics next to other runs."""
+    the run with its validation metrics next to other runs."""
 
     def __init__(self, run_dir: Path, hparams: dict):
         super().__init__()
@@ -236,7 +245,8 @@ class HParams(keras.callbacks.Callback):
 
 def make_callbacks(
     run_dir: RunDir,
-    test: tf.data.Dataset,
+    split: str,
+    validation: tf.data.Dataset,
     preview: tuple[np.ndarray, np.ndarray],
     hparams: dict,
     profile_batch=0,
@@ -252,7 +262,7 @@ def make_callbacks(
         BestCheckpoint(run_dir, best=best_so_far),
         EpochCheckpoint(run_dir),
         HistoryFile(run_dir),
-        TestImages(run_dir.path, test, preview),
+        EpochPictures(run_dir.path, split, validation, preview),
         HParams(run_dir.path, hparams),
         CommitEpoch(run_dir),
     ]

@@ -160,6 +160,8 @@ def fit_main(argv=None) -> int:
     def body():
         config, resume = parse_fit_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
         result = train.fit(config, resume=resume)
+        if result.data_info.num_validation:
+            print("validation accuracy: %f (last epoch)" % result.history["val_accuracy"][-1])
         print("test accuracy: %f" % result.test_accuracy)
         print(f"run folder: {result.run_dir}  ({result.seconds:.0f} s)")
 

@@ -44,20 +44,29 @@ EVAL_BATCH = 500
 Arrays = tuple[np.ndarray, np.ndarray]
 
 
+# The validation split is drawn with its own fixed seed: every run of a source
+# (any --seed, any resume) selects its model on the same digits.
+VALIDATION_SEED = 0
+VALIDATION_MAX = 5_000  # TensorFlow's MNIST tutorials: 55,000 train / 5,000 validation
+
+
 @dataclass(frozen=True)
 class DataInfo:
     source: str  # "tfds", "sample" or the IDX folder's path
     num_train: int
     num_test: int
+    num_validation: int = 0  # 0: per-epoch numbers come from the test split
 
     def describe(self) -> str:
-        return f"{self.source} ({self.num_train:,} train / {self.num_test:,} test)"
+        validation = f" / {self.num_validation:,} validation" if self.num_validation else ""
+        return f"{self.source} ({self.num_train:,} train{validation} / {self.num_test:,} test)"
 
 
 @dataclass
 class Datasets:
     train: tf.data.Dataset  # (float32 [B, 28, 28, 1], int32 [B]) batches, shuffled
-    test: tf.data.Dataset  # same, in file order, EVAL_BATCH (or the train batch, if larger) at a time
+    validation: tf.data.Dataset  # per-epoch scores and model selection; the test split if there is none
+    test: tf.data.Dataset  # in file order, EVAL_BATCH (or the train batch, if larger) at a time; scored once
     info: DataInfo
     preview: tuple[np.ndarray, np.ndarray] | None = None  # the first 25 training images (float) and labels
 
@@ -233,6 +242,39 @@ def pipeline(
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def validation_size(spec: str, num_train: int) -> int:
+    """How many training digits ``--validation-split spec`` holds out: ``auto`` (an
+    eighth of the training set, at most 5,000), a count, or a fraction in (0, 1)."""
+    if spec == "auto":
+        count = min(VALIDATION_MAX, round(num_train / 8))
+    elif spec.isdigit():
+        count = int(spec)
+    else:
+        count = round(float(spec) * num_train)
+    if count >= num_train:
+        raise DataError(
+            f"--validation-split {spec}: {count:,} of {num_train:,} training digits leaves none to train on"
+        )
+    return count
+
+
+def split_validation(images: np.ndarray, labels: np.ndarray, count: int) -> tuple[Arrays, Arrays]:
+    """A stratified validation split of ``count`` digits, disjoint from the rest:
+    (train, validation), each in the original order. Each digit class gives its share
+    (largest remainders round), chosen with ``VALIDATION_SEED``."""
+    rng = np.random.default_rng(VALIDATION_SEED)
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = count * sizes / len(labels)
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: count - take.sum()]] += 1
+    chosen = np.concatenate(
+        [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take, strict=True)]
+    )
+    held_out = np.zeros(len(labels), bool)
+    held_out[chosen] = True
+    return (images[~held_out], labels[~held_out]), (images[held_out], labels[held_out])
+
+
 def load(
     source: str = "auto",
     batch_size: int = 50,
@@ -241,9 +283,12 @@ def load(
     repeat: bool = False,
     augment: bool = False,
     test_source: str | None = None,
+    validation: str = "auto",
 ) -> Datasets:
-    """Train and test pipelines for a source.
+    """Train, validation and test pipelines for a source.
 
+    ``validation`` (``--validation-split``) holds out a stratified part of the training
+    digits (see ``validation_size``); with "0" the test split stands in for it.
     ``repeat`` makes the train set endless (for a fixed ``steps_per_epoch``);
     ``augment`` adds random rotations/shifts/zooms to training batches;
     ``test_source`` takes the test split from another IDX folder (e.g. the official
@@ -255,10 +300,16 @@ def load(
             x_train, y_train = np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
         x_test, y_test = _test_split(test_source)
     name = info.source if test_source is None else f"{info.source}, tested on {test_source}"
+    eval_batch = max(batch_size, EVAL_BATCH)
+    test = pipeline(x_test, y_test, eval_batch)
+    count = validation_size(validation, len(y_train))
+    if count:
+        (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, count)
     return Datasets(
         train=pipeline(x_train, y_train, batch_size, shuffle=True, seed=seed, repeat=repeat, augment=augment),
-        test=pipeline(x_test, y_test, max(batch_size, EVAL_BATCH)),
-        info=DataInfo(name, len(y_train), len(y_test)),
+        validation=pipeline(x_val, y_val, eval_batch) if count else test,
+        test=test,
+        info=DataInfo(name, len(y_train), len(y_test), count),
         preview=(to_float(x_train[:25]), y_train[:25]),
     )
 

@@ -85,7 +85,7 @@ def evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray, source:
 
 def format_report(report: Report) -> str:
     lines = [
-        f"data: {report.source} ({report.images:,} test images)",
+        f"data: {report.source}, test split ({report.images:,} images)",
         f"test loss: {report.loss:.4f}",
         "test accuracy: %f" % report.accuracy,
         "",

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data, distribute
-from mnist_cnn.callbacks import make_callbacks
+from mnist_cnn.callbacks import make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.export import check_export_dir, export_savedmodel
@@ -149,12 +150,13 @@ def train_epochs(
             epochs=config.epochs,
             initial_epoch=initial_epoch,
             steps_per_epoch=config.steps_per_epoch,
-            validation_data=datasets.test,
+            validation_data=datasets.validation,
             shuffle=False,  # the pipeline shuffles, seeded
             callbacks=[
                 *make_callbacks(
                     run_dir,
-                    test=datasets.test,
+                    split="validation" if datasets.info.num_validation else "test",
+                    validation=datasets.validation,
                     preview=datasets.preview,
                     hparams=dataclasses.asdict(config),
                     profile_batch=config.profile_range(),
@@ -170,13 +172,25 @@ def train_epochs(
         raise TrainingDiverged(f"{e}; {where}") from None
 
 
+def score_test(model: CNN, datasets: data.Datasets, run_dir: RunDir, step: int) -> tuple[float, float]:
+    """Test loss and accuracy, from the one pass over the test split a run makes; its
+    pictures (``test/misclassified``, ``test/confusion_matrix``) from the same pass."""
+    batches = [(x.numpy(), y.numpy(), model(x, training=False).numpy()) for x, y in datasets.test]
+    images, labels, probs = (np.concatenate(part) for part in zip(*batches, strict=True))
+    loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probs))
+    predicted = probs.argmax(axis=1)
+    with tf.summary.create_file_writer(str(run_dir.path / "images")).as_default() as writer:
+        write_split_pictures(writer, "test", images, labels, predicted, step)
+    return loss, float((predicted == labels).mean())
+
+
 def finish_run(
     model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: RunDir, start: float, strategy: str = ""
 ) -> RunResult:
-    """After the last epoch: evaluate on the test split, write model.keras, the export
+    """After the last epoch: score the test split (once), write model.keras, the export
     (if asked) and, last, metrics.json -- the mark of a finished run. Until then the
     resume state stays, so a run killed in here resumes at this step, not from scratch."""
-    scores = model.evaluate(datasets.test, return_dict=True, verbose=0)
+    test_loss, test_accuracy = score_test(model, datasets, run_dir, step=config.epochs)
     write_model(run_dir.model, model)
     state = run_dir.read_resume_state()
     if config.export and not (state and state.exported):
@@ -187,27 +201,27 @@ def finish_run(
     result = RunResult(
         run_dir=run_dir.path,
         model_path=run_dir.model,
-        test_loss=float(scores["loss"]),
-        test_accuracy=float(scores["accuracy"]),
+        test_loss=test_loss,
+        test_accuracy=test_accuracy,
         history={k: [e[k] for e in epochs] for k in epochs[-1] if k != "epoch"},
         data_info=datasets.info,
         seconds=time.perf_counter() - start,
     )
-    write_json(
-        run_dir.metrics,
-        {
-            "test_loss": result.test_loss,
-            "test_accuracy": result.test_accuracy,
-            "epochs_run": len(epochs),
-            "history": result.history,
-            "seconds": round(result.seconds, 2),  # of this process (a resumed run: since the resume)
-            "config": dataclasses.asdict(config),
-            "data": dataclasses.asdict(datasets.info),
-            "device": describe_devices(),
-            "strategy": strategy,
-            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        },
-    )
+    write_json(run_dir.metrics, {
+        "test_loss": result.test_loss,
+        "test_accuracy": result.test_accuracy,
+        "validation_loss": result.history["val_loss"][-1],  # the last epoch's
+        "validation_accuracy": result.history["val_accuracy"][-1],
+        "model_selection": "validation split" if datasets.info.num_validation else "test split",
+        "epochs_run": len(epochs),
+        "history": result.history,
+        "seconds": round(result.seconds, 2),  # of this process (a resumed run: since the resume)
+        "config": dataclasses.asdict(config),
+        "data": dataclasses.asdict(datasets.info),
+        "device": describe_devices(),
+        "strategy": strategy,
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+    })
     run_dir.close_resume_state()
     return result
 
@@ -222,8 +236,13 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
         repeat=config.steps_per_epoch is not None,
         augment=config.augment,
         test_source=config.test_data,
+        validation=config.validation_split,
     )
-    datasets.train, datasets.test = distribute.shard_by_data(datasets.train), distribute.shard_by_data(datasets.test)
+    datasets.train, datasets.validation, datasets.test = (
+        distribute.shard_by_data(d) for d in (datasets.train, datasets.validation, datasets.test)
+    )
+    if not datasets.info.num_validation:
+        log.warning("--validation-split 0: per-epoch scores and the best checkpoint use the test split")
     return datasets
 
 

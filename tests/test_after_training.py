@@ -28,8 +28,10 @@ def trained(tmp_path_factory):
 def test_tensorboard_pictures(trained):
     images = read_summaries(trained.run_dir / "images")
     assert [step for step, _, _ in images["train/samples"]] == [0]
-    for tag in ("test/misclassified", "test/confusion_matrix"):
-        assert [step for step, _, _ in images[tag]] == [0, 1], tag
+    expected = {"validation": [0, 1], "test": [2]}  # per epoch on validation; once at the end on test
+    for split, kind in ((s, k) for s in expected for k in ("misclassified", "confusion_matrix")):
+        tag = f"{split}/{kind}"
+        assert [step for step, _, _ in images[tag]] == expected[split], tag
         _, plugin, value = images[tag][-1]
         assert plugin == "images"
         width, height, png = tf.make_ndarray(value.tensor)[:3]

@@ -37,8 +37,9 @@ def test_sample_split_is_stratified_disjoint_and_deterministic(sample):
 
 def test_pipelines_scale_batch_and_shuffle_only_the_train_part(tmp_path):
     written = write_folder(tmp_path, n_train=30, n_test=7)
-    datasets = data.load(str(tmp_path), batch_size=4, seed=3)
+    datasets = data.load(str(tmp_path), batch_size=4, seed=3, validation="0")
     assert datasets.info == data.DataInfo(str(tmp_path), 30, 7)
+    assert datasets.validation is datasets.test  # no validation split: the test split scores epochs
     x, y = next(iter(datasets.train))
     assert x.shape == (4, 28, 28, 1) and x.dtype == tf.float32 and y.dtype == tf.int32
     assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 1.0
@@ -50,7 +51,7 @@ def test_pipelines_scale_batch_and_shuffle_only_the_train_part(tmp_path):
     assert next(iter(datasets.test))[0].shape[0] == 7  # evaluation batches: up to data.EVAL_BATCH
 
     def two_epochs(seed):
-        train = data.load(str(tmp_path), batch_size=4, seed=seed).train
+        train = data.load(str(tmp_path), batch_size=4, seed=seed, validation="0").train
         return [np.concatenate([y.numpy() for _, y in train]) for _ in range(2)]
 
     epoch1, epoch2 = two_epochs(seed=3)
@@ -71,7 +72,7 @@ def test_repeat_makes_the_train_part_endless(tmp_path):
 
 def test_tfds_source_on_mock_data():
     with tfds.testing.mock_data(num_examples=12):
-        datasets = data.load("tfds", batch_size=5)
+        datasets = data.load("tfds", batch_size=5, validation="0")
         assert datasets.info == data.DataInfo("tfds", 12, 12)
         batches = list(datasets.train)
         assert [int(x.shape[0]) for x, _ in batches] == [5, 5, 2]
@@ -115,3 +116,37 @@ def test_unknown_source_is_refused(tmp_path):
         data.resolve("mnist")
     with pytest.raises(DataError, match=r"missing train-images-idx3-ubyte"):
         data.load(str(tmp_path))  # an empty folder
+
+
+def labels_of(dataset):
+    return np.concatenate([y.numpy() for _, y in dataset])
+
+
+def rows_of(dataset):
+    return {row.tobytes() for x, _ in dataset for row in x.numpy()}
+
+
+def test_the_validation_split_is_stratified_disjoint_and_the_same_every_run():
+    datasets = data.load("sample", batch_size=50, seed=0)
+    assert datasets.info == data.DataInfo("sample", 3500, 1000, 500)
+    assert np.bincount(labels_of(datasets.validation)).tolist() == [50] * 10  # stratified
+    assert np.bincount(labels_of(datasets.train)).tolist() == [350] * 10
+    validation, train, test = rows_of(datasets.validation), rows_of(datasets.train), rows_of(datasets.test)
+    assert len(validation) == 500 and not validation & train and not validation & test and not train & test
+    assert len(validation) + len(train) + len(test) == 5000  # the three partition the sample
+    other_seed = data.load("sample", batch_size=50, seed=9)  # another training seed, or a resume
+    assert rows_of(other_seed.validation) == validation
+
+
+@pytest.mark.parametrize(
+    "spec, num_train, expected",
+    [("auto", 60_000, 5000), ("auto", 4000, 500), ("auto", 12, 2), ("0.1", 4000, 400), ("300", 4000, 300),
+     ("0", 4000, 0)],
+)
+def test_validation_size(spec, num_train, expected):
+    assert data.validation_size(spec, num_train) == expected
+
+
+def test_a_validation_split_that_leaves_nothing_to_train_is_refused():
+    with pytest.raises(DataError, match="4,000 of 4,000 training digits leaves none to train on"):
+        data.validation_size("4000", 4000)

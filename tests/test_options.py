@@ -121,10 +121,10 @@ def test_options_reach_the_saved_run(tmp_path):
     assert (saved["augment"], saved["lr_schedule"], saved["mixed_precision"]) == (True, "cosine", True)
 
 
-def test_sample_with_an_official_test_folder_trains_on_all_5000(tmp_path):
+def test_sample_with_an_official_test_folder_uses_all_5000(tmp_path):
     write_folder(tmp_path, n_train=3, n_test=9)
     datasets = data.load("sample", test_source=str(tmp_path))
-    assert (datasets.info.num_train, datasets.info.num_test) == (5000, 9)
+    assert (datasets.info.num_train, datasets.info.num_validation, datasets.info.num_test) == (4375, 625, 9)
     assert datasets.info.source == f"sample, tested on {tmp_path}"
 
 

@@ -25,10 +25,11 @@ def test_fit_writes_a_complete_run_folder(run):
     assert metrics["test_accuracy"] == pytest.approx(run.test_accuracy)
     assert metrics["epochs_run"] == 2
     assert metrics["config"]["batch_size"] == 50 and metrics["config"]["learning_rate"] == 1e-3
-    assert metrics["data"] == {"source": "sample", "num_train": 4000, "num_test": 1000}
+    assert metrics["data"] == {"source": "sample", "num_train": 3500, "num_validation": 500, "num_test": 1000}
     assert set(run.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
     assert run.history["loss"][1] < run.history["loss"][0]
-    assert run.test_accuracy == pytest.approx(run.history["val_accuracy"][-1])
+    assert metrics["validation_accuracy"] == run.history["val_accuracy"][-1]
+    assert metrics["model_selection"] == "validation split"
     assert 0.1 < run.test_accuracy <= 1.0
     assert not list(run.run_dir.glob(".*tmp*")) and not list(run.run_dir.glob(".*.keras"))
 
@@ -109,7 +110,7 @@ def test_fit_script_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "Device: CPU only" in lines or any(line.startswith("Device: GPU: ") for line in lines)
-    assert "Data: sample (4,000 train / 1,000 test)" in lines
+    assert "Data: sample (3,500 train / 500 validation / 1,000 test)" in lines
     accuracy = [line for line in lines if line.startswith("test accuracy: ")]
     assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(": ")[1]) <= 1.0
     assert len(accuracy[0].split(": ")[1]) == 8  # the tutorial's %f
