@@ -24,15 +24,21 @@ import tensorflow as tf
 from mnist_cnn.errors import ModelFileError
 
 IMAGE_SHAPE = (28, 28, 1)
+INPUT_SHAPE = (None, *IMAGE_SHAPE)
 
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
 class CNN(keras.Model):
     """The two-convolution MNIST classifier; outputs class probabilities (softmax).
 
-    Input: float images ``(batch, 28, 28, 1)`` scaled to [0, 1]. Every size is a
-    constructor argument and part of ``get_config()``, so the model rebuilds from
-    its config alone (``keras.saving.load_model`` needs nothing but the import).
+    Input: float images ``(batch, 28, 28, 1)`` or ``(batch, 28, 28)`` scaled to [0, 1];
+    integer images are refused (divide uint8 digits by 255 first) rather than silently
+    mis-scaled. The input shape is fixed, so the model is built when it is made: it
+    has its 3,274,634 weights (and a ``summary()``) before any call.
+
+    Every size is a constructor argument and part of ``get_config()``, and so are the
+    names of frozen layers (``frozen``), so the model rebuilds from its config alone
+    (``keras.saving.load_model`` needs nothing but the import).
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class CNN(keras.Model):
         dense_units: int = 1024,
         num_classes: int = 10,
         dropout: float = 0.0,
+        frozen: tuple[str, ...] | list[str] = (),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -72,36 +79,56 @@ class CNN(keras.Model):
         # ... but the probabilities are float32 even under mixed precision.
         self.softmax = keras.layers.Softmax(dtype="float32", name="softmax")
 
+        self.build(INPUT_SHAPE)
+        names = {layer.name: layer for layer in self.layers_in_order()}
+        for name in frozen:
+            if name not in names:
+                raise ValueError(f"frozen: no layer {name!r} (the CNN's layers are {', '.join(names)})")
+            names[name].trainable = False
+        if not self.trainable:
+            # CNN(trainable=False) (how Keras rebuilds a frozen CNN nested in another
+            # model) set the flag before the layers existed: pass it on to them now.
+            # (Not `self.trainable = False`: TensorFlow's tracking skips assigning a
+            # value an attribute already has, so the setter would never run.)
+            for layer in self.layers:
+                layer.trainable = False
+
     def layers_in_order(self) -> tuple[keras.layers.Layer, ...]:
         """The layers an image passes through, in order (without dropout and softmax)."""
         return (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1, self.dense2)
 
-    def build(self, input_shape=(None, *IMAGE_SHAPE)):
+    def build(self, input_shape=INPUT_SHAPE):
         # Build the layers in order so the model has weights before its first
-        # call (and can be saved, summarised and counted right after build()).
+        # call (and can be saved, summarised and counted at once). Built once.
+        if self.conv1.built:
+            return
         shape = tuple(input_shape)
         for layer in self.layers_in_order():
             layer.build(shape)
             shape = layer.compute_output_shape(shape)
         self.softmax.build(shape)
 
+    def get_build_config(self):
+        return {"input_shape": INPUT_SHAPE}  # fixed: Keras would record {} after build()
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """``keras.Model.export`` with the CNN's input signature, float32 (N, 28, 28, 1),
+        by default: Keras infers it only from a model that was called since it was made,
+        so a model fresh from ``load_model`` could not be exported."""
+        if input_signature is None:
+            input_signature = [keras.InputSpec(shape=INPUT_SHAPE, dtype="float32")]
+        return super().export(filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs)
+
     def build_from_config(self, config):
         # The input shape is fixed. Keras' default, given a build_config it cannot
         # build from (an edited file), only warns and leaves the model without
         # weights -- and then loads nothing into it: refuse such a config instead.
-        config = dict(config or {})
-        shapes = list(config.pop("shapes_dict", {}).values())
-        if "input_shape" in config:
-            shapes.append(config.pop("input_shape"))
-        for shape in shapes:
-            if not isinstance(shape, (list, tuple)) or tuple(shape[1:]) not in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
-                raise ValueError(f"build_config input shape {shape!r} is not the CNN's (None, 28, 28, 1)")
-        if config:
-            raise ValueError(f"build_config has unknown entries {sorted(config)}")
+        check_build_config(config)
         self.build()
 
     def call(self, inputs, training=False):
-        x = self.conv1(inputs)  # [batch, 28, 28, 32]
+        x = self._standard_input(inputs)  # [batch, 28, 28, 1]
+        x = self.conv1(x)  # [batch, 28, 28, 32]
         x = self.pool1(x)  # [batch, 14, 14, 32]
         x = self.conv2(x)  # [batch, 14, 14, 64]
         x = self.pool2(x)  # [batch, 7, 7, 64]
@@ -112,6 +139,22 @@ class CNN(keras.Model):
         x = self.dense2(x)  # [batch, 10]
         return self.softmax(x)
 
+    @staticmethod
+    def _standard_input(inputs):
+        """(N, 28, 28) or (N, 28, 28, 1) float images as (N, 28, 28, 1); anything else is
+        refused -- never reshaped into other rows."""
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            raise ValueError(f"CNN takes float images scaled to [0, 1]; got {dtype}: divide 0-255 images by 255 first")
+        if getattr(inputs.shape, "rank", 0) is None:
+            # A tf.function traced for several input ranks (predict on both forms): check at run time.
+            x = tf.cond(tf.rank(inputs) == 3, lambda: tf.expand_dims(inputs, -1), lambda: inputs)
+            return tf.ensure_shape(x, INPUT_SHAPE)
+        shape = tuple(inputs.shape)
+        if len(shape) not in (3, 4) or shape[1:3] != IMAGE_SHAPE[:2] or shape[3:] not in ((), (1,)):
+            raise ValueError(f"CNN takes images of shape (N, 28, 28) or (N, 28, 28, 1); got input of shape {shape}")
+        return inputs if len(shape) == 4 else keras.ops.expand_dims(inputs, -1)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -121,6 +164,7 @@ class CNN(keras.Model):
             dense_units=self.dense_units,
             num_classes=self.num_classes,
             dropout=self.dropout,
+            frozen=[layer.name for layer in self.layers_in_order() if not layer.trainable and self.trainable],
         )
         return config
 
@@ -181,6 +225,19 @@ def _reducible(logs: dict) -> dict:
     return logs
 
 
+def check_build_config(config) -> None:
+    """A saved ``build_config`` must describe the CNN's input, (None, 28, 28[, 1])."""
+    config = dict(config or {})
+    shapes = list(config.pop("shapes_dict", {}).values())
+    if "input_shape" in config:
+        shapes.append(config.pop("input_shape"))
+    for shape in shapes:
+        if not isinstance(shape, (list, tuple)) or tuple(shape[1:]) not in (IMAGE_SHAPE, IMAGE_SHAPE[:2]):
+            raise ValueError(f"build_config input shape {shape!r} is not the CNN's (None, 28, 28, 1)")
+    if config:
+        raise ValueError(f"build_config has unknown entries {sorted(config)}")
+
+
 # Bounds for a CNN config read from a file, checked before anything is allocated.
 CONFIG_BOUNDS = {
     "filters1": (1, 1024),
@@ -219,6 +276,10 @@ def _read_archive_config(path: Path) -> dict:
     dropout = config.get("dropout", 0.0)
     if type(dropout) not in (int, float) or not 0 <= dropout < 1:
         raise ModelFileError(f"{path}: config.json: dropout={dropout!r} is outside [0, 1)")
+    try:
+        check_build_config(saved.get("build_config"))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"{path}: cannot load the model: {e}") from None
     return saved
 
 

@@ -74,7 +74,6 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
     Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer, whose
     scale_loss CNN.gradient_step applies."""
     model = CNN(dropout=config.dropout, dtype=precision_policy(config.mixed_precision))
-    model.build()
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
         loss=keras.losses.SparseCategoricalCrossentropy(),

@@ -2,6 +2,7 @@
 and a CNN that behaves like any Keras model (save/load, freezing, export, input forms)."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import tensorflow as tf
 from conftest import quick, read_summaries
 
-from mnist_cnn import cli, data, train
+from mnist_cnn import CNN, cli, data, train
 
 
 def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path):
@@ -66,3 +67,90 @@ def test_a_bad_validation_split_is_one_line(bad, tmp_path, capsys):
     assert err.startswith("fit.py: error: --validation-split must be auto, a count or a fraction")
     assert err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- the CNN as a stock Keras model ----------------------------------------------------
+
+
+def compiled_cnn(**kwargs):
+    model = CNN(**kwargs)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def trainable_count(model):
+    return len(model.trainable_weights)
+
+
+def test_summary_counts_every_weight_before_any_call():
+    lines = []
+    CNN().summary(print_fn=lambda line, **_: lines.append(line))
+    text = "\n".join(lines)
+    assert "3,274,634" in text and "unbuilt" not in text
+
+
+def test_freezing_survives_save_and_load(tmp_path, tiny):
+    x, y = tiny
+    model = compiled_cnn()
+    model.conv1.trainable = model.conv2.trainable = False
+    assert trainable_count(model) == 4
+    model.fit(x[:50], y[:50], verbose=0)
+    model.save(tmp_path / "frozen.keras")
+    loaded = keras.saving.load_model(tmp_path / "frozen.keras")
+    assert trainable_count(loaded) == 4
+    assert not loaded.conv1.trainable and not loaded.conv2.trainable and loaded.dense1.trainable
+
+
+def test_a_frozen_cnn_nested_in_a_functional_model_stays_frozen(tmp_path, tiny):
+    x, y = tiny
+    inputs = keras.Input((28, 28, 1))
+    inner = CNN()
+    inner.trainable = False
+    outer = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
+    outer.save(tmp_path / "outer.keras")
+    loaded = keras.saving.load_model(tmp_path / "outer.keras")
+    assert trainable_count(loaded) == 2  # the Dense layer's kernel and bias only
+    cnn = next(layer for layer in loaded.layers if isinstance(layer, CNN))
+    before = [w.copy() for w in cnn.get_weights()]
+    loaded.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    loaded.fit(x[:100], (y[:100] % 2), epochs=1, verbose=0)
+    for a, b in zip(before, cnn.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_model_loaded_from_a_run_exports_with_keras(tmp_path, tiny):
+    run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=2), verbose=0)
+    loaded = keras.saving.load_model(run.model_path)
+    loaded.export(tmp_path / "exported", verbose=False)
+    served = tf.saved_model.load(str(tmp_path / "exported"))
+    x, _ = tiny
+    np.testing.assert_allclose(served.serve(x[:5]).numpy(), loaded.predict(x[:5], verbose=0), atol=1e-5)
+    built_then_called = CNN()
+    built_then_called.build()
+    built_then_called(x[:2])
+    built_then_called.export(tmp_path / "second", verbose=False)
+    assert (tmp_path / "second" / "saved_model.pb").is_file()
+
+
+def test_both_input_forms_give_the_same_probabilities(tiny):
+    x, _ = tiny
+    model = CNN()
+    four = model.predict(x[:7], verbose=0)
+    three = model.predict(x[:7, ..., 0], verbose=0)  # (N, 28, 28)
+    np.testing.assert_array_equal(three, four)
+    np.testing.assert_array_equal(model(x[:3, ..., 0]), model(x[:3]))
+    functional = keras.Model(inputs := keras.Input((28, 28)), CNN()(inputs))
+    assert functional.output_shape == (None, 10)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int32"])
+def test_integer_images_are_refused_with_the_fix(dtype, tiny):
+    x, _ = tiny
+    with pytest.raises(ValueError, match=f"CNN takes float images scaled to \\[0, 1\\]; got {dtype}: divide 0-255"):
+        CNN().predict((x[:4] * 255).astype(dtype), verbose=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 3), (8, 784), (2, 14, 14, 1)])
+def test_other_shapes_are_refused_never_reshaped(shape):
+    with pytest.raises(ValueError, match=re.escape(f"got input of shape {shape}")):
+        CNN()(np.zeros(shape, "float32"))
