@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from mnist_cnn import data, idx, train, tutorial
 from mnist_cnn.cli import Parser, main_with, positive_int
-from mnist_cnn.model import CNN
+from mnist_cnn.model import CNN, require_tensorflow
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
@@ -291,6 +291,7 @@ def main(argv=None) -> int:
 
 
 def _bench(args) -> None:
+    require_tensorflow("bench.py")
     rounds = args.rounds or (3 if args.quick else 7)
 
     def log(message):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mnist_cnn.config import RECIPE_ALIASES, RUN_IDENTITY, TrainConfig, check_value, flag_name
 from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
+from mnist_cnn.model import require_tensorflow
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -158,6 +159,7 @@ def fit_main(argv=None) -> int:
     from mnist_cnn import train  # here, not at the top: train's modules use this one's Parser and run
 
     def body():
+        require_tensorflow("fit.py")
         config, resume = parse_fit_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
         result = train.fit(config, resume=resume)
         if result.data_info.num_validation:

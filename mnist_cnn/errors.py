@@ -20,6 +20,10 @@ class ModelFileError(InputError):
     """A model file that is missing, unreadable or not a CNN of this package."""
 
 
+class BackendError(UsageError):
+    """Training under a Keras backend other than TensorFlow."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped at that batch."""
 

@@ -21,9 +21,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn.errors import ModelFileError
+from mnist_cnn.errors import BackendError, ModelFileError
 
 IMAGE_SHAPE = (28, 28, 1)
+
+
+def require_tensorflow(what: str) -> None:
+    """Training needs the TensorFlow backend; loading, predicting and evaluating do not."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise BackendError(f"{what} needs KERAS_BACKEND=tensorflow (this process runs {backend}); "
+                           "inference works under any backend")
+
 INPUT_SHAPE = (None, *IMAGE_SHAPE)
 
 
@@ -188,13 +197,20 @@ class CNN(keras.Model):
         self.optimizer.apply(gradients, self.trainable_weights)
         return loss, y_pred
 
-    def train_step(self, data):
+    def train_step(self, *args):
+        # Training is TensorFlow's GradientTape (the point of this package); other
+        # backends call train_step(state, data) and get a clear refusal instead.
+        require_tensorflow("training a CNN")
+        (data,) = args
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss, y_pred = self.gradient_step(x, y, sample_weight)
         self._track_loss(loss, x)
         return _reducible(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
 
-    def test_step(self, data):
+    def test_step(self, *args):
+        if keras.backend.backend() != "tensorflow":
+            return super().test_step(*args)  # evaluate() is inference: Keras' own step for JAX/torch
+        (data,) = args
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred = self(x, training=False)
         loss = self.compute_loss(

@@ -27,7 +27,7 @@ from mnist_cnn.callbacks import make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.export import check_export_dir, export_savedmodel
-from mnist_cnn.model import CNN, load_cnn, load_weights_strict
+from mnist_cnn.model import CNN, load_cnn, load_weights_strict, require_tensorflow
 from mnist_cnn.rundir import ResumeState, RunDir, write_json, write_model
 
 log = logging.getLogger(__name__)
@@ -271,6 +271,7 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=())
     ``callbacks`` are added to the run's own. Everything that can be wrong with the
     input is checked before the run folder is created.
     """
+    require_tensorflow("train.fit")
     config.validate()
     start = time.perf_counter()
     strategy = distribute.make_strategy(config.strategy)  # first: multi-worker setup precedes other TF work

@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from mnist_cnn import data
 from mnist_cnn.cli import Parser, main_with, positive_int
-from mnist_cnn.model import CNN
+from mnist_cnn.model import CNN, require_tensorflow
 
 # -- 1. the convolution principle ---------------------------------------------------
 
@@ -233,6 +233,7 @@ def loop_main(argv=None) -> int:
 
 
 def _loop(args) -> None:
+    require_tensorflow("tutorial_loop.py")
     keras.utils.set_random_seed(args.seed)
     loader = MNISTLoader(args.data, seed=args.seed)
     print(f"Data: {loader.info.describe()}")

@@ -2,13 +2,16 @@
 and a CNN that behaves like any Keras model (save/load, freezing, export, input forms)."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import quick, read_summaries
+from conftest import REPO, quick, read_summaries
 
 from mnist_cnn import CNN, cli, data, train
 
@@ -154,3 +157,59 @@ def test_integer_images_are_refused_with_the_fix(dtype, tiny):
 def test_other_shapes_are_refused_never_reshaped(shape):
     with pytest.raises(ValueError, match=re.escape(f"got input of shape {shape}")):
         CNN()(np.zeros(shape, "float32"))
+
+
+# -- other Keras backends: inference yes, training no ----------------------------------------
+
+JAX_CHILD = """
+import json, sys
+import numpy as np
+import keras
+from mnist_cnn.model import load_cnn
+
+model = load_cnn(sys.argv[1])
+x, y = np.load(sys.argv[2]), np.load(sys.argv[3])
+out = {"backend": keras.backend.backend(), "probs": model.predict(x, verbose=0).tolist(),
+       "scores": model.evaluate(x, y, return_dict=True, verbose=0)}
+try:
+    model.fit(x, y, epochs=1, verbose=0)
+except Exception as e:
+    out["fit"] = str(e)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def jax_env():
+    pytest.importorskip("jax", reason="the dev extra installs jax (CPU) for this test")
+    return {**os.environ, "KERAS_BACKEND": "jax"}
+
+
+def test_a_tensorflow_trained_model_predicts_the_same_under_jax(tmp_path, sample):
+    env = jax_env()
+    run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=20), verbose=0)
+    _, (x, y) = sample
+    x, y = (x[:64, ..., None] / 255.0).astype("float32"), y[:64].astype("int32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    argv = [sys.executable, "-c", JAX_CHILD, str(run.model_path), tmp_path / "x.npy", tmp_path / "y.npy"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["backend"] == "jax"
+    model = keras.saving.load_model(run.model_path)
+    np.testing.assert_allclose(result["probs"], model.predict(x, verbose=0), atol=2e-6)
+    tf_scores = model.evaluate(x, y, return_dict=True, verbose=0)
+    assert result["scores"]["accuracy"] == pytest.approx(tf_scores["accuracy"])
+    assert result["fit"] == ("training a CNN needs KERAS_BACKEND=tensorflow (this process runs jax); "
+                             "inference works under any backend")
+
+
+@pytest.mark.parametrize("script", ["fit.py", "tutorial_loop.py"])
+def test_training_scripts_refuse_another_backend_before_anything_is_made(script, tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--data", "sample"],
+                          capture_output=True, text=True, env=jax_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{script}: error: {script} needs KERAS_BACKEND=tensorflow (this process runs jax); "
+        "inference works under any backend")
+    assert list(tmp_path.iterdir()) == []  # no logs/ folder
