@@ -6,8 +6,9 @@
                           and weight histograms, steps = epoch numbers;
 - ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
                           so a resumed run continues its curves instead of restarting them;
+- ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` (the model) and ``resume-NN.keras``
+                          (model + optimizer) after every epoch;
 - ``BestCheckpoint``   -- ``checkpoints/best.keras``, the best validation accuracy so far;
-- ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` (model + optimizer) after every epoch;
 - ``HistoryFile``      -- ``history.json``, every finished epoch's logs, across resumes;
 - ``EpochPictures``    -- ``images/``: sample training digits (once); per epoch the
                           validation split's misclassified digits and confusion matrix;
@@ -24,7 +25,9 @@ Every file is written atomically (``rundir.write_atomic``).
 from __future__ import annotations
 
 import io
+import logging
 import math
+import time
 from pathlib import Path
 
 import keras
@@ -33,9 +36,9 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 from mnist_cnn.errors import TrainingDiverged
-from mnist_cnn.rundir import RunDir, model_bytes, write_atomic
+from mnist_cnn.rundir import RunDir, model_bytes, without_training_state, write_atomic
 
-KEEP_EPOCH_CHECKPOINTS = 3
+log = logging.getLogger(__name__)
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
@@ -75,33 +78,39 @@ class StepScalars(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """``checkpoints/epoch-NN.keras`` (model + optimizer) after each epoch, written
-    atomically. Old ones are pruned when the epoch is committed (``CommitEpoch``)."""
+    """After each epoch: ``checkpoints/resume-NN.keras`` (model + optimizer: what a resume
+    loads) and ``checkpoints/epoch-NN.keras`` (the model alone), both written atomically
+    from one serialisation. Old ones are pruned when the epoch is committed (``CommitEpoch``)."""
 
     def __init__(self, run_dir: RunDir):
         super().__init__()
         self.run_dir = run_dir
+        self.model_file: bytes | None = None  # this epoch's model alone, for BestCheckpoint
 
     def on_epoch_end(self, epoch, logs=None):
         self.run_dir.checkpoints.mkdir(exist_ok=True)
-        write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), model_bytes(self.model))
+        full = model_bytes(self.model)
+        self.model_file = without_training_state(full)
+        write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), self.model_file)
+        write_atomic(self.run_dir.resume_checkpoint(epoch + 1), full)
 
 
 class BestCheckpoint(keras.callbacks.Callback):
     """``checkpoints/best.keras``: the model of the epoch with the highest ``monitor``,
     replaced atomically (Keras' ModelCheckpoint overwrites it in place, so a kill
-    during a rewrite destroyed the earlier best). ``best`` carries a resumed run's record."""
+    during a rewrite destroyed the earlier best). ``best`` carries a resumed run's record;
+    the bytes are the ones ``epoch`` (an EpochCheckpoint that ran before) just wrote."""
 
-    def __init__(self, run_dir: RunDir, monitor: str = "val_accuracy", best: float | None = None):
+    def __init__(self, run_dir: RunDir, epoch: EpochCheckpoint, monitor: str = "val_accuracy",
+                 best: float | None = None):
         super().__init__()
-        self.run_dir, self.monitor, self.best = run_dir, monitor, best
+        self.run_dir, self.epoch, self.monitor, self.best = run_dir, epoch, monitor, best
 
     def on_epoch_end(self, epoch, logs=None):
         value = (logs or {}).get(self.monitor)
         if value is None or (self.best is not None and not float(value) > self.best):
             return
-        self.run_dir.checkpoints.mkdir(exist_ok=True)
-        write_atomic(self.run_dir.best_checkpoint, model_bytes(self.model))
+        write_atomic(self.run_dir.best_checkpoint, self.epoch.model_file)
         self.best = float(value)
 
 
@@ -126,13 +135,13 @@ class CommitEpoch(keras.callbacks.Callback):
     """The last callback of an epoch: records it in ``resume.json`` (epochs, optimizer
     steps, checkpoint), which is what ``--resume`` starts from."""
 
-    def __init__(self, run_dir: RunDir, keep: int = KEEP_EPOCH_CHECKPOINTS):
+    def __init__(self, run_dir: RunDir, keep: int):
         super().__init__()
         self.run_dir, self.keep = run_dir, keep
 
     def on_epoch_end(self, epoch, logs=None):
         steps = int(self.model.optimizer.iterations.numpy())
-        self.run_dir.commit_epoch(epoch + 1, steps, self.run_dir.epoch_checkpoint(epoch + 1), self.keep)
+        self.run_dir.commit_epoch(epoch + 1, steps, self.keep)
 
 
 def _pyplot():
@@ -243,26 +252,41 @@ class HParams(keras.callbacks.Callback):
             hparams_api.hparams(self.hparams, trial_id=self.run_dir.name)
 
 
+class EpochLines(keras.callbacks.Callback):
+    """One log line per epoch (``--progress epoch``, and the default when stdout is not a
+    terminal): no progress bar, no terminal escape codes in a log file."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        scores = " - ".join(f"{name}: {value:.4f}" for name, value in sorted((logs or {}).items()))
+        log.info("Epoch %d/%d - %.0fs - %s", epoch + 1, self.params["epochs"], time.perf_counter() - self.start, scores)
+
+
 def make_callbacks(
     run_dir: RunDir,
+    epoch_lines: bool,
     split: str,
     validation: tf.data.Dataset,
     preview: tuple[np.ndarray, np.ndarray],
     hparams: dict,
+    keep_checkpoints: int = 1,
     profile_batch=0,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in ``run_dir`` (new or resumed), in the order they run."""
     best_so_far = max((e["val_accuracy"] for e in run_dir.read_history() if "val_accuracy" in e), default=None)
     return [
+        *([EpochLines()] if epoch_lines else []),
         StopOnNaN(),
         keras.callbacks.TensorBoard(
             log_dir=str(run_dir.path), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch
         ),
         StepScalars(run_dir.path),
-        BestCheckpoint(run_dir, best=best_so_far),
-        EpochCheckpoint(run_dir),
+        epoch_checkpoint := EpochCheckpoint(run_dir),
+        BestCheckpoint(run_dir, epoch_checkpoint, best=best_so_far),
         HistoryFile(run_dir),
         EpochPictures(run_dir.path, split, validation, preview),
         HParams(run_dir.path, hparams),
-        CommitEpoch(run_dir),
+        CommitEpoch(run_dir, keep_checkpoints),
     ]

@@ -28,8 +28,9 @@ RECIPES = {
     "best": {"epochs": 20, "augment": True, "lr_schedule": "cosine", "dropout": 0.5},
 }
 RECIPE_ALIASES = {"seed": "tutorial"}  # the old name, still in earlier runs' config.json
-# Fields that name the run rather than shape the training; --resume may set them.
-RUN_IDENTITY = ("logdir", "run_name")
+# Fields that name or present the run rather than shape the training; --resume may set them.
+RUN_IDENTITY = ("logdir", "run_name", "progress")
+PROGRESS = ("auto", "bar", "epoch", "none")
 SEED_MAX = 2**32 - 1  # numpy's seed range
 
 
@@ -75,6 +76,10 @@ class TrainConfig:
                                 metavar="DIR")
     strategy: str = option("auto", "auto: all GPUs if more than one, else one device; mirrored; one; "
                            "multiworker: from TF_CONFIG", choices=STRATEGIES)
+    keep_checkpoints: int = option(1, "newest epoch checkpoints kept (model weights, 13 MB each at the defaults)",
+                                   low=0)
+    progress: str = option("auto", "auto: a progress bar on a terminal, one line per epoch otherwise; "
+                           "bar; epoch; none", choices=PROGRESS)
     recipe: str = option("tutorial", "preset: tutorial = the notebook's numbers; best = 20 epochs, --augment, "
                          "--lr-schedule cosine, --dropout 0.5", choices=tuple(RECIPES))
 

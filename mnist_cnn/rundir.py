@@ -7,7 +7,8 @@
       resume.json          the last finished epoch: its number, optimizer steps and checkpoint
                            (the commit point of an epoch; removed once metrics.json exists)
       history.json         every finished epoch's metrics
-      checkpoints/         epoch-NN.keras (model + optimizer) and best.keras
+      checkpoints/         epoch-NN.keras and best.keras (model weights), resume-NN.keras
+                           (model + optimizer, the last finished epoch's; removed at the end)
       train/ validation/ images/ and the root: TensorBoard event files
       model.keras          the final model
       metrics.json         written last: a run is finished exactly when this file exists
@@ -31,6 +32,7 @@ import os
 import re
 import time
 import uuid
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,8 +101,39 @@ def model_bytes(model) -> bytes:
     return buffer.getvalue()
 
 
+def without_training_state(keras_file: bytes) -> bytes:
+    """A ``.keras`` file's bytes without the optimizer's state and the compile config.
+
+    What is left (the model, its config and weights: 13 MB instead of 39 at the
+    defaults) is what predicting, evaluating, exporting and fine-tuning need;
+    ``keras.saving.load_model`` opens it as an uncompiled model, without warnings.
+    """
+    import h5py
+
+    source, out = zipfile.ZipFile(io.BytesIO(keras_file)), io.BytesIO()
+    with source, zipfile.ZipFile(out, "w") as target:
+        for name in source.namelist():
+            payload = source.read(name)
+            if name == "config.json":
+                config = json.loads(payload)
+                config["compile_config"] = None
+                payload = json.dumps(config).encode()
+            elif name == "model.weights.h5":
+                weights = io.BytesIO()
+                with h5py.File(io.BytesIO(payload), "r") as full, h5py.File(weights, "w") as kept:
+                    for key, value in full.attrs.items():
+                        kept.attrs[key] = value
+                    for key in full:
+                        if key != "optimizer":
+                            full.copy(key, kept)
+                payload = weights.getvalue()
+            target.writestr(name, payload)
+    return out.getvalue()
+
+
 def write_model(path: str | os.PathLike, model) -> Path:
-    return write_atomic(path, model_bytes(model))
+    """The final model file: weights and config, no optimizer state."""
+    return write_atomic(path, without_training_state(model_bytes(model)))
 
 
 def check_name(flag: str, name: str) -> None:
@@ -160,11 +193,18 @@ class RunDir:
         return self.checkpoints / "best.keras"
 
     def epoch_checkpoint(self, epoch: int) -> Path:
-        """The checkpoint after ``epoch`` finished epochs (1-based)."""
+        """The model after ``epoch`` finished epochs (1-based): weights, no optimizer state."""
         return self.checkpoints / f"epoch-{epoch:02d}.keras"
+
+    def resume_checkpoint(self, epoch: int) -> Path:
+        """The full training state after ``epoch`` epochs (model + optimizer): what --resume loads."""
+        return self.checkpoints / f"resume-{epoch:02d}.keras"
 
     def epoch_checkpoints(self) -> list[Path]:
         return sorted(self.checkpoints.glob("epoch-*.keras"))
+
+    def resume_checkpoints(self) -> list[Path]:
+        return sorted(self.checkpoints.glob("resume-*.keras"))
 
     @property
     def finished(self) -> bool:
@@ -273,14 +313,19 @@ class RunDir:
             raise UsageError(f"{self.resume_file}: its checkpoint {state.checkpoint} is missing")
         return state
 
-    def commit_epoch(self, epochs: int, steps: int, checkpoint: Path, keep: int) -> ResumeState:
-        """Make ``epochs`` finished epochs the state a resume starts from; then drop
-        epoch checkpoints beyond the newest ``keep`` (never the committed one)."""
-        state = ResumeState(epochs, steps, str(Path(checkpoint).relative_to(self.path)))
+    def commit_epoch(self, epochs: int, steps: int, keep: int) -> ResumeState:
+        """Make ``epochs`` finished epochs the state a resume starts from (its resume
+        checkpoint); then drop older resume checkpoints and the epoch checkpoints beyond
+        the newest ``keep``."""
+        checkpoint = self.resume_checkpoint(epochs)
+        state = ResumeState(epochs, steps, str(checkpoint.relative_to(self.path)))
         write_json(self.resume_file, dataclasses.asdict(state))
-        for old in self.epoch_checkpoints()[:-keep]:
-            if old != Path(checkpoint):
+        for old in self.resume_checkpoints():
+            if old != checkpoint:
                 old.unlink()
+        kept = self.epoch_checkpoints()
+        for old in kept[: len(kept) - keep]:
+            old.unlink()
         return state
 
     def mark_exported(self, state: ResumeState) -> None:
@@ -289,6 +334,8 @@ class RunDir:
     def close_resume_state(self) -> None:
         """The run is finished (metrics.json exists): the resume state has done its job."""
         self.resume_file.unlink(missing_ok=True)
+        for checkpoint in self.resume_checkpoints():
+            checkpoint.unlink()
 
     def rollback(self, epochs: int, steps: int) -> None:
         """Forget what a killed process wrote after its last committed epoch.
@@ -300,7 +347,7 @@ class RunDir:
         history = self.read_history()
         if len(history) != epochs or any(e["epoch"] >= epochs for e in history):
             self.write_history([e for e in history if e["epoch"] < epochs])
-        for checkpoint in self.epoch_checkpoints():
+        for checkpoint in self.epoch_checkpoints() + self.resume_checkpoints():
             if int(checkpoint.stem.split("-")[1]) > epochs:
                 checkpoint.unlink()
         for events in self.path.rglob("events.out.tfevents.*"):

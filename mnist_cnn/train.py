@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,10 +155,12 @@ def train_epochs(
             callbacks=[
                 *make_callbacks(
                     run_dir,
+                    epoch_lines=verbose == 0 and config.progress != "none",
                     split="validation" if datasets.info.num_validation else "test",
                     validation=datasets.validation,
                     preview=datasets.preview,
                     hparams=dataclasses.asdict(config),
+                    keep_checkpoints=config.keep_checkpoints,
                     profile_batch=config.profile_range(),
                 ),
                 *extra,
@@ -166,7 +169,8 @@ def train_epochs(
         )
     except TrainingDiverged as e:
         kept = run_dir.read_resume_state()
-        where = (f"the last good checkpoint is {run_dir.path / kept.checkpoint}" if kept
+        where = (f"the last good checkpoint is {run_dir.epoch_checkpoint(kept.epochs)} "
+                 f"(with its optimizer state: {run_dir.path / kept.checkpoint})" if kept
                  else "no epoch had finished, so no checkpoint")
         raise TrainingDiverged(f"{e}; {where}") from None
 
@@ -213,6 +217,7 @@ def finish_run(
         "validation_accuracy": result.history["val_accuracy"][-1],
         "model_selection": "validation split" if datasets.info.num_validation else "test split",
         "epochs_run": len(epochs),
+        "optimizer_steps": int(model.optimizer.iterations.numpy()),
         "history": result.history,
         "seconds": round(result.seconds, 2),  # of this process (a resumed run: since the resume)
         "config": dataclasses.asdict(config),
@@ -262,14 +267,22 @@ def resume_from(model: CNN, run_dir: RunDir, config: TrainConfig) -> int:
     return state.epochs
 
 
-def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=()) -> RunResult:
+def keras_verbosity(progress: str) -> int:
+    """Keras' fit verbosity for --progress: 1 = the bar; 0 = quiet (the epoch lines are ours)."""
+    if progress == "auto":
+        progress = "bar" if sys.stdout.isatty() else "epoch"
+    return 1 if progress == "bar" else 0
+
+
+def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -> RunResult:
     """Train the CNN as ``config`` says; write the run folder; return the result.
 
     ``resume``: continue the run ``<logdir>/<run_name>`` after its last finished
     epoch (``resume.json``), appending to its logs; a run whose epochs all finished
     is only evaluated and saved. Ctrl-C or a storage failure leaves a resumable run.
-    ``callbacks`` are added to the run's own. Everything that can be wrong with the
-    input is checked before the run folder is created.
+    ``callbacks`` are added to the run's own; ``verbose`` overrides the Keras verbosity
+    that ``config.progress`` gives. Everything that can be wrong with the input is
+    checked before the run folder is created.
     """
     require_tensorflow("train.fit")
     config.validate()
@@ -296,6 +309,7 @@ def fit(config: TrainConfig, verbose="auto", resume: bool = False, callbacks=())
         with strategy.scope():
             initial_epoch = resume_from(model, run_dir, config) if resume else 0
             try:
+                verbose = keras_verbosity(config.progress) if verbose is None else verbose
                 train_epochs(model, datasets, config, run_dir, verbose, callbacks, initial_epoch)
                 return finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
             except KeyboardInterrupt:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 
-import keras
 import pytest
 from conftest import REPO, committed_epochs, quick, run_python, wait_for_epochs
 
@@ -140,7 +139,7 @@ def test_multiworker_resumes_from_the_chiefs_state(tmp_path):
     assert f"Resuming {run_dir} after epoch 1 of 3" in outputs[0][0], outputs[0][1][-3000:]
     history = json.loads((run_dir / "history.json").read_text())
     assert [e["epoch"] for e in history] == [0, 1, 2]
-    model = keras.saving.load_model(run_dir / "model.keras")
-    assert int(model.optimizer.iterations.numpy()) == 3 * 40  # epoch 1 was not trained again
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["optimizer_steps"] == 3 * 40  # epoch 1 was not trained again
     new = set((tmp_path / "tmp").iterdir()) - left_by_the_kill
     assert not [p for p in new if p.name.startswith("mnist_cnn-worker-")]  # the resumed worker cleaned up

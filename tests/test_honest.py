@@ -25,6 +25,7 @@ def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path):
     for a, b in zip(best.get_weights(), chosen.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
     # the validation scores are the validation split's, not the test split's
+    best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # run files hold no training state
     validation_scores = best.evaluate(data.load("sample").validation, return_dict=True, verbose=0)
     assert validation_scores["accuracy"] == pytest.approx(max(val), abs=1e-6)
 
@@ -168,6 +169,7 @@ import keras
 from mnist_cnn.model import load_cnn
 
 model = load_cnn(sys.argv[1])
+model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 x, y = np.load(sys.argv[2]), np.load(sys.argv[3])
 out = {"backend": keras.backend.backend(), "probs": model.predict(x, verbose=0).tolist(),
        "scores": model.evaluate(x, y, return_dict=True, verbose=0)}
@@ -197,6 +199,7 @@ def test_a_tensorflow_trained_model_predicts_the_same_under_jax(tmp_path, sample
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["backend"] == "jax"
     model = keras.saving.load_model(run.model_path)
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     np.testing.assert_allclose(result["probs"], model.predict(x, verbose=0), atol=2e-6)
     tf_scores = model.evaluate(x, y, return_dict=True, verbose=0)
     assert result["scores"]["accuracy"] == pytest.approx(tf_scores["accuracy"])

@@ -32,8 +32,7 @@ def check_resumed_run(run_dir, epochs, steps):
     assert steps_logged == set(range(1, epochs * steps + 1))
     assert not (run_dir / "resume.json").exists()  # removed once the run finished
     assert not list(run_dir.rglob(".*"))  # no temporary or lock file left
-    model = keras.saving.load_model(run_dir / "model.keras")
-    assert int(model.optimizer.iterations) == epochs * steps  # no epoch trained twice
+    assert metrics["optimizer_steps"] == epochs * steps  # no epoch trained twice
 
 
 @pytest.mark.slow
@@ -227,7 +226,8 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, mon
     with pytest.raises(TrainingDiverged, match=expected):
         train.fit(quick(tmp_path, epochs=3, run_name="nan"), verbose=0)
     run_dir = tmp_path / "logs" / "nan"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.keras", "epoch-01.keras"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.keras", "epoch-01.keras",
+                                                                           "resume-01.keras"]
     assert committed_epochs(run_dir) == 1
     assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
     assert len(json.loads((run_dir / "history.json").read_text())) == 1

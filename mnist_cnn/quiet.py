@@ -1,0 +1,98 @@
+"""A clean start for the command-line tools: TensorFlow's known start-up lines filtered
+out of stderr, at the file-descriptor level, for the life of the process.
+
+TensorFlow 2.21's C++ side logs before absl is initialised, so TF_CPP_MIN_LOG_LEVEL no
+longer silences it (tensorflow/tensorflow#102212, abseil/abseil-cpp#1957). On every CPU
+machine that is nine lines, one of them an *error* (``failed call to cuInit``) that
+tells a newcomer something is broken. ``install()`` routes fd 2 through a pipe and a
+thread that drops exactly those known lines; every other line -- warnings, our
+errors, tracebacks, TensorFlow lines we do not know -- passes through unchanged and
+in order. ``MNIST_CNN_VERBOSE=1`` turns the filter off.
+
+Only the entry points install it (``mnist_cnn/__init__.py`` calls
+``install_for_entry_points``, which acts only when this process *is* one of our
+scripts or ``mnist-cnn-*`` commands): importing the package from other code leaves
+stderr alone. This module imports nothing heavy, so it runs before TensorFlow loads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+import threading
+from pathlib import Path
+
+KNOWN_LINES = [
+    re.compile(p)
+    for p in (
+        r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$",
+        r"^I\d{4} [\d:.]+\s+\d+ port\.cc:\d+\] oneDNN custom operations are on\.",
+        r"^I\d{4} [\d:.]+\s+\d+ cudart_stub\.cc:\d+\] Could not find cuda drivers on your machine",
+        r"^I\d{4} [\d:.]+\s+\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized",
+        r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$",
+        r"^E\d{4} [\d:.]+\s+\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)$",
+    )
+]
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+_installed = False
+
+
+def is_known(line: str) -> bool:
+    return any(p.search(line) for p in KNOWN_LINES)
+
+
+def is_entry_point(argv0: str) -> bool:
+    """Whether this process was started as one of our scripts or installed commands."""
+    path = Path(argv0)
+    return path.name.startswith("mnist-cnn-") or path.resolve().parent == SCRIPTS
+
+
+def install_for_entry_points() -> None:
+    if sys.argv and is_entry_point(sys.argv[0]):
+        install()
+
+
+def install() -> None:
+    """Filter fd 2 from now until the process exits (idempotent)."""
+    global _installed
+    if _installed or os.environ.get("MNIST_CNN_VERBOSE", "") not in ("", "0"):
+        return
+    try:
+        original = os.dup(2)
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, 2)
+        os.close(write_end)
+    except OSError:
+        return  # no usable stderr: nothing to filter
+    _installed = True
+    pump = threading.Thread(target=_pump, args=(read_end, original), daemon=True, name="stderr-filter")
+    pump.start()
+
+    def restore():
+        sys.stderr.flush()
+        os.dup2(original, 2)  # the pipe's last writer closes: the pump reads the rest, then EOF
+        pump.join(timeout=5)
+
+    atexit.register(restore)
+
+
+def _pump(read_end: int, out: int) -> None:
+    pending = b""
+    while True:
+        chunk = os.read(read_end, 65536)
+        if not chunk:
+            break
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        kept = [line + b"\n" for line in lines if not is_known(line.decode(errors="replace"))]
+        _write_all(out, b"".join(kept))
+    if pending and not is_known(pending.decode(errors="replace")):
+        _write_all(out, pending)
+    os.close(read_end)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        data = data[os.write(fd, data):]
