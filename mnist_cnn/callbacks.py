@@ -264,6 +264,42 @@ class EpochLines(keras.callbacks.Callback):
         log.info("Epoch %d/%d - %.0fs - %s", epoch + 1, self.params["epochs"], time.perf_counter() - self.start, scores)
 
 
+def write_session_end(run_dir: Path, status: str) -> None:
+    """Close the run's HParams session: ``success``, ``failure`` (diverged, a storage
+    fault) or ``interrupted`` -- otherwise TensorBoard lists every run as "unknown"."""
+    from tensorboard.plugins.hparams import api_pb2
+    from tensorboard.plugins.hparams import summary as hparams_summary
+
+    code = {"success": api_pb2.STATUS_SUCCESS, "failure": api_pb2.STATUS_FAILURE,
+            "interrupted": api_pb2.STATUS_FAILURE}[status]  # the hparams API has no 'aborted'; a resume rewrites it
+    pb = hparams_summary.session_end_pb(code)
+    try:
+        with tf.summary.create_file_writer(str(run_dir)).as_default():
+            tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
+    except (OSError, tf.errors.OpError):  # e.g. the disk that stopped the run is still full
+        log.warning("could not record the HParams session end (%s) in %s", status, run_dir)
+
+
+class GraphTrace(keras.callbacks.Callback):
+    """The graph of one training step in ``train/``, for TensorBoard's Graphs tab (Keras
+    writes none for subclassed models): traced while the first step compiles."""
+
+    def __init__(self, log_dir: Path):
+        super().__init__()
+        self.log_dir, self.tracing, self.traced = Path(log_dir), False, False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if not self.traced:
+            tf.summary.trace_on(graph=True, profiler=False)
+            self.tracing = self.traced = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.tracing:
+            with tf.summary.create_file_writer(str(self.log_dir / "train")).as_default():
+                tf.summary.trace_export(name="train_step", step=0)
+            self.tracing = False
+
+
 def make_callbacks(
     run_dir: RunDir,
     epoch_lines: bool,
@@ -275,9 +311,11 @@ def make_callbacks(
     profile_batch=0,
 ) -> list[keras.callbacks.Callback]:
     """The callbacks of a run in ``run_dir`` (new or resumed), in the order they run."""
-    best_so_far = max((e["val_accuracy"] for e in run_dir.read_history() if "val_accuracy" in e), default=None)
+    history = run_dir.read_history()
+    best_so_far = max((e["val_accuracy"] for e in history if "val_accuracy" in e), default=None)
     return [
         *([EpochLines()] if epoch_lines else []),
+        *([] if history else [GraphTrace(run_dir.path)]),  # once per run: by its first process
         StopOnNaN(),
         keras.callbacks.TensorBoard(
             log_dir=str(run_dir.path), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch

@@ -46,6 +46,7 @@ _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 STEP_TAG_PREFIX = "batch_"
 # ... and the ones written once, by the run's first process only.
 ONCE_TAGS = ("train/samples", "_hparams_/session_start_info")
+SESSION_END_TAG = "_hparams_/session_end_info"
 
 
 def _temp_name(path: Path) -> Path:
@@ -382,6 +383,8 @@ def _drop_events(path: Path, epochs: int, steps: int) -> None:
 
 def _keep(event, epochs: int, steps: int) -> bool:
     tags = [value.tag for value in event.summary.value]
+    if SESSION_END_TAG in tags:
+        return False  # the resumed process ends the session anew
     if any(tag in ONCE_TAGS for tag in tags):
         return True
     if any(tag.startswith(STEP_TAG_PREFIX) for tag in tags):

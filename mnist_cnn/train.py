@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data, distribute
-from mnist_cnn.callbacks import make_callbacks, write_split_pictures
+from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.export import check_export_dir, export_savedmodel
@@ -311,11 +311,18 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
             try:
                 verbose = keras_verbosity(config.progress) if verbose is None else verbose
                 train_epochs(model, datasets, config, run_dir, verbose, callbacks, initial_epoch)
-                return finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
+                result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
             except KeyboardInterrupt:
+                write_session_end(run_dir.path, "interrupted")
                 raise Interrupted(run_dir.path) from None
             except StorageError as e:
+                write_session_end(run_dir.path, "failure")
                 raise StorageError(f"{e}; resume with: python scripts/fit.py --resume {run_dir.path}") from None
+            except TrainingDiverged:
+                write_session_end(run_dir.path, "failure")
+                raise
+            write_session_end(run_dir.path, "success")
+            return result
     finally:
         run_dir.unlock()
         if not chief:

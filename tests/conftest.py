@@ -121,3 +121,15 @@ def read_summaries(folder):
                 plugin = value.metadata.plugin_data.plugin_name
                 found.setdefault(value.tag, []).append((event.step, plugin, value))
     return found
+
+
+def session_statuses(run_dir) -> list[str]:
+    """The HParams session-end statuses written into a run folder, in order."""
+    from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+    found = read_summaries(Path(run_dir)).get("_hparams_/session_end_info", [])
+    return [
+        api_pb2.Status.Name(plugin_data_pb2.HParamsPluginData.FromString(
+            value.metadata.plugin_data.content).session_end_info.status)
+        for _, _, value in found
+    ]

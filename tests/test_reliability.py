@@ -11,7 +11,17 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FIT, committed_epochs, quick, read_events, snapshot, start_fit, wait_for_epochs, write_folder
+from conftest import (
+    FIT,
+    committed_epochs,
+    quick,
+    read_events,
+    session_statuses,
+    snapshot,
+    start_fit,
+    wait_for_epochs,
+    write_folder,
+)
 
 from mnist_cnn import CNN, cli, idx, train
 from mnist_cnn.errors import ModelFileError, TrainingDiverged
@@ -67,9 +77,11 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert f"interrupted; resume with: python scripts/fit.py --resume {run_dir}" in err
     assert "Traceback" not in err
+    assert session_statuses(run_dir) == ["STATUS_FAILURE"]  # not "unknown" in TensorBoard
     resumed = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_resumed_run(run_dir, epochs=2, steps=40)
+    assert session_statuses(run_dir) == ["STATUS_SUCCESS"]  # the resumed run ended the session anew
 
 
 def test_resume_refuses_conflicting_flags_and_finished_runs(tmp_path, capsys):
@@ -231,6 +243,7 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, mon
     assert committed_epochs(run_dir) == 1
     assert not (run_dir / "model.keras").exists() and not (run_dir / "metrics.json").exists()
     assert len(json.loads((run_dir / "history.json").read_text())) == 1
+    assert session_statuses(run_dir) == ["STATUS_FAILURE"]
     good = keras.saving.load_model(run_dir / "checkpoints" / "epoch-01.keras")
     assert all(np.isfinite(w).all() for w in good.get_weights())
 

@@ -1,0 +1,85 @@
+"""A clean start: our commands hide TensorFlow's known start-up lines, and only those;
+output to a file is one line per epoch without terminal escape codes."""
+
+import subprocess
+import sys
+
+from conftest import FIT, run_python
+
+from mnist_cnn import quiet
+
+NOISE = [
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "I0000 00:00:1795785205.457800    3146 port.cc:153] oneDNN custom operations are on. You may see slightly "
+    "different numerical results due to floating-point round-off errors.",
+    "I0000 00:00:1795785205.458097    3146 cudart_stub.cc:31] Could not find cuda drivers on your machine, "
+    "GPU will not be used.",
+    "I0000 00:00:1795785205.495996    3146 cpu_feature_guard.cc:227] This TensorFlow binary is optimized to use "
+    "available CPU instructions in performance-critical operations.",
+    "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
+    "appropriate compiler flags.",
+    "E0000 00:00:1795785279.801234    3550 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+    "Failed call to cuInit: UNKNOWN ERROR (303)",
+]
+
+
+def test_the_known_lines_and_only_those_are_known():
+    assert all(quiet.is_known(line) for line in NOISE)
+    for other in ("E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: CUDA_ERROR_NO_DEVICE",
+                  "W0000 00:00:1.0 1 op_kernel.cc:1858] OP_REQUIRES failed: RESOURCE_EXHAUSTED: OOM",
+                  "Traceback (most recent call last):", "fit.py: error: --epochs must be positive"):
+        assert not quiet.is_known(other), other
+
+
+def test_the_filter_passes_everything_else_in_order_tracebacks_included():
+    code = f"""
+import os, sys
+sys.argv[0] = "mnist-cnn-test"  # as an installed command: the filter is on before TensorFlow loads
+from mnist_cnn import quiet
+noise = {NOISE!r}
+os.write(2, ("first line\\n" + noise[0] + "\\n" + noise[5] + "\\n").encode())
+print("second line", file=sys.stderr, flush=True)
+os.write(2, (noise[3] + "\\n" + noise[4] + "\\nthird line without a newline").encode())
+print("", file=sys.stderr, flush=True)
+raise RuntimeError("boom")
+"""
+    proc = run_python(code)
+    lines = proc.stderr.splitlines()
+    assert not any(quiet.is_known(line) for line in lines)
+    assert lines[:3] == ["first line", "second line", "third line without a newline"]
+    assert lines[3] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
+
+
+def test_importing_the_library_leaves_stderr_alone():
+    code = "import os; before = os.fstat(2).st_ino; import mnist_cnn; print(before == os.fstat(2).st_ino)"
+    proc = run_python(code)
+    assert proc.stdout.strip() == "True"
+
+
+def test_a_run_into_files_starts_clean_and_prints_one_line_per_epoch(tmp_path):
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        proc = subprocess.run([*FIT, "--data", "sample", "--epochs", "2", "--steps-per-epoch", "3",
+                               "--logdir", tmp_path / "logs"], stdout=stdout, stderr=stderr, timeout=300)
+    assert proc.returncode == 0, err.read_text()[-2000:]
+    assert err.read_text() == ""  # not one TensorFlow line
+    text = out.read_text()
+    assert "\x1b[" not in text and "━" not in text  # no progress bar, no escape codes
+    epoch_lines = [line for line in text.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(" - ")[0] for line in epoch_lines] == ["Epoch 1/2", "Epoch 2/2"]
+    assert all("val_accuracy: " in line for line in epoch_lines)
+    assert text.splitlines()[-2].startswith("test accuracy: ")
+
+
+def test_verbose_shows_tensorflows_lines_again(tmp_path):
+    proc = subprocess.run([*FIT, "--bogus"], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "MNIST_CNN_VERBOSE": "1"})
+    assert proc.returncode == 2
+    assert any(quiet.is_known(line) for line in proc.stderr.splitlines())  # TensorFlow's own, unfiltered
+    assert proc.stderr.splitlines()[-1] == "fit.py: error: unrecognized arguments: --bogus"
+
+
+def test_the_installed_command_names_count_as_entry_points():
+    assert quiet.is_entry_point("/usr/local/bin/mnist-cnn-fit")
+    assert quiet.is_entry_point(str(quiet.SCRIPTS / "fit.py"))
+    assert not quiet.is_entry_point("/home/someone/fit.py") and not quiet.is_entry_point(sys.executable)
