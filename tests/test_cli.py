@@ -109,3 +109,16 @@ def test_the_old_recipe_name_still_works(tmp_path):
 def test_resume_and_dry_run_do_not_mix(capsys):
     assert cli.fit_main(["--resume", "x", "--dry-run"]) == 2
     assert capsys.readouterr().err == "fit.py: error: --dry-run cannot be combined with --resume\n"
+
+
+def readme_command(path, marker: str) -> str:
+    text = path.read_text()
+    block = text[text.index(f"<!-- {marker} -->"):]
+    return block.split("```bash\n", 1)[1].split("```", 1)[0].strip()
+
+
+@pytest.mark.parametrize("marker", ["main command", "test command"])
+def test_the_chinese_readme_gives_the_same_two_commands(marker):
+    english, chinese = REPO / "README.md", REPO / "README.zh-CN.md"
+    assert readme_command(chinese, marker) == readme_command(english, marker)
+    assert "README.zh-CN.md" in english.read_text().split("\n## ")[0]  # linked from the top
