@@ -9,6 +9,7 @@ time runs from the end of its first step to the end of its last, so one-off cost
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -214,6 +215,24 @@ def offline_start(log) -> dict:
     return {"seconds": float(line.split()[1]), "source": "sample (offline fallback)" if chose_sample else "tfds"}
 
 
+def run_overhead(config: train.TrainConfig, log, label: str) -> dict:
+    """A whole ``fit()`` run (data, model, every callback, checkpoints, the final test
+    score and files) over its steps x the bare model.fit step time on the same training
+    pipeline, measured in the same process right after it."""
+    start = time.perf_counter()
+    result = train.fit(config, verbose=0)
+    whole = time.perf_counter() - start
+    steps = result.history and len(result.history["loss"]) * (
+        config.steps_per_epoch or math.ceil(result.data_info.num_train / config.batch_size))
+    pipeline = data.load(config.data, batch_size=config.batch_size, seed=0, repeat=True).train
+    window = fit_window(compiled_cnn(), pipeline)
+    window(3)  # tracing
+    bare = statistics.median(window(50) / 50 for _ in range(3))
+    log(f"  run overhead ({label}) done")
+    return {"label": label, "seconds": whole, "steps": steps, "bare_ms_per_step": 1000 * bare,
+            "ratio": whole / (steps * bare)}
+
+
 def accuracy(epochs_seed: int | None, official: Path | None, log) -> dict:
     """Test accuracy of the tutorial and best recipes trained on the 5k sample, tested on
     ``official`` (an IDX folder with the official t10k files) when given."""
@@ -256,6 +275,11 @@ def report(results: dict) -> str:
             f"full-size input pipeline ({pipe['train_images']:,} IDX images, {pipe['steps']} steps): "
             f"{s['IDX pipeline, first epoch']:.1f} s vs {s['in-memory batch']:.1f} s in memory -> "
             f"{pipe['overhead_pct']:+.1f} % (reading the IDX files: {pipe['read_idx_seconds']:.1f} s)"
+        )
+    for over in results.get("run_overhead", []):
+        lines.append(
+            f"run overhead, {over['label']}: {over['seconds']:.1f} s for {over['steps']} steps of "
+            f"{over['bare_ms_per_step']:.1f} ms -> {over['ratio']:.2f}x the bare steps"
         )
     start = results.get("offline_start")
     if start:
@@ -310,6 +334,13 @@ def _bench(args) -> None:
     results["evaluation"] = evaluation_speed(rounds, args.official_test, log)
     log("full-size pipeline ...")
     results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
+    log("run overhead ...")
+    with tempfile.TemporaryDirectory() as logdir:
+        overhead = [run_overhead(train.TrainConfig(data="sample", logdir=logdir), log, "default sample run")]
+        if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not args.quick:
+            full = train.TrainConfig(data=str(FASHION_MNIST), epochs=1, logdir=logdir)
+            overhead.append(run_overhead(full, log, "one full-size epoch (Fashion-MNIST IDX, 55,000 train)"))
+    results["run_overhead"] = overhead
     log("offline start ...")
     results["offline_start"] = offline_start(log)
     if args.accuracy:
