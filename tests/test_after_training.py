@@ -71,6 +71,7 @@ def test_evaluate_agrees_with_keras(trained, sample):
     _, (x, y) = sample
     model = keras.saving.load_model(trained.model_path)
     report = evaluate.evaluate(model, x, y, "sample")
+    model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # run files hold no training state
     scores = model.evaluate(x[..., None] / 255.0, y, batch_size=100, verbose=0, return_dict=True)
     assert report.accuracy == pytest.approx(scores["accuracy"], abs=1e-6)
     assert report.loss == pytest.approx(scores["loss"], rel=1e-4)
