@@ -4,10 +4,15 @@
     python scripts/export.py logs/<run>/model.keras exported/   # a saved model
     export_savedmodel(model, "exported/")               # from Python
 
-Two signatures (both accept ``(N, 28, 28)`` or ``(N, 28, 28, 1)``):
+Two signatures, each taking ``images`` of shape ``(N, 28, 28, 1)`` -- any other shape
+is refused by TensorFlow's signature check, never reshaped into other rows:
 - ``serving_default``: float32 images in [0, 1];
 - ``serve_uint8``: uint8 images 0-255, as MNIST stores them.
 Each returns ``probabilities`` (N, 10) float32 and ``digits`` (N,) int64.
+
+``export_tflite`` writes the same model as a TensorFlow Lite file with one input
+``images`` (batch 1 by default, resizable) and one output ``probabilities``, optionally
+quantized (``dynamic`` range, or full ``int8`` calibrated on training digits).
 """
 
 from __future__ import annotations
@@ -23,7 +28,41 @@ import tensorflow as tf
 from mnist_cnn.cli import Parser, main_with
 from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.model import load_cnn
-from mnist_cnn.rundir import check_name
+from mnist_cnn.rundir import check_name, write_atomic
+
+SERVING_SHAPE = (None, 28, 28, 1)
+QUANTIZE = ("none", "dynamic", "int8")
+
+
+def tflite_bytes(model: keras.Model, quantize: str = "none", representative=None) -> bytes:
+    """``model`` as a TensorFlow Lite flatbuffer with one signature: ``images`` float32
+    (batch, 28, 28, 1) -> ``probabilities``. ``representative``: float32 images
+    (N, 28, 28, 1) that calibrate ``int8`` quantization (training digits)."""
+
+    # Converted from a one-signature SavedModel: the converter freezes its variables
+    # (from a Keras 3 model's concrete function it kept them as unreadable resources).
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        "serving_default",
+        lambda images: {"probabilities": model(images, training=False)},
+        input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.float32, name="images")],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        archive.write_out(folder, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=["serving_default"])
+        return _convert(converter, quantize, representative)
+
+
+def _convert(converter, quantize: str, representative) -> bytes:
+    if quantize in ("dynamic", "int8"):
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "int8":
+        if representative is None:
+            raise UsageError("--quantize int8 needs representative training digits")
+        converter.representative_dataset = lambda: ([image[None]] for image in representative)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    return converter.convert()
 
 
 def check_export_dir(directory: str | os.PathLike) -> Path:
@@ -56,7 +95,10 @@ def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
     directory = check_export_dir(directory)
 
     def predict(images):
-        images = tf.reshape(images, (-1, 28, 28, 1))
+        # A signature's input shape is not enforced when it is called: a (8, 784) batch
+        # reached Conv2D and aborted the whole process (a TensorFlow check failure).
+        # Check first, so a bad batch is an InvalidArgumentError and the server lives on.
+        images = tf.ensure_shape(images, SERVING_SHAPE)
         probabilities = model(images, training=False)
         return {"probabilities": probabilities, "digits": tf.argmax(probabilities, axis=-1)}
 
@@ -67,12 +109,12 @@ def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
     archive.add_endpoint(
         "serving_default",
         lambda images: predict(images),
-        input_signature=[tf.TensorSpec(None, tf.float32, name="images")],
+        input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.float32, name="images")],
     )
     archive.add_endpoint(
         "serve_uint8",
-        lambda images: predict(tf.cast(images, tf.float32) / 255.0),
-        input_signature=[tf.TensorSpec(None, tf.uint8, name="images")],
+        lambda images: predict(tf.cast(tf.ensure_shape(images, SERVING_SHAPE), tf.float32) / 255.0),
+        input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.uint8, name="images")],
     )
     staging = _staging(directory)
     try:
@@ -97,12 +139,37 @@ def _usual_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def export_tflite(model: keras.Model, path: str | os.PathLike, quantize: str = "none") -> Path:
+    """Write ``model`` as a new TensorFlow Lite file; ``int8`` is calibrated on 200 of
+    the sample's training digits."""
+    path = Path(path)
+    if path.exists():
+        raise UsageError(f"{path}: already exists; choose a new file for the TensorFlow Lite model")
+    check_name("--tflite", path.name)
+    representative = None
+    if quantize == "int8":
+        from mnist_cnn import data
+
+        (images, _), _ = data.sample_arrays()
+        representative = data.to_float(images[:200])
+    return write_atomic(path, tflite_bytes(model, quantize, representative))
+
+
 def main(argv=None) -> int:
-    p = Parser(prog="export.py", description="Export a saved CNN as a serving SavedModel.")
+    p = Parser(prog="export.py", description="Export a saved CNN as a serving SavedModel (and TensorFlow Lite).")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("directory", metavar="DIR", help="a new folder for the SavedModel")
+    p.add_argument("--tflite", metavar="FILE", help="also write a TensorFlow Lite model to this new file")
+    p.add_argument("--quantize", choices=QUANTIZE, default="none",
+                   help="TensorFlow Lite weights: none (float32), dynamic (int8 weights), or int8 (weights and "
+                   "activations, calibrated on training digits) (default: none)")
+
     def body(args):
         check_export_dir(args.directory)
-        print(f"SavedModel for serving: {export_savedmodel(load_cnn(args.model), args.directory)}")
+        model = load_cnn(args.model)
+        print(f"SavedModel for serving: {export_savedmodel(model, args.directory)}")
+        if args.tflite:
+            path = export_tflite(model, args.tflite, args.quantize)
+            print(f"TensorFlow Lite ({args.quantize}): {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
     return main_with(p, argv, body)

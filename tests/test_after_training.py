@@ -168,7 +168,7 @@ folder = sys.argv[1]
 loaded = tf.saved_model.load(folder + "/served")
 x = np.load(folder + "/x.npy")
 a = loaded.signatures["serving_default"](images=tf.constant(x[..., None] / 255.0, tf.float32))
-b = loaded.signatures["serve_uint8"](images=tf.constant(x))
+b = loaded.signatures["serve_uint8"](images=tf.constant(x[..., None]))
 np.save(folder + "/a.npy", a["probabilities"].numpy()); np.save(folder + "/b.npy", b["probabilities"].numpy())
 np.save(folder + "/digits.npy", b["digits"].numpy())
 print("imported:", sorted(m for m in sys.modules if m.startswith("mnist_cnn")))

@@ -1,0 +1,114 @@
+"""Deployment with TensorFlow's own tools: a serving SavedModel whose signatures have a
+shape (and refuse other batches), and TensorFlow Lite files that work with the plain
+Interpreter flow."""
+
+import subprocess
+import sys
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import quick
+
+from mnist_cnn import export, train
+from mnist_cnn.model import load_cnn
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A short real run, its model and its SavedModel (via fit.py's --export path)."""
+    folder = tmp_path_factory.mktemp("deploy")
+    run = train.fit(quick(folder, epochs=2, steps_per_epoch=40, export=str(folder / "served")), verbose=0)
+    return run, folder / "served"
+
+
+@pytest.fixture(scope="module")
+def digits(sample):
+    _, (x, y) = sample
+    return data_float(x), y
+
+
+def data_float(images):
+    return (images / 255.0).astype("float32")[..., None]
+
+
+def test_signatures_have_a_shape_and_refuse_other_batches(exported, digits):
+    _, served = exported
+    loaded = tf.saved_model.load(str(served))
+    for name, dtype in (("serving_default", tf.float32), ("serve_uint8", tf.uint8)):
+        spec = loaded.signatures[name].structured_input_signature[1]["images"]
+        assert spec.shape.as_list() == [None, 28, 28, 1] and spec.dtype == dtype, name
+    x, _ = digits
+    assert loaded.signatures["serving_default"](images=tf.constant(x[:3]))["probabilities"].shape == (3, 10)
+    for bad in (np.zeros((3, 28, 28, 3), "float32"), np.zeros((8, 784), "float32"), x[:3, ..., 0]):
+        with pytest.raises((ValueError, TypeError, tf.errors.InvalidArgumentError)):
+            loaded.signatures["serving_default"](images=tf.constant(bad))  # never 9 rows for 3 images
+
+
+def test_saved_model_cli_shows_the_shape_and_runs_real_digits(exported, digits, tmp_path):
+    run, served = exported
+    cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    shown = subprocess.run([*cli, "show", "--dir", str(served), "--all"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    blocks = {block.split("'")[0]: block for block in shown.stdout.split("signature_def['")[1:]}
+    for name in ("serving_default", "serve_uint8"):
+        inputs = blocks[name].split("outputs:")[0]
+        assert "shape: (-1, 28, 28, 1)" in inputs and "unknown_rank" not in inputs, blocks[name]
+    x, _ = digits
+    np.save(tmp_path / "x.npy", x[:32])
+    argv = [*cli, "run", "--dir", str(served), "--tag_set", "serve", "--signature_def", "serving_default",
+            "--inputs", f"images={tmp_path / 'x.npy'}", "--outdir", str(tmp_path / "out")]
+    ran = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    expected = load_cnn(run.model_path).predict(x[:32], verbose=0)
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "probabilities.npy"), expected, atol=1e-5)
+
+
+def tflite_accuracy(content: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    """The ordinary Interpreter flow: allocate_tensors() with no resize, set, invoke, get."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tf.lite.Interpreter's own deprecation notice
+        interpreter = tf.lite.Interpreter(model_content=content)
+    interpreter.allocate_tensors()
+    (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert list(inp["shape"]) == [1, 28, 28, 1] and inp["dtype"] == np.float32
+    assert interpreter.get_signature_list() == {"serving_default": {"inputs": ["images"], "outputs": ["probabilities"]}}
+    predicted = []
+    for image in x:
+        interpreter.set_tensor(inp["index"], image[None])
+        interpreter.invoke()
+        predicted.append(int(interpreter.get_tensor(out["index"])[0].argmax()))
+    return float((np.array(predicted) == y).mean())
+
+
+def test_tensorflow_lite_float_dynamic_and_int8(exported, digits, tmp_path, capsys):
+    run, _ = exported
+    x, y = digits  # the sample's held-out digits
+    x, y = x[:400], y[:400]
+    keras_accuracy = float((load_cnn(run.model_path).predict(x, verbose=0).argmax(1) == y).mean())
+    sizes = {}
+    for quantize in export.QUANTIZE:
+        path = tmp_path / f"cnn-{quantize}.tflite"
+        argv = [str(run.model_path), str(tmp_path / f"saved-{quantize}"), "--tflite", str(path), "--quantize", quantize]
+        assert export.main(argv) == 0
+        assert f"TensorFlow Lite ({quantize}): {path}" in capsys.readouterr().out
+        sizes[quantize] = path.stat().st_size
+        accuracy = tflite_accuracy(path.read_bytes(), x, y)
+        if quantize in ("none", "dynamic"):
+            assert abs(accuracy - keras_accuracy) <= 0.005, (quantize, accuracy, keras_accuracy)
+        else:
+            assert accuracy >= keras_accuracy - 0.02, (accuracy, keras_accuracy)
+    assert sizes["dynamic"] < 0.3 * sizes["none"] and sizes["int8"] < 0.3 * sizes["none"]
+
+
+def test_export_refuses_an_unknown_quantization_and_an_existing_file(exported, tmp_path, capsys):
+    run, _ = exported
+    assert export.main([str(run.model_path), str(tmp_path / "a"), "--tflite", "x.tflite", "--quantize", "int4"]) == 2
+    assert "argument --quantize: invalid choice: 'int4'" in capsys.readouterr().err
+    taken = tmp_path / "taken.tflite"
+    taken.write_bytes(b"mine")
+    with pytest.raises(export.UsageError, match="already exists"):
+        export.export_tflite(keras.saving.load_model(run.model_path), taken)
+    assert taken.read_bytes() == b"mine"
