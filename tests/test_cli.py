@@ -9,7 +9,7 @@ import pytest
 import tomllib
 from conftest import REPO
 
-from mnist_cnn import bench, cli, evaluate, export, predict, tutorial
+from mnist_cnn import bench, cli, evaluate, export, predict, serve, tutorial
 from mnist_cnn.config import RECIPES, TrainConfig
 from mnist_cnn.errors import UsageError
 
@@ -19,6 +19,7 @@ MAINS = {
     "predict.py": predict.main,
     "export.py": export.main,
     "bench.py": bench.main,
+    "serve.py": serve.main,
     "conv_demo.py": tutorial.conv_main,
     "reshape_demo.py": tutorial.reshape_main,
     "tutorial_loop.py": tutorial.loop_main,
@@ -41,7 +42,8 @@ def test_every_config_field_is_a_flag_with_its_help_and_default():
 
 @pytest.mark.parametrize("script, argv", [(s, ["--bogus"]) for s in MAINS])
 def test_every_script_answers_an_unknown_flag_in_one_line(script, argv, capsys):
-    needs = {"evaluate.py": ["m.keras"], "predict.py": ["m.keras", "x.png"], "export.py": ["m.keras", "out"]}
+    needs = {"evaluate.py": ["m.keras"], "predict.py": ["m.keras", "x.png"], "export.py": ["m.keras", "out"],
+             "serve.py": ["m.keras"]}
     assert MAINS[script](needs.get(script, []) + argv) == 2
     assert capsys.readouterr().err == f"{script}: error: unrecognized arguments: --bogus\n"
 
