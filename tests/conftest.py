@@ -1,5 +1,6 @@
 import hashlib
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -133,3 +134,10 @@ def session_statuses(run_dir) -> list[str]:
             value.metadata.plugin_data.content).session_end_info.status)
         for _, _, value in found
     ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -11,20 +11,12 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import REPO, quick
+from conftest import REPO, free_port, quick
 
 from mnist_cnn import train
 from mnist_cnn.model import load_cnn
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

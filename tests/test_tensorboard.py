@@ -2,7 +2,6 @@
 through its HTTP data API for the dashboards of one finished run."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -10,17 +9,11 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import quick
+from conftest import free_port, quick
 
 from mnist_cnn import train
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
