@@ -8,7 +8,10 @@ time runs from the end of its first step to the end of its last, so one-off cost
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import logging
 import math
 import os
 import statistics
@@ -46,6 +49,39 @@ def forward_flops(model: CNN) -> int:
             flops += 2 * shape[-1] * out[-1]
         shape = out
     return flops
+
+
+# -- the machine's ceiling ----------------------------------------------------------------
+
+
+def matmul_peak(dtype: str, n: int = 2048, rounds: int = 5, per_window: int = 8) -> float:
+    """GFLOP/s of an n x n matmul in ``dtype`` on this machine: the best of ``rounds``
+    windows (a ceiling, so the best, not the median)."""
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
+    matmul = tf.function(lambda: tf.matmul(a, b))
+    matmul().numpy()  # tracing and warm-up
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(per_window):
+            result = matmul()
+        result.numpy()
+        best = min(best, (time.perf_counter() - start) / per_window)
+    return 2 * n**3 / best / 1e9
+
+
+def ceilings(log) -> dict[str, float]:
+    """The matmul peak of each precision the contenders use: float32, and the mixed one
+    (bfloat16 on a CPU, float16 on a GPU)."""
+    mixed = "float16" if tf.config.list_physical_devices("GPU") else "bfloat16"
+    peaks = {precision: matmul_peak(precision) for precision in ("float32", mixed)}
+    log(f"  matmul peaks: {', '.join(f'{k} {v:.0f} GFLOP/s' for k, v in peaks.items())}")
+    return peaks
+
+
+def contender_precision(name: str, peaks: dict[str, float]) -> str:
+    return next(p for p in peaks if p != "float32") if "mixed precision" in name else "float32"
 
 
 # -- timing --------------------------------------------------------------------------------
@@ -215,6 +251,18 @@ def offline_start(log) -> dict:
     return {"seconds": float(line.split()[1]), "source": "sample (offline fallback)" if chose_sample else "tfds"}
 
 
+@contextlib.contextmanager
+def quiet_runs():
+    """The runs a benchmark makes print nothing of their own (Device:, Data: ...)."""
+    logger = logging.getLogger("mnist_cnn")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def run_overhead(config: train.TrainConfig, log, label: str) -> dict:
     """A whole ``fit()`` run (data, model, every callback, checkpoints, the final test
     score and files) over its steps x the bare model.fit step time on the same training
@@ -233,35 +281,49 @@ def run_overhead(config: train.TrainConfig, log, label: str) -> dict:
             "ratio": whole / (steps * bare)}
 
 
-def accuracy(epochs_seed: int | None, official: Path | None, log) -> dict:
-    """Test accuracy of the tutorial and best recipes trained on the 5k sample, tested on
-    ``official`` (an IDX folder with the official t10k files) when given."""
+ACCURACY_RECIPES = ("tutorial", "fast", "best")
+
+
+def accuracy(runs: int, official: Path | None, log) -> dict:
+    """Test accuracy and wall time of each recipe trained on the 5k sample, tested on
+    ``official`` (an IDX folder with the official t10k files) when given; ``runs``
+    rounds, the recipes taking turns. ``fast_vs_tutorial``: the ratio of median times."""
     test = str(official) if official else None
-    results = {}
+    results = {recipe: [] for recipe in ACCURACY_RECIPES}
     with tempfile.TemporaryDirectory() as logdir:
-        for recipe in ("tutorial", "best"):
-            config = train.TrainConfig.from_recipe(recipe, data="sample", test_data=test, logdir=logdir)
-            if recipe == "tutorial" and epochs_seed:
-                config.epochs = epochs_seed
-            result = train.fit(config, verbose=0)
-            results[recipe] = {"test_accuracy": result.test_accuracy, "seconds": result.seconds,
-                               "epochs": config.epochs, "train_images": result.data_info.num_train}
-            log(f"  recipe {recipe}: {result.test_accuracy:.4f} in {result.seconds:.0f} s")
-    return {"test_set": test or "sample's own 1,000 held-out digits", "recipes": results}
+        for round_ in range(runs):
+            for recipe in ACCURACY_RECIPES:
+                config = train.TrainConfig.from_recipe(recipe, data="sample", test_data=test, logdir=logdir,
+                                                       keep_checkpoints=0)
+                start = time.perf_counter()
+                result = train.fit(config, verbose=0)
+                seconds = time.perf_counter() - start
+                results[recipe].append({"test_accuracy": result.test_accuracy, "seconds": seconds,
+                                        "epochs": config.epochs, "mixed_precision": config.mixed_precision,
+                                        "train_images": result.data_info.num_train})
+                log(f"  round {round_ + 1}: recipe {recipe}: {result.test_accuracy:.4f} in {seconds:.0f} s")
+    median = {recipe: statistics.median(r["seconds"] for r in rs) for recipe, rs in results.items()}
+    return {"test_set": test or "sample's own 1,000 held-out digits", "recipes": results,
+            "fast_vs_tutorial": median["fast"] / median["tutorial"]}
 
 
 # -- report ----------------------------------------------------------------------------------
 
 
 def report(results: dict) -> str:
-    lines = [f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)", ""]
+    lines = [f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)"]
+    if "peak" in results:
+        lines.append("matmul ceiling (2048x2048): " + ", ".join(
+            f"{precision} {gflops:.0f} GFLOP/s" for precision, gflops in results["peak"].items()))
+    lines.append("")
     for batch, rows in results["training"].items():
         lines.append(f"training, batch {batch}:")
-        lines.append(f"  {'contender':<28} {'ms/step':>8} {'images/s':>9} {'vs eager':>8} {'GFLOP/s':>8} {'spread':>7}")
+        lines.append(f"  {'contender':<28} {'ms/step':>8} {'images/s':>9} {'vs eager':>8} {'GFLOP/s':>8}"
+                     f" {'of peak':>8} {'spread':>7}")
         for name, r in rows.items():
             lines.append(
                 f"  {name:<28} {r['ms_per_step']:8.1f} {r['images_per_s']:9.0f} {r['vs_eager']:7.2f}x"
-                f" {r['gflop_per_s']:8.1f} {r['spread_pct']:6.0f}%"
+                f" {r['gflop_per_s']:8.1f} {100 * r.get('peak_fraction', 0):7.0f}% {r['spread_pct']:6.0f}%"
             )
     ev = results["evaluation"]
     lines.append(
@@ -287,15 +349,17 @@ def report(results: dict) -> str:
     acc = results.get("accuracy")
     if acc:
         lines.append(f"accuracy on {acc['test_set']}:")
-        for recipe, r in acc["recipes"].items():
-            lines.append(f"  --recipe {recipe:<8} {r['test_accuracy']:.4f}  ({r['epochs']} epochs on "
-                         f"{r['train_images']:,} digits, {r['seconds']:.0f} s)")
+        for recipe, runs in acc["recipes"].items():
+            scores = " ".join(f"{r['test_accuracy']:.4f}" for r in runs)
+            times = " ".join(f"{r['seconds']:.0f}" for r in runs)
+            precision = ", mixed precision" if runs[0]["mixed_precision"] else ""
+            lines.append(f"  --recipe {recipe:<8} {scores}  ({runs[0]['epochs']} epochs on "
+                         f"{runs[0]['train_images']:,} digits{precision}; {times} s)")
+        lines.append(f"  fast / tutorial wall time (medians): {acc['fast_vs_tutorial']:.2f}x")
     return "\n".join(lines)
 
 
 def _idx_folder(text: str) -> Path:
-    import argparse
-
     path = Path(text)
     if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
         raise argparse.ArgumentTypeError(f"{text}: no t10k-images-idx3-ubyte[.gz] there")
@@ -309,7 +373,8 @@ def main(argv=None) -> int:
     p.add_argument("--large-batch", type=positive_int, default=256, help="the second batch size timed (default: 256)")
     p.add_argument("--official-test", type=_idx_folder, default=None, metavar="PATH",
                    help="a folder with the official MNIST t10k files: evaluation speed and --accuracy use it")
-    p.add_argument("--accuracy", action="store_true", help="also train the tutorial and best recipes (minutes)")
+    p.add_argument("--accuracy", action="store_true", help="also train the tutorial, fast and best recipes (minutes)")
+    p.add_argument("--accuracy-runs", type=positive_int, default=1, help="rounds of --accuracy (default: 1)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     return main_with(p, argv, _bench)
 
@@ -327,15 +392,19 @@ def _bench(args) -> None:
         "forward_mflop": forward_flops(CNN()) / 1e6,
         "training": {},
     }
+    log("matmul ceilings ...")
+    results["peak"] = ceilings(log)
     log("training throughput ...")
     for batch, window in ((50, 10 if args.quick else 25), (args.large_batch, 3 if args.quick else 6)):
         results["training"][batch] = training_throughput(batch, rounds, window, log)
+        for name, row in results["training"][batch].items():  # each against its own precision's ceiling
+            row["peak_fraction"] = row["gflop_per_s"] / results["peak"][contender_precision(name, results["peak"])]
     log("evaluation ...")
     results["evaluation"] = evaluation_speed(rounds, args.official_test, log)
     log("full-size pipeline ...")
     results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
     log("run overhead ...")
-    with tempfile.TemporaryDirectory() as logdir:
+    with tempfile.TemporaryDirectory() as logdir, quiet_runs():
         overhead = [run_overhead(train.TrainConfig(data="sample", logdir=logdir), log, "default sample run")]
         if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not args.quick:
             full = train.TrainConfig(data=str(FASHION_MNIST), epochs=1, logdir=logdir)
@@ -345,7 +414,8 @@ def _bench(args) -> None:
     results["offline_start"] = offline_start(log)
     if args.accuracy:
         log("accuracy (two training runs) ...")
-        results["accuracy"] = accuracy(None, args.official_test, log)
+        with quiet_runs():
+            results["accuracy"] = accuracy(args.accuracy_runs, args.official_test, log)
     print(report(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

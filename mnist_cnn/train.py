@@ -140,6 +140,7 @@ def train_epochs(
     verbose,
     extra=(),
     initial_epoch: int = 0,
+    epoch_lines: bool = False,
 ) -> None:
     """model.fit from ``initial_epoch`` with the run's callbacks (and ``extra`` ones)."""
     if initial_epoch >= config.epochs:
@@ -155,7 +156,7 @@ def train_epochs(
             callbacks=[
                 *make_callbacks(
                     run_dir,
-                    epoch_lines=verbose == 0 and config.progress != "none",
+                    epoch_lines=epoch_lines,
                     split="validation" if datasets.info.num_validation else "test",
                     validation=datasets.validation,
                     preview=datasets.preview,
@@ -267,11 +268,11 @@ def resume_from(model: CNN, run_dir: RunDir, config: TrainConfig) -> int:
     return state.epochs
 
 
-def keras_verbosity(progress: str) -> int:
-    """Keras' fit verbosity for --progress: 1 = the bar; 0 = quiet (the epoch lines are ours)."""
+def progress_mode(progress: str) -> str:
+    """--progress resolved: auto is the bar on a terminal, one line per epoch otherwise."""
     if progress == "auto":
-        progress = "bar" if sys.stdout.isatty() else "epoch"
-    return 1 if progress == "bar" else 0
+        return "bar" if sys.stdout.isatty() else "epoch"
+    return progress
 
 
 def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -> RunResult:
@@ -280,8 +281,8 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
     ``resume``: continue the run ``<logdir>/<run_name>`` after its last finished
     epoch (``resume.json``), appending to its logs; a run whose epochs all finished
     is only evaluated and saved. Ctrl-C or a storage failure leaves a resumable run.
-    ``callbacks`` are added to the run's own; ``verbose`` overrides the Keras verbosity
-    that ``config.progress`` gives. Everything that can be wrong with the input is
+    ``callbacks`` are added to the run's own; ``verbose`` (Keras' fit verbosity) replaces
+    what ``config.progress`` would print. Everything that can be wrong with the input is
     checked before the run folder is created.
     """
     require_tensorflow("train.fit")
@@ -305,12 +306,16 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
         log.info("Device: %s", describe_devices())
         log.info("Strategy: %s, global batch %d", distribute.describe(strategy), global_batch)
         log.info("Data: %s", datasets.info.describe())
+        log.info("Precision: %s%s", precision_policy(config.mixed_precision),
+                 " (recipe fast: native on this machine)" if config.recipe == "fast" and config.mixed_precision else "")
         log.info("Run folder: %s", run_dir.path)
         with strategy.scope():
             initial_epoch = resume_from(model, run_dir, config) if resume else 0
             try:
-                verbose = keras_verbosity(config.progress) if verbose is None else verbose
-                train_epochs(model, datasets, config, run_dir, verbose, callbacks, initial_epoch)
+                mode = progress_mode(config.progress) if verbose is None else "keras"
+                keras_verbose = {"bar": 1, "epoch": 0, "none": 0}.get(mode, verbose)
+                train_epochs(model, datasets, config, run_dir, keras_verbose, callbacks, initial_epoch,
+                             epoch_lines=mode == "epoch")
                 result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
             except KeyboardInterrupt:
                 write_session_end(run_dir.path, "interrupted")

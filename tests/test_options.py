@@ -131,3 +131,29 @@ def test_sample_with_an_official_test_folder_uses_all_5000(tmp_path):
 def test_forward_flops_counted_from_the_layer_shapes():
     assert bench.forward_flops(CNN()) == 2 * (28 * 28 * 32 * 25 + 14 * 14 * 64 * 25 * 32 + 3136 * 1024 + 1024 * 10)
     assert bench.forward_flops(CNN()) / 1e6 == pytest.approx(27.8, abs=0.05)
+
+
+def test_the_fast_recipe_uses_mixed_precision_only_where_it_is_native(monkeypatch):
+    from mnist_cnn import config
+
+    fast = TrainConfig.from_recipe("fast")
+    assert (fast.epochs, fast.augment, fast.lr_schedule, fast.dropout, fast.learning_rate) == (12, True, "cosine",
+                                                                                              0.5, 2e-3)
+    assert fast.mixed_precision == config.native_mixed_precision()
+    monkeypatch.setattr(config, "native_mixed_precision", lambda: False)
+    assert TrainConfig.from_recipe("fast").mixed_precision is False  # no bf16 instructions: float32
+    assert TrainConfig.from_recipe("fast", mixed_precision=True).mixed_precision is True  # a typed flag wins
+
+
+def test_bench_reports_each_contender_against_its_precisions_ceiling():
+    peaks = {"float32": 200.0, "bfloat16": 400.0}
+    assert bench.contender_precision("model.fit", peaks) == "float32"
+    assert bench.contender_precision("model.fit, mixed precision", peaks) == "bfloat16"
+    assert bench.matmul_peak("float32", n=256, rounds=2, per_window=2) > 1.0  # GFLOP/s, measured for real
+    row = {"ms_per_step": 20.0, "images_per_s": 2500, "vs_eager": 2.3, "gflop_per_s": 150.0, "spread_pct": 5,
+           "peak_fraction": 0.75}
+    text = bench.report({"forward_mflop": 27.77, "peak": peaks, "training": {50: {"model.fit": row}},
+                         "evaluation": {"images": 10, "seconds": {"model.evaluate": 1.0,
+                                                                  "tutorial batch-wise predict": 2.0}, "speedup": 2.0}})
+    assert "matmul ceiling (2048x2048): float32 200 GFLOP/s, bfloat16 400 GFLOP/s" in text
+    assert "of peak" in text and "     75%" in text
