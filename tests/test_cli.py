@@ -99,7 +99,7 @@ def test_parsing_keeps_typed_flags_apart_from_defaults():
 
 def test_the_old_recipe_name_still_works(tmp_path):
     assert cli.parse_fit_args(["--recipe", "seed"])[0] == TrainConfig.from_recipe("tutorial") == TrainConfig()
-    assert set(RECIPES) == {"tutorial", "best"}
+    assert set(RECIPES) == {"tutorial", "best", "fast"}
     run = tmp_path / "old"
     run.mkdir()
     saved = dataclasses.asdict(TrainConfig(data="sample", logdir=str(tmp_path), run_name="old"))
