@@ -84,6 +84,51 @@ def contender_precision(name: str, peaks: dict[str, float]) -> str:
     return next(p for p in peaks if p != "float32") if "mixed precision" in name else "float32"
 
 
+# -- where a training step's time goes -------------------------------------------------------
+
+OP_CLASSES = {  # TensorFlow (oneDNN) op types of one training step, by what they do
+    "conv forward": ("Conv2D", "_MklNativeFusedConv2D", "_MklFusedConv2D", "_MklNativeConv2D"),
+    "conv backward-input": ("Conv2DBackpropInput", "_MklNativeConv2DBackpropInput"),
+    "conv backward-filter": ("Conv2DBackpropFilter", "_MklNativeConv2DBackpropFilterWithBias",
+                             "_MklNativeConv2DBackpropFilter", "BiasAddGrad"),
+    "dense (forward and backward)": ("MatMul", "_MklMatMul", "_MklNativeFusedMatMul", "_MklFusedMatMul"),
+    "pooling": ("MaxPool", "MaxPoolGrad", "_MklNativeMaxPool", "_MklNativeMaxPoolGrad"),
+    "optimizer (Adam's element-wise update)": ("Sub", "Mul", "Square", "Sqrt", "RealDiv", "AddV2",
+                                               "AssignAddVariableOp", "AssignSubVariableOp", "AssignVariableOp"),
+}
+
+
+def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
+    """Milliseconds per training step by op class (``OP_CLASSES``; the rest is "other"),
+    from TensorFlow's profiler: the same xplane trace TensorBoard's Profile tab reads,
+    turned into op statistics by TensorFlow's own converter (``framework_op_stats``;
+    a private module in TF 2.21, hence the import here). Idle time is left out; op
+    times are summed over threads, so they can add up to more than the wall time."""
+    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+    model = compiled_cnn()
+    pipeline = data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
+    model.fit(pipeline, epochs=1, steps_per_epoch=5, verbose=0)  # tracing outside the profile
+    with tempfile.TemporaryDirectory() as folder:
+        tf.profiler.experimental.start(folder)
+        model.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0)
+        tf.profiler.experimental.stop()
+        traces = [str(p) for p in Path(folder).rglob("*.xplane.pb")]
+        stats, ok = plugin.xspace_to_tools_data(traces, "framework_op_stats", {})
+    if not ok:
+        raise RuntimeError(f"the profiler's op statistics are unavailable: {stats[:200]!r}")
+    table = json.loads(stats)[0]
+    columns = [c["id"] for c in table["cols"]]
+    ms = dict.fromkeys([*OP_CLASSES, "other"], 0.0)
+    for row in table["rows"]:
+        record = dict(zip(columns, (c["v"] if isinstance(c, dict) else c for c in row["c"]), strict=False))
+        if record["type"] == "IDLE":
+            continue
+        kind = next((name for name, types in OP_CLASSES.items() if record["type"] in types), "other")
+        ms[kind] += record["total_self_time"] / 1000 / steps
+    return ms
+
+
 # -- timing --------------------------------------------------------------------------------
 
 
@@ -338,6 +383,12 @@ def report(results: dict) -> str:
             f"{s['IDX pipeline, first epoch']:.1f} s vs {s['in-memory batch']:.1f} s in memory -> "
             f"{pipe['overhead_pct']:+.1f} % (reading the IDX files: {pipe['read_idx_seconds']:.1f} s)"
         )
+    profile = results.get("op_profile")
+    if profile:
+        busy = sum(profile.values())
+        lines.append("one training step (batch 50, float32), op time by class (summed over threads):")
+        for name, ms in sorted(profile.items(), key=lambda item: -item[1]):
+            lines.append(f"  {name:<40} {ms:6.2f} ms  {100 * ms / busy:4.0f}%")
     for over in results.get("run_overhead", []):
         lines.append(
             f"run overhead, {over['label']}: {over['seconds']:.1f} s for {over['steps']} steps of "
@@ -403,6 +454,8 @@ def _bench(args) -> None:
     results["evaluation"] = evaluation_speed(rounds, args.official_test, log)
     log("full-size pipeline ...")
     results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
+    log("op profile ...")
+    results["op_profile"] = op_class_profile()
     log("run overhead ...")
     with tempfile.TemporaryDirectory() as logdir, quiet_runs():
         overhead = [run_overhead(train.TrainConfig(data="sample", logdir=logdir), log, "default sample run")]

@@ -157,3 +157,11 @@ def test_bench_reports_each_contender_against_its_precisions_ceiling():
                                                                   "tutorial batch-wise predict": 2.0}, "speedup": 2.0}})
     assert "matmul ceiling (2048x2048): float32 200 GFLOP/s, bfloat16 400 GFLOP/s" in text
     assert "of peak" in text and "     75%" in text
+
+
+def test_the_op_profile_splits_a_real_training_step_by_op_class():
+    profile = bench.op_class_profile(steps=5)
+    assert set(profile) == {*bench.OP_CLASSES, "other"}
+    for kind in ("conv forward", "conv backward-input", "conv backward-filter", "dense (forward and backward)",
+                 "optimizer (Adam's element-wise update)"):
+        assert profile[kind] > 0, kind  # each class really was found in the trace
