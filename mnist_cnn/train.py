@@ -29,6 +29,7 @@ from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.export import check_export_dir, export_savedmodel
 from mnist_cnn.model import CNN, load_cnn, load_weights_strict, require_tensorflow
+from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.rundir import ResumeState, RunDir, write_json, write_model
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
     scale_loss CNN.gradient_step applies."""
     model = CNN(dropout=config.dropout, dtype=precision_policy(config.mixed_precision))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate(config, steps_per_epoch)),
+        optimizer=FusedAdam(learning_rate(config, steps_per_epoch)),  # Keras' Adam, one kernel per update
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],

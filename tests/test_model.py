@@ -159,3 +159,29 @@ def test_gradient_step_is_traceable_on_its_own(tiny):
 def test_wrong_input_rank_is_refused(bad):
     with pytest.raises(ValueError, match=re.escape(f"input of shape {bad}")):
         CNN()(np.zeros(bad, "float32"))
+
+
+def test_fused_adam_follows_keras_adam(tiny):
+    from mnist_cnn import FusedAdam
+
+    x, y = tiny
+    trained = {}
+    for name, optimizer in (("keras", keras.optimizers.Adam(1e-3)), ("fused", FusedAdam(1e-3))):
+        keras.utils.set_random_seed(3)
+        model = CNN()
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        for start in range(0, 200, 50):
+            model.train_on_batch(x[start : start + 50], y[start : start + 50])
+        trained[name] = model
+    assert int(trained["fused"].optimizer.iterations) == 4
+    # the same update, one kernel instead of eight ops: equal up to float32 rounding, which
+    # 1/(sqrt(v) + eps) magnifies for the few weights whose v is still near 0
+    for a, b in zip(trained["keras"].get_weights(), trained["fused"].get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+        assert np.mean(np.abs(a - b) <= 1e-6) > 0.99
+    def state(name):
+        return [(tuple(v.shape), v.path.rsplit("_", 1)[-1]) for v in trained[name].optimizer.variables]
+
+    assert state("fused") == state("keras")  # the same state (iterations, m and v of each weight)
+    with pytest.raises(ValueError, match="plain Adam"):
+        FusedAdam(amsgrad=True)
