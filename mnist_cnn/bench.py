@@ -93,8 +93,8 @@ OP_CLASSES = {  # TensorFlow (oneDNN) op types of one training step, by what the
                              "_MklNativeConv2DBackpropFilter", "BiasAddGrad"),
     "dense (forward and backward)": ("MatMul", "_MklMatMul", "_MklNativeFusedMatMul", "_MklFusedMatMul"),
     "pooling": ("MaxPool", "MaxPoolGrad", "_MklNativeMaxPool", "_MklNativeMaxPoolGrad"),
-    "optimizer (Adam's element-wise update)": ("Sub", "Mul", "Square", "Sqrt", "RealDiv", "AddV2",
-                                               "AssignAddVariableOp", "AssignSubVariableOp", "AssignVariableOp"),
+    "optimizer update": ("ResourceApplyAdam", "Sub", "Mul", "Square", "Sqrt", "RealDiv", "AddV2",
+                         "AssignAddVariableOp", "AssignSubVariableOp", "AssignVariableOp"),
 }
 
 
