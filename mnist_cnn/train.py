@@ -276,6 +276,16 @@ def progress_mode(progress: str) -> str:
     return progress
 
 
+def log_start(config: TrainConfig, strategy, datasets: data.Datasets, run_dir: RunDir, global_batch: int) -> None:
+    """The lines a run starts with: where it trains, on what, how, and into which folder."""
+    log.info("Device: %s", describe_devices())
+    log.info("Strategy: %s, global batch %d", distribute.describe(strategy), global_batch)
+    log.info("Data: %s", datasets.info.describe())
+    native = " (recipe fast: native on this machine)" if config.recipe == "fast" and config.mixed_precision else ""
+    log.info("Precision: %s%s", precision_policy(config.mixed_precision), native)
+    log.info("Run folder: %s", run_dir.path)
+
+
 def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -> RunResult:
     """Train the CNN as ``config`` says; write the run folder; return the result.
 
@@ -304,12 +314,7 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
     chief = distribute.is_chief(strategy)
     run_dir, config = open_run_dir(config, resume, chief)
     try:
-        log.info("Device: %s", describe_devices())
-        log.info("Strategy: %s, global batch %d", distribute.describe(strategy), global_batch)
-        log.info("Data: %s", datasets.info.describe())
-        log.info("Precision: %s%s", precision_policy(config.mixed_precision),
-                 " (recipe fast: native on this machine)" if config.recipe == "fast" and config.mixed_precision else "")
-        log.info("Run folder: %s", run_dir.path)
+        log_start(config, strategy, datasets, run_dir, global_batch)
         with strategy.scope():
             initial_epoch = resume_from(model, run_dir, config) if resume else 0
             try:

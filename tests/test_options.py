@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import quick, write_folder
 
-from mnist_cnn import CNN, bench, cli, data, train
+from mnist_cnn import CNN, bench, cli, data, profile, train
 from mnist_cnn.config import TrainConfig
 
 
@@ -147,9 +147,9 @@ def test_the_fast_recipe_uses_mixed_precision_only_where_it_is_native(monkeypatc
 
 def test_bench_reports_each_contender_against_its_precisions_ceiling():
     peaks = {"float32": 200.0, "bfloat16": 400.0}
-    assert bench.contender_precision("model.fit", peaks) == "float32"
-    assert bench.contender_precision("model.fit, mixed precision", peaks) == "bfloat16"
-    assert bench.matmul_peak("float32", n=256, rounds=2, per_window=2) > 1.0  # GFLOP/s, measured for real
+    assert profile.contender_precision("model.fit", peaks) == "float32"
+    assert profile.contender_precision("model.fit, mixed precision", peaks) == "bfloat16"
+    assert profile.matmul_peak("float32", n=256, rounds=2, per_window=2) > 1.0  # GFLOP/s, measured for real
     row = {"ms_per_step": 20.0, "images_per_s": 2500, "vs_eager": 2.3, "gflop_per_s": 150.0, "spread_pct": 5,
            "peak_fraction": 0.75}
     text = bench.report({"forward_mflop": 27.77, "peak": peaks, "training": {50: {"model.fit": row}},
@@ -160,8 +160,8 @@ def test_bench_reports_each_contender_against_its_precisions_ceiling():
 
 
 def test_the_op_profile_splits_a_real_training_step_by_op_class():
-    profile = bench.op_class_profile(steps=5)
-    assert set(profile) == {*bench.OP_CLASSES, "other"}
+    by_class = profile.op_class_profile(steps=5)
+    assert set(by_class) == {*profile.OP_CLASSES, "other"}
     for kind in ("conv forward", "conv backward-input", "conv backward-filter", "dense (forward and backward)",
                  "optimizer update"):
-        assert profile[kind] > 0, kind  # each class really was found in the trace
+        assert by_class[kind] > 0, kind  # each class really was found in the trace
