@@ -180,7 +180,9 @@ def test_fused_adam_follows_keras_adam(tiny):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
         assert np.mean(np.abs(a - b) <= 1e-6) > 0.99
     def state(name):
-        return [(tuple(v.shape), v.path.rsplit("_", 1)[-1]) for v in trained[name].optimizer.variables]
+        # (shape, kind) of each variable; names carry auto-numbered prefixes ("adam_6/", "cnn_3_")
+        return [(tuple(v.shape), v.path.rsplit("/", 1)[-1].rsplit("_", 1)[-1])
+                for v in trained[name].optimizer.variables]
 
     assert state("fused") == state("keras")  # the same state (iterations, m and v of each weight)
     with pytest.raises(ValueError, match="plain Adam"):
