@@ -26,10 +26,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import data, idx, train, tutorial
+from mnist_cnn import data, idx, levers, train, tutorial
+from mnist_cnn.bench_report import report
 from mnist_cnn.cli import Parser, main_with, positive_int
 from mnist_cnn.model import CNN, require_tensorflow
-from mnist_cnn.profile import ceilings, contender_precision, op_class_profile
+from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, op_class_profile
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
@@ -275,64 +276,6 @@ def accuracy(runs: int, official: Path | None, log) -> dict:
             "fast_vs_tutorial": median["fast"] / median["tutorial"]}
 
 
-# -- report ----------------------------------------------------------------------------------
-
-
-def report(results: dict) -> str:
-    lines = [f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)"]
-    if "peak" in results:
-        lines.append("matmul ceiling (2048x2048): " + ", ".join(
-            f"{precision} {gflops:.0f} GFLOP/s" for precision, gflops in results["peak"].items()))
-    lines.append("")
-    for batch, rows in results["training"].items():
-        lines.append(f"training, batch {batch}:")
-        lines.append(f"  {'contender':<28} {'ms/step':>8} {'images/s':>9} {'vs eager':>8} {'GFLOP/s':>8}"
-                     f" {'of peak':>8} {'spread':>7}")
-        for name, r in rows.items():
-            lines.append(
-                f"  {name:<28} {r['ms_per_step']:8.1f} {r['images_per_s']:9.0f} {r['vs_eager']:7.2f}x"
-                f" {r['gflop_per_s']:8.1f} {100 * r.get('peak_fraction', 0):7.0f}% {r['spread_pct']:6.0f}%"
-            )
-    ev = results["evaluation"]
-    lines.append(
-        f"evaluation of {ev['images']:,} images: model.evaluate {ev['seconds']['model.evaluate']:.2f} s, "
-        f"tutorial batch-wise predict {ev['seconds']['tutorial batch-wise predict']:.2f} s -> {ev['speedup']:.1f}x"
-    )
-    pipe = results.get("pipeline")
-    if pipe:
-        s = pipe["seconds"]
-        lines.append(
-            f"full-size input pipeline ({pipe['train_images']:,} IDX images, {pipe['steps']} steps): "
-            f"{s['IDX pipeline, first epoch']:.1f} s vs {s['in-memory batch']:.1f} s in memory -> "
-            f"{pipe['overhead_pct']:+.1f} % (reading the IDX files: {pipe['read_idx_seconds']:.1f} s)"
-        )
-    profile = results.get("op_profile")
-    if profile:
-        busy = sum(profile.values())
-        lines.append("one training step (batch 50, float32), op time by class (summed over threads):")
-        for name, ms in sorted(profile.items(), key=lambda item: -item[1]):
-            lines.append(f"  {name:<40} {ms:6.2f} ms  {100 * ms / busy:4.0f}%")
-    for over in results.get("run_overhead", []):
-        lines.append(
-            f"run overhead, {over['label']}: {over['seconds']:.1f} s for {over['steps']} steps of "
-            f"{over['bare_ms_per_step']:.1f} ms -> {over['ratio']:.2f}x the bare steps"
-        )
-    start = results.get("offline_start")
-    if start:
-        lines.append(f"offline start to first training step (--data auto): {start['seconds']:.1f} s, {start['source']}")
-    acc = results.get("accuracy")
-    if acc:
-        lines.append(f"accuracy on {acc['test_set']}:")
-        for recipe, runs in acc["recipes"].items():
-            scores = " ".join(f"{r['test_accuracy']:.4f}" for r in runs)
-            times = " ".join(f"{r['seconds']:.0f}" for r in runs)
-            precision = ", mixed precision" if runs[0]["mixed_precision"] else ""
-            lines.append(f"  --recipe {recipe:<8} {scores}  ({runs[0]['epochs']} epochs on "
-                         f"{runs[0]['train_images']:,} digits{precision}; {times} s)")
-        lines.append(f"  fast / tutorial wall time (medians): {acc['fast_vs_tutorial']:.2f}x")
-    return "\n".join(lines)
-
-
 def _idx_folder(text: str) -> Path:
     path = Path(text)
     if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
@@ -349,6 +292,8 @@ def main(argv=None) -> int:
                    help="a folder with the official MNIST t10k files: evaluation speed and --accuracy use it")
     p.add_argument("--accuracy", action="store_true", help="also train the tutorial, fast and best recipes (minutes)")
     p.add_argument("--accuracy-runs", type=positive_int, default=1, help="rounds of --accuracy (default: 1)")
+    p.add_argument("--levers", action="store_true",
+                   help="also time each speed lever (oneDNN, threads, XLA flags, ...) against the default (minutes)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     return main_with(p, argv, _bench)
 
@@ -379,6 +324,10 @@ def _bench(args) -> None:
     results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
     log("op profile ...")
     results["op_profile"] = op_class_profile()
+    results["kernel_floor"] = kernel_floor(50, rounds=3 if args.quick else 5)
+    if args.levers:
+        log("speed levers ...")
+        results["levers"] = levers.measure(rounds, 10 if args.quick else 30, log)
     log("run overhead ...")
     with tempfile.TemporaryDirectory() as logdir, quiet_runs():
         overhead = [run_overhead(train.TrainConfig(data="sample", logdir=logdir), log, "default sample run")]

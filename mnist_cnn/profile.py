@@ -3,7 +3,9 @@
 - ``matmul_peak`` / ``ceilings``: GFLOP/s of a large matmul per precision -- the ceiling
   each training contender is measured against;
 - ``op_class_profile``: milliseconds per training step by op class, from TensorFlow's
-  profiler (the data of TensorBoard's Profile tab).
+  profiler (the data of TensorBoard's Profile tab);
+- ``kernel_floor``: each kernel of a training step timed alone at its own shapes -- the
+  least time TensorFlow's kernels need for one step on this machine.
 """
 
 from __future__ import annotations
@@ -13,26 +15,32 @@ import tempfile
 import time
 from pathlib import Path
 
+import keras
 import tensorflow as tf
 
 from mnist_cnn import data, train
+from mnist_cnn.model import CNN
 
 
-def matmul_peak(dtype: str, n: int = 2048, rounds: int = 5, per_window: int = 8) -> float:
-    """GFLOP/s of an n x n matmul in ``dtype`` on this machine: the best of ``rounds``
-    windows (a ceiling, so the best, not the median)."""
-    a = tf.cast(tf.random.normal((n, n)), dtype)
-    b = tf.cast(tf.random.normal((n, n)), dtype)
-    matmul = tf.function(lambda: tf.matmul(a, b))
-    matmul().numpy()  # tracing and warm-up
+def best_seconds(kernel, rounds: int = 5, per_window: int = 8) -> float:
+    """Seconds per call of a no-argument tf.function: the best of ``rounds`` windows
+    (a ceiling, so the best, not the median)."""
+    tf.nest.flatten(kernel())[0].numpy()  # tracing and warm-up
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(per_window):
-            result = matmul()
-        result.numpy()
+            result = kernel()
+        tf.nest.flatten(result)[0].numpy()
         best = min(best, (time.perf_counter() - start) / per_window)
-    return 2 * n**3 / best / 1e9
+    return best
+
+
+def matmul_peak(dtype: str, n: int = 2048, rounds: int = 5, per_window: int = 8) -> float:
+    """GFLOP/s of an n x n matmul in ``dtype`` on this machine."""
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    b = tf.cast(tf.random.normal((n, n)), dtype)
+    return 2 * n**3 / best_seconds(tf.function(lambda: tf.matmul(a, b)), rounds, per_window) / 1e9
 
 
 def ceilings(log) -> dict[str, float]:
@@ -91,3 +99,106 @@ def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
     return ms
 
 
+
+
+def _conv_kernels(layer: keras.layers.Conv2D, shape: tuple, out: tuple, first: bool) -> dict:
+    x, g = tf.random.normal(shape), tf.random.normal(out)
+    w = tf.random.normal((*layer.kernel_size, shape[-1], layer.filters))
+    strides, padding = [1, *layer.strides, 1], layer.padding.upper()
+    flops = 2 * layer.kernel_size[0] * layer.kernel_size[1] * shape[-1] * out[1] * out[2] * out[3] * shape[0]
+    kernels = {
+        "forward": lambda: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, w, strides, padding), tf.zeros(layer.filters))),
+        "backward-filter": lambda: tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=w.shape, out_backprop=g, strides=strides, padding=padding),
+    }
+    if not first:  # the first layer's input needs no gradient
+        kernels["backward-input"] = lambda: tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=shape, filter=w, out_backprop=g, strides=strides, padding=padding)
+    return {f"{layer.name} {kind}": (kernel, flops) for kind, kernel in kernels.items()}
+
+
+def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: bool) -> dict:
+    x, g = tf.random.normal(shape), tf.random.normal(out)
+    w = tf.random.normal((shape[-1], out[-1]))
+    flops = 2 * shape[0] * shape[-1] * out[-1]
+    kernels = {
+        "forward": lambda: tf.nn.relu(tf.nn.bias_add(tf.matmul(x, w), tf.zeros(out[-1]))),
+        "backward-weights": lambda: tf.matmul(x, g, transpose_a=True),
+    }
+    if not first:
+        kernels["backward-input"] = lambda: tf.matmul(g, w, transpose_b=True)
+    return {f"{layer.name} {kind}": (kernel, flops) for kind, kernel in kernels.items()}
+
+
+def _pool_kernels(layer: keras.layers.MaxPooling2D, shape: tuple, out: tuple) -> dict:
+    """Pooling forward and backward together: oneDNN pairs MaxPool with its gradient
+    (a workspace) only when both are in one graph, as they are in a training step."""
+    x, g = tf.random.normal(shape), tf.random.normal(out)
+
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            pooled = tf.nn.max_pool2d(x, [1, *layer.pool_size, 1], [1, *layer.strides, 1], "VALID")
+        return tape.gradient(pooled, x, output_gradients=g)
+
+    return {f"{layer.name} forward and backward": (forward_backward, 0)}
+
+
+def _adam_kernel(model: CNN) -> dict:
+    """One fused Adam update (ResourceApplyAdam, as FusedAdam applies it) of every weight."""
+    slots = [[tf.Variable(tf.zeros(w.shape)) for _ in range(3)] for w in model.trainable_weights]
+    grads = [tf.random.normal(w.shape) for w in model.trainable_weights]
+
+    def update():
+        for (var, m, v), grad in zip(slots, grads, strict=True):
+            tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=0.9, beta2_power=0.999,
+                                         lr=1e-3, beta1=0.9, beta2=0.999, epsilon=1e-7, grad=grad)
+        return tf.constant(0.0)
+
+    return {"Adam update (all weights)": (update, 0)}
+
+
+def step_kernels(model: CNN, batch_size: int) -> dict[str, tuple]:
+    """The kernels of one float32 training step at their shapes: name -> (function, FLOPs)."""
+    kernels, shape = {}, (batch_size, 28, 28, 1)
+    for index, layer in enumerate(model.layers_in_order()):
+        out = tuple(layer.compute_output_shape(shape))
+        if isinstance(layer, keras.layers.Conv2D):
+            kernels.update(_conv_kernels(layer, shape, out, first=index == 0))
+        elif isinstance(layer, keras.layers.Dense):
+            kernels.update(_dense_kernels(layer, shape, out, first=index == 0))
+        elif isinstance(layer, keras.layers.MaxPooling2D):
+            kernels.update(_pool_kernels(layer, shape, out))
+        shape = out
+    kernels.update(_adam_kernel(model))
+    return kernels
+
+
+def kernel_floor(batch_size: int = 50, rounds: int = 5) -> dict:
+    """Every kernel of a training step timed alone (best of ``rounds``), with both cores,
+    less the cost of calling a tf.function that does nothing (``call_ms``): ms and
+    GFLOP/s each, and their sum -- the step time the kernels themselves allow. Softmax,
+    the loss, bias gradients and the metric are left out, so the floor is, if anything,
+    too low."""
+    nothing = tf.constant(0.0)
+    call = best_seconds(tf.function(lambda: nothing + 0.0), rounds, per_window=20)
+    rows = {}
+    for name, (kernel, flops) in step_kernels(CNN(), batch_size).items():
+        seconds = max(best_seconds(tf.function(kernel), rounds, per_window=20) - call, 1e-6)
+        rows[name] = {"ms": 1000 * seconds, "gflop_per_s": flops / seconds / 1e9}
+    return {"batch_size": batch_size, "call_ms": 1000 * call, "kernels": rows,
+            "ms": sum(r["ms"] for r in rows.values())}
+
+
+def floor_lines(floor: dict, step_gflop: float, peak: float, fit_ms: float) -> list[str]:
+    """The kernel floor for bench.py's report: each kernel, the sum, and what it allows."""
+    lines = [f"kernels of one training step (batch {floor['batch_size']}, float32), each timed alone "
+             f"(less {floor['call_ms']:.2f} ms per call):"]
+    for name, row in floor["kernels"].items():
+        speed = f"{row['gflop_per_s']:6.0f} GFLOP/s" if row["gflop_per_s"] else ""
+        lines.append(f"  {name:<34} {row['ms']:6.2f} ms  {speed}")
+    best = step_gflop / floor["ms"] * 1000
+    share = 100 * floor["ms"] / fit_ms
+    lines.append(f"  sum: {floor['ms']:.1f} ms a step = {best:.0f} GFLOP/s = {100 * best / peak:.0f}% of the float32"
+                 f" ceiling at most; model.fit takes {fit_ms:.1f} ms ({share:.0f}% of it in kernels)")
+    return lines

@@ -81,6 +81,7 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],
+        steps_per_execution=config.steps_per_execution,
     )
     return model
 

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import quick, write_folder
+from conftest import quick, read_summaries, write_folder
 
 from mnist_cnn import CNN, bench, cli, data, profile, train
 from mnist_cnn.config import TrainConfig
@@ -165,3 +165,24 @@ def test_the_op_profile_splits_a_real_training_step_by_op_class():
     for kind in ("conv forward", "conv backward-input", "conv backward-filter", "dense (forward and backward)",
                  "optimizer update"):
         assert by_class[kind] > 0, kind  # each class really was found in the trace
+
+
+def test_steps_per_execution_changes_speed_not_the_training(tmp_path):
+    """--steps-per-execution 3 on 5 steps an epoch (a partial last call): the same
+    optimizer steps, weights and epoch numbers as one step per call; the per-step
+    TensorBoard curve gets a point after each call."""
+    write_folder(tmp_path / "idx", n_train=46, n_test=5)  # 6 held out, 40 train: 5 steps of 8
+    runs = {}
+    for k in (1, 3):
+        config = quick(tmp_path, data=str(tmp_path / "idx"), batch_size=8, steps_per_epoch=None,
+                       steps_per_execution=k, run_name=f"k{k}")
+        runs[k] = train.fit(config, verbose=0)
+    metrics = {k: json.loads((r.run_dir / "metrics.json").read_text()) for k, r in runs.items()}
+    assert metrics[1]["optimizer_steps"] == metrics[3]["optimizer_steps"] == 2 * 5
+    np.testing.assert_allclose(runs[3].history["loss"], runs[1].history["loss"], rtol=1e-5)
+    weights = {k: keras.models.load_model(r.model_path).get_weights() for k, r in runs.items()}
+    for a, b in zip(weights[1], weights[3], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    steps = sorted(step for step, *_ in read_summaries(runs[3].run_dir / "train")["batch_loss"])
+    assert steps == [3, 5, 8, 10]  # after each call: 3 steps, the epoch's last 2, again
+    assert TrainConfig.from_recipe("fast").steps_per_execution > 1

@@ -1,0 +1,73 @@
+"""bench.py's report: its numbers as the lines a person reads."""
+
+from __future__ import annotations
+
+from mnist_cnn import levers
+from mnist_cnn.profile import floor_lines
+
+
+def report(results: dict) -> str:
+    lines = [f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)"]
+    if "peak" in results:
+        lines.append("matmul ceiling (2048x2048): " + ", ".join(
+            f"{precision} {gflops:.0f} GFLOP/s" for precision, gflops in results["peak"].items()))
+    lines.append("")
+    for batch, rows in results["training"].items():
+        lines.append(f"training, batch {batch}:")
+        lines.append(f"  {'contender':<28} {'ms/step':>8} {'images/s':>9} {'vs eager':>8} {'GFLOP/s':>8}"
+                     f" {'of peak':>8} {'spread':>7}")
+        for name, r in rows.items():
+            lines.append(
+                f"  {name:<28} {r['ms_per_step']:8.1f} {r['images_per_s']:9.0f} {r['vs_eager']:7.2f}x"
+                f" {r['gflop_per_s']:8.1f} {100 * r.get('peak_fraction', 0):7.0f}% {r['spread_pct']:6.0f}%"
+            )
+    ev = results["evaluation"]
+    lines.append(
+        f"evaluation of {ev['images']:,} images: model.evaluate {ev['seconds']['model.evaluate']:.2f} s, "
+        f"tutorial batch-wise predict {ev['seconds']['tutorial batch-wise predict']:.2f} s -> {ev['speedup']:.1f}x"
+    )
+    pipe = results.get("pipeline")
+    if pipe:
+        s = pipe["seconds"]
+        lines.append(
+            f"full-size input pipeline ({pipe['train_images']:,} IDX images, {pipe['steps']} steps): "
+            f"{s['IDX pipeline, first epoch']:.1f} s vs {s['in-memory batch']:.1f} s in memory -> "
+            f"{pipe['overhead_pct']:+.1f} % (reading the IDX files: {pipe['read_idx_seconds']:.1f} s)"
+        )
+    lines += where_time_goes(results)
+    for over in results.get("run_overhead", []):
+        lines.append(
+            f"run overhead, {over['label']}: {over['seconds']:.1f} s for {over['steps']} steps of "
+            f"{over['bare_ms_per_step']:.1f} ms -> {over['ratio']:.2f}x the bare steps"
+        )
+    start = results.get("offline_start")
+    if start:
+        lines.append(f"offline start to first training step (--data auto): {start['seconds']:.1f} s, {start['source']}")
+    acc = results.get("accuracy")
+    if acc:
+        lines.append(f"accuracy on {acc['test_set']}:")
+        for recipe, runs in acc["recipes"].items():
+            scores = " ".join(f"{r['test_accuracy']:.4f}" for r in runs)
+            times = " ".join(f"{r['seconds']:.0f}" for r in runs)
+            precision = ", mixed precision" if runs[0]["mixed_precision"] else ""
+            lines.append(f"  --recipe {recipe:<8} {scores}  ({runs[0]['epochs']} epochs on "
+                         f"{runs[0]['train_images']:,} digits{precision}; {times} s)")
+        lines.append(f"  fast / tutorial wall time (medians): {acc['fast_vs_tutorial']:.2f}x")
+    return "\n".join(lines)
+
+
+def where_time_goes(results: dict) -> list[str]:
+    """The op profile, the kernel floor and the levers, where measured."""
+    lines, profile = [], results.get("op_profile")
+    if profile:
+        busy = sum(profile.values())
+        lines.append("one training step (batch 50, float32), op time by class (summed over threads):")
+        for name, ms in sorted(profile.items(), key=lambda item: -item[1]):
+            lines.append(f"  {name:<40} {ms:6.2f} ms  {100 * ms / busy:4.0f}%")
+    floor, fit = results.get("kernel_floor"), results["training"].get(50, {}).get("model.fit")
+    if floor and fit:
+        step_gflop = 3 * results["forward_mflop"] * floor["batch_size"] / 1000
+        lines += floor_lines(floor, step_gflop, results["peak"]["float32"], fit["ms_per_step"])
+    if results.get("levers"):
+        lines += levers.lines(results["levers"])
+    return lines

@@ -1,0 +1,55 @@
+"""bench.py's tools for finding where a step's time goes: the kernel floor and the levers."""
+
+import pytest
+
+from mnist_cnn import bench, bench_report, levers, profile
+from mnist_cnn.model import CNN
+
+
+def test_the_step_kernels_carry_every_flop_of_a_training_step():
+    """Forward and weight gradients of every conv and dense layer and the input gradient
+    of all but the first: 3x the forward FLOPs less the first layer's input gradient."""
+    model, batch = CNN(), 4
+    kernels = profile.step_kernels(model, batch)
+    flops = sum(f for _, f in kernels.values())
+    first_conv = 2 * 5 * 5 * 1 * 32 * 28 * 28 * batch
+    assert flops == 3 * bench.forward_flops(model) * batch - first_conv
+    assert "conv1 backward-input" not in kernels and "conv2 backward-input" in kernels
+    assert {"pool1 forward and backward", "pool2 forward and backward", "Adam update (all weights)"} <= set(kernels)
+    floor = profile.kernel_floor(batch_size=batch, rounds=1)
+    assert set(floor["kernels"]) == set(kernels)
+    assert all(row["ms"] > 0 for row in floor["kernels"].values())
+    assert floor["ms"] == pytest.approx(sum(row["ms"] for row in floor["kernels"].values()))
+    assert floor["kernels"]["conv2 forward"]["gflop_per_s"] > 0
+
+
+def test_each_lever_runs_in_its_own_process_with_its_setting_applied():
+    chosen = (levers.Lever("default"), levers.Lever("one thread", intra_threads=1, inter_threads=1,
+                                                    steps_per_execution=2, env={"TF_ENABLE_ONEDNN_OPTS": "0"}))
+    rows = levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8, levers=chosen)
+    assert rows["default"]["vs_default"] == 1.0
+    applied = rows["one thread"]["applied"]
+    assert (applied["intra_threads"], applied["inter_threads"], applied["steps_per_execution"]) == (1, 1, 2)
+    assert applied["env"] == {"TF_ENABLE_ONEDNN_OPTS": "0"}
+    assert rows["default"]["applied"]["steps_per_execution"] == 1 and rows["one thread"]["ms_per_step"] > 0
+
+
+def test_a_failing_lever_names_itself_and_the_workers_error():
+    bad = (levers.Lever("default"), levers.Lever("bad XLA flag", jit=True, env={"XLA_FLAGS": "--xla_no_such_flag"}))
+    with pytest.raises(RuntimeError, match="lever 'bad XLA flag': the worker failed: .*xla_no_such_flag"):
+        levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8, levers=bad)
+
+
+def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
+    floor = {"batch_size": 50, "call_ms": 0.2, "ms": 20.0,
+             "kernels": {"conv2 forward": {"ms": 3.0, "gflop_per_s": 330.0}, "Adam update (all weights)":
+                         {"ms": 17.0, "gflop_per_s": 0.0}}}
+    results = {"forward_mflop": 20.0, "peak": {"float32": 300.0}, "kernel_floor": floor,
+               "training": {50: {"model.fit": {"ms_per_step": 25.0}}},
+               "levers": {"default": {"ms_per_step": 25.0, "vs_default": 1.0, "spread_pct": 3.0}}}
+    text = "\n".join(bench_report.where_time_goes(results))
+    # 3 x 20 MFLOP x 50 = 3 GFLOP in 20 ms = 150 GFLOP/s = 50 % of 300; 20 of model.fit's 25 ms in kernels
+    assert "sum: 20.0 ms a step = 150 GFLOP/s = 50% of the float32 ceiling at most; model.fit takes 25.0 ms (80%" \
+        in text
+    assert "conv2 forward" in text and "330 GFLOP/s" in text
+    assert "default" in text and "1.00x" in text
