@@ -338,7 +338,7 @@ def _bench(args) -> None:
     log("offline start ...")
     results["offline_start"] = offline_start(log)
     if args.accuracy:
-        log("accuracy (two training runs) ...")
+        log(f"accuracy ({len(ACCURACY_RECIPES)} recipes x {args.accuracy_runs} rounds) ...")
         with quiet_runs():
             results["accuracy"] = accuracy(args.accuracy_runs, args.official_test, log)
     print(report(results))

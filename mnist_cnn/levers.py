@@ -108,21 +108,22 @@ def worker(lever: Lever, batch_size: int) -> None:
     model, dataset = _model(lever), _dataset(lever, batch_size)
     k = lever.steps_per_execution
 
-    class Clock(keras.callbacks.Callback):  # with steps_per_execution k, called every k steps
+    class Clock(keras.callbacks.Callback):  # called after each call: every k steps or fewer
         def on_train_batch_end(self, batch, logs=None):
-            times.append(time.perf_counter())
+            marks.append((time.perf_counter(), int(self.model.optimizer.iterations)))
 
     def window(n: int) -> float:
-        times.clear()
+        marks.clear()
         model.fit(dataset, epochs=1, steps_per_epoch=n + k, verbose=0, callbacks=[Clock()], shuffle=False)
-        return (times[-1] - times[0]) / (k * (len(times) - 1))
+        (start, first), (end, last) = marks[0], marks[-1]
+        return (end - start) / (last - first)
 
-    times: list[float] = []
+    marks: list[tuple[float, int]] = []
     window(3 * k)  # tracing (and XLA compilation) outside the timing
     applied = {"intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_threads": tf.config.threading.get_inter_op_parallelism_threads(),
                "steps_per_execution": model.steps_per_execution, "jit": bool(model.jit_compile),
-               "input_shape": list(model.layers[0].output.shape)[1:] if lever.channels_first else [28, 28, 1],
+               "data_format": keras.config.image_data_format(),
                "env": {name: os.environ.get(name) for name in lever.env}}
     print("READY", json.dumps(applied), flush=True)
     for line in sys.stdin:

@@ -174,18 +174,23 @@ def step_kernels(model: CNN, batch_size: int) -> dict[str, tuple]:
     return kernels
 
 
+RESOLUTION = 20e-6  # seconds: a kernel faster than this is within the noise of a call's cost
+
+
 def kernel_floor(batch_size: int = 50, rounds: int = 5) -> dict:
     """Every kernel of a training step timed alone (best of ``rounds``), with both cores,
     less the cost of calling a tf.function that does nothing (``call_ms``): ms and
-    GFLOP/s each, and their sum -- the step time the kernels themselves allow. Softmax,
-    the loss, bias gradients and the metric are left out, so the floor is, if anything,
-    too low."""
+    GFLOP/s each (None without FLOPs or within ``RESOLUTION`` of that cost), and their
+    sum -- the step time the kernels themselves allow. Softmax, the loss, bias gradients
+    and the metric are left out, so the floor is, if anything, too low."""
     nothing = tf.constant(0.0)
     call = best_seconds(tf.function(lambda: nothing + 0.0), rounds, per_window=20)
     rows = {}
     for name, (kernel, flops) in step_kernels(CNN(), batch_size).items():
-        seconds = max(best_seconds(tf.function(kernel), rounds, per_window=20) - call, 1e-6)
-        rows[name] = {"ms": 1000 * seconds, "gflop_per_s": flops / seconds / 1e9}
+        seconds = best_seconds(tf.function(kernel), rounds, per_window=20) - call
+        seconds = max(seconds, 0.0)
+        fast = seconds < RESOLUTION  # lost in the call's own cost: no speed to report
+        rows[name] = {"ms": 1000 * seconds, "gflop_per_s": None if fast or not flops else flops / seconds / 1e9}
     return {"batch_size": batch_size, "call_ms": 1000 * call, "kernels": rows,
             "ms": sum(r["ms"] for r in rows.values())}
 
@@ -195,7 +200,7 @@ def floor_lines(floor: dict, step_gflop: float, peak: float, fit_ms: float) -> l
     lines = [f"kernels of one training step (batch {floor['batch_size']}, float32), each timed alone "
              f"(less {floor['call_ms']:.2f} ms per call):"]
     for name, row in floor["kernels"].items():
-        speed = f"{row['gflop_per_s']:6.0f} GFLOP/s" if row["gflop_per_s"] else ""
+        speed = "" if row["gflop_per_s"] is None else f"{row['gflop_per_s']:6.0f} GFLOP/s"
         lines.append(f"  {name:<34} {row['ms']:6.2f} ms  {speed}")
     best = step_gflop / floor["ms"] * 1000
     share = 100 * floor["ms"] / fit_ms

@@ -18,20 +18,23 @@ def test_the_step_kernels_carry_every_flop_of_a_training_step():
     assert {"pool1 forward and backward", "pool2 forward and backward", "Adam update (all weights)"} <= set(kernels)
     floor = profile.kernel_floor(batch_size=batch, rounds=1)
     assert set(floor["kernels"]) == set(kernels)
-    assert all(row["ms"] > 0 for row in floor["kernels"].values())
+    assert all(row["ms"] >= 0 for row in floor["kernels"].values())  # tiny ones can vanish in the call's cost
+    assert all(floor["kernels"][name]["ms"] > 0 for name in ("conv2 forward", "dense1 forward"))
     assert floor["ms"] == pytest.approx(sum(row["ms"] for row in floor["kernels"].values()))
     assert floor["kernels"]["conv2 forward"]["gflop_per_s"] > 0
+    assert floor["kernels"]["Adam update (all weights)"]["gflop_per_s"] is None  # no FLOPs counted
 
 
 def test_each_lever_runs_in_its_own_process_with_its_setting_applied():
     chosen = (levers.Lever("default"), levers.Lever("one thread", intra_threads=1, inter_threads=1,
                                                     steps_per_execution=2, env={"TF_ENABLE_ONEDNN_OPTS": "0"}))
-    rows = levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8, levers=chosen)
+    rows = levers.measure(rounds=1, steps=3, log=lambda _: None, batch_size=8, levers=chosen)  # 3 = 2 + 1
     assert rows["default"]["vs_default"] == 1.0
     applied = rows["one thread"]["applied"]
     assert (applied["intra_threads"], applied["inter_threads"], applied["steps_per_execution"]) == (1, 1, 2)
     assert applied["env"] == {"TF_ENABLE_ONEDNN_OPTS": "0"}
     assert rows["default"]["applied"]["steps_per_execution"] == 1 and rows["one thread"]["ms_per_step"] > 0
+    assert rows["default"]["applied"]["data_format"] == "channels_last"
 
 
 def test_a_failing_lever_names_itself_and_the_workers_error():
@@ -43,7 +46,7 @@ def test_a_failing_lever_names_itself_and_the_workers_error():
 def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
     floor = {"batch_size": 50, "call_ms": 0.2, "ms": 20.0,
              "kernels": {"conv2 forward": {"ms": 3.0, "gflop_per_s": 330.0}, "Adam update (all weights)":
-                         {"ms": 17.0, "gflop_per_s": 0.0}}}
+                         {"ms": 17.0, "gflop_per_s": None}}}
     results = {"forward_mflop": 20.0, "peak": {"float32": 300.0}, "kernel_floor": floor,
                "training": {50: {"model.fit": {"ms_per_step": 25.0}}},
                "levers": {"default": {"ms_per_step": 25.0, "vs_default": 1.0, "spread_pct": 3.0}}}
@@ -52,4 +55,5 @@ def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
     assert "sum: 20.0 ms a step = 150 GFLOP/s = 50% of the float32 ceiling at most; model.fit takes 25.0 ms (80%" \
         in text
     assert "conv2 forward" in text and "330 GFLOP/s" in text
+    assert text.count("GFLOP/s") == 2  # the kernel with none shows no speed
     assert "default" in text and "1.00x" in text
