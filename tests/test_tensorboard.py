@@ -18,9 +18,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def board(tmp_path_factory):
-    """One short run, and TensorBoard serving its logdir: (base url, run name)."""
+    """One short run, and TensorBoard serving its logdir: (base url, run name). Beside it,
+    run "k3" trains three steps per call (--steps-per-execution 3)."""
     logs = tmp_path_factory.mktemp("tb")
     run = train.fit(quick(logs, epochs=2, steps_per_epoch=3, run_name="r1"), verbose=0)
+    train.fit(quick(logs, epochs=1, steps_per_epoch=3, run_name="k3", steps_per_execution=3), verbose=0)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", "--logdir", str(run.run_dir.parent), "--host", "127.0.0.1",
@@ -34,7 +36,7 @@ def board(tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"tensorboard exited: {proc.stderr.read()[-2000:]}")
             try:
-                if "r1/train" in get(base, "/data/runs"):
+                if {"r1/train", "k3/train"} <= set(get(base, "/data/runs")):
                     break
             except OSError:
                 pass
@@ -97,6 +99,12 @@ def test_the_graphs_tab_shows_the_training_step(board):
     assert "Conv2DBackpropFilter" in text
 
 
+def test_the_graphs_tab_shows_the_step_when_steps_run_several_per_call(board):
+    base, _ = board
+    graph = get(base, "/data/plugin/graphs/graph", run="k3/train", tag="train_step", conceptual="false").decode()
+    assert "Conv2D" in graph and "Conv2DBackpropFilter" in graph and "MatMul" in graph
+
+
 def test_hparams_lists_the_run_as_finished(board):
     base, run = board
     experiment = post(base, "/data/plugin/hparams/experiment", {"experimentName": ""})
@@ -106,5 +114,5 @@ def test_hparams_lists_the_run_as_finished(board):
                   {"experimentName": "", "allowedStatuses": ["STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING",
                                                              "STATUS_UNKNOWN"],
                    "colParams": [], "startIndex": 0, "sliceSize": 10})
-    sessions = [s for g in groups["sessionGroups"] for s in g["sessions"]]
-    assert [s["status"] for s in sessions] == ["STATUS_SUCCESS"]
+    sessions = {s["name"]: s for g in groups["sessionGroups"] for s in g["sessions"]}
+    assert sorted(sessions) == sorted([run, "k3"]) and sessions[run]["status"] == "STATUS_SUCCESS"
