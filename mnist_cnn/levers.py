@@ -58,25 +58,23 @@ LEVERS = (
 
 
 def _model(lever: Lever):
-    """The CNN compiled as ``train.build_model`` compiles it, with the lever's options."""
+    """The CNN built and compiled as ``train.build_model`` does it, with the lever's options."""
     import keras
 
     from mnist_cnn import train
     from mnist_cnn.model import CNN
-    from mnist_cnn.optimizers import FusedAdam
 
-    model = CNN()
-    if lever.channels_first:  # the same layers on NCHW tensors (the CNN itself is NHWC-only)
-        keras.config.set_image_data_format("channels_first")
-        model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Permute((3, 1, 2))] + [
-            type(layer).from_config({**layer.get_config(), "data_format": "channels_first"})
-            if "data_format" in layer.get_config() else type(layer).from_config(layer.get_config())
-            for layer in model.layers_in_order()] + [keras.layers.Softmax()])
-    model.compile(optimizer=FusedAdam(train.TrainConfig().learning_rate),
-                  loss=keras.losses.SparseCategoricalCrossentropy(),
-                  metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                  jit_compile=lever.jit, steps_per_execution=lever.steps_per_execution)
-    return model
+    config = train.TrainConfig(jit_compile="on" if lever.jit else "off", steps_per_execution=lever.steps_per_execution)
+    if not lever.channels_first:
+        return train.build_model(config, steps_per_epoch=1)
+    # the same layers on NCHW tensors (the CNN itself is NHWC-only, so it is built first)
+    layers = CNN().layers_in_order()
+    keras.config.set_image_data_format("channels_first")
+    model = keras.Sequential([keras.Input((28, 28, 1)), keras.layers.Permute((3, 1, 2))] + [
+        type(layer).from_config({**layer.get_config(), "data_format": "channels_first"})
+        if "data_format" in layer.get_config() else type(layer).from_config(layer.get_config())
+        for layer in layers] + [keras.layers.Softmax()])
+    return train.compile_model(model, config, steps_per_epoch=1)
 
 
 def _dataset(lever: Lever, batch_size: int):

@@ -75,7 +75,12 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
     """The CNN compiled as the config says (Adam; loss and accuracy as in the tutorial).
     Under mixed_float16 Keras wraps the optimizer in a LossScaleOptimizer, whose
     scale_loss CNN.gradient_step applies."""
-    model = CNN(dropout=config.dropout, dtype=precision_policy(config.mixed_precision))
+    return compile_model(CNN(dropout=config.dropout, dtype=precision_policy(config.mixed_precision)),
+                         config, steps_per_epoch)
+
+
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> keras.Model:
+    """``model`` compiled with the config's optimizer, loss, metric, XLA and steps per call."""
     model.compile(
         optimizer=FusedAdam(learning_rate(config, steps_per_epoch)),  # Keras' Adam, one kernel per update
         loss=keras.losses.SparseCategoricalCrossentropy(),

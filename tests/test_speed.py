@@ -57,3 +57,18 @@ def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
     assert "conv2 forward" in text and "330 GFLOP/s" in text
     assert text.count("GFLOP/s") == 2  # the kernel with none shows no speed
     assert "default" in text and "1.00x" in text
+
+
+def test_the_channels_first_lever_is_the_same_network_on_nchw_tensors():
+    import keras
+    import numpy as np
+
+    lever, params = next(lever for lever in levers.LEVERS if lever.channels_first), CNN().count_params()
+    try:
+        model = levers._model(lever)
+        convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+        assert [c.data_format for c in convs] == ["channels_first"] * 2
+        assert model.count_params() == params
+        assert model.predict(np.zeros((3, 28, 28, 1), "float32"), verbose=0).shape == (3, 10)
+    finally:
+        keras.config.set_image_data_format("channels_last")
