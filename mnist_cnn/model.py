@@ -70,15 +70,16 @@ class CNN(keras.Model):
         self.dropout = dropout
 
         # The model's dtype policy (e.g. CNN(dtype="mixed_bfloat16")) applies to every layer ...
-        policy = self.dtype_policy
+        # Images are NHWC whatever keras.config.image_data_format() says (keras.json).
+        policy, nhwc = self.dtype_policy, "channels_last"
         self.conv1 = keras.layers.Conv2D(
-            filters1, kernel_size, padding="same", activation="relu", name="conv1", dtype=policy
+            filters1, kernel_size, padding="same", activation="relu", name="conv1", dtype=policy, data_format=nhwc
         )
-        self.pool1 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool1", dtype=policy)
+        self.pool1 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool1", dtype=policy, data_format=nhwc)
         self.conv2 = keras.layers.Conv2D(
-            filters2, kernel_size, padding="same", activation="relu", name="conv2", dtype=policy
+            filters2, kernel_size, padding="same", activation="relu", name="conv2", dtype=policy, data_format=nhwc
         )
-        self.pool2 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool2", dtype=policy)
+        self.pool2 = keras.layers.MaxPooling2D(pool_size=2, strides=2, name="pool2", dtype=policy, data_format=nhwc)
         # 28 -> 14 -> 7 after the two poolings.
         self.flatten = keras.layers.Reshape((7 * 7 * filters2,), name="flatten", dtype=policy)
         self.dense1 = keras.layers.Dense(dense_units, activation="relu", name="dense1", dtype=policy)

@@ -187,3 +187,20 @@ def test_fused_adam_follows_keras_adam(tiny):
     assert state("fused") == state("keras")  # the same state (iterations, m and v of each weight)
     with pytest.raises(ValueError, match="plain Adam"):
         FusedAdam(amsgrad=True)
+
+
+def test_a_channels_first_keras_config_does_not_change_the_cnn(tiny, tmp_path):
+    """A Keras user whose keras.json says channels_first still gets the tutorial's CNN
+    (NHWC images, as its docs say), can save it and load it back."""
+    x, _ = tiny
+    reference = CNN()
+    expected = reference(x[:4])
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = CNN()
+        model.set_weights(reference.get_weights())
+        np.testing.assert_allclose(model(x[:4]), expected, atol=1e-6)
+        model.save(tmp_path / "m.keras")
+        np.testing.assert_allclose(keras.models.load_model(tmp_path / "m.keras")(x[:4]), expected, atol=1e-6)
+    finally:
+        keras.config.set_image_data_format("channels_last")
