@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from mnist_cnn.config import RECIPE_ALIASES, RUN_IDENTITY, TrainConfig, check_value, flag_name
+from mnist_cnn.config import RECIPE_ALIASES, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, check_value, flag_name
 from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.model import require_tensorflow
 
@@ -110,11 +110,12 @@ def parse_fit_args(argv=None) -> tuple[TrainConfig, bool]:
     else:
         run_dir = Path(resume)
     saved = TrainConfig.load(run_dir)
-    for name in typed.keys() - set(RUN_IDENTITY):
+    for name in typed.keys() - {*RUN_IDENTITY, *RESUME_MAY_CHANGE}:
         if typed[name] != getattr(saved, name):
             raise UsageError(f"{flag_name(name)} {typed[name]} conflicts with the resumed run's "
                              f"{name}={getattr(saved, name)!r}")
-    return dataclasses.replace(saved, logdir=str(run_dir.parent), run_name=run_dir.name), True
+    changes = {name: typed[name] for name in RESUME_MAY_CHANGE if name in typed}
+    return dataclasses.replace(saved, logdir=str(run_dir.parent), run_name=run_dir.name, **changes), True
 
 
 def setup_logging() -> None:

@@ -32,8 +32,10 @@ RECIPES = {
              "steps_per_execution": 10},
 }
 RECIPE_ALIASES = {"seed": "tutorial"}  # the old name, still in earlier runs' config.json
-# Fields that name or present the run rather than shape the training; --resume may set them.
-RUN_IDENTITY = ("logdir", "run_name", "progress")
+# Fields that name the run: on --resume they come from the run folder's path.
+RUN_IDENTITY = ("logdir", "run_name")
+# Fields that change how a run is shown or called, not what it trains: --resume applies them.
+RESUME_MAY_CHANGE = ("progress", "steps_per_execution")
 PROGRESS = ("auto", "bar", "epoch", "none")
 SEED_MAX = 2**32 - 1  # numpy's seed range
 

@@ -24,7 +24,7 @@ from conftest import (
 )
 
 from mnist_cnn import CNN, cli, idx, train
-from mnist_cnn.errors import ModelFileError, TrainingDiverged
+from mnist_cnn.errors import ModelFileError, TrainingDiverged, UsageError
 from mnist_cnn.model import load_cnn
 
 
@@ -268,3 +268,15 @@ def test_two_concurrent_runs_keep_their_own_folders(tmp_path):
     assert {line.split()[2] for out, _ in outs for line in out.splitlines() if line.startswith("run folder:")} == {
         str(r) for r in runs
     }
+
+
+def test_resume_takes_the_flags_that_do_not_change_the_training(tmp_path):
+    """--progress and --steps-per-execution only change how a run is shown and called:
+    a resume applies them (they were silently ignored); other flags must still agree."""
+    run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=2, run_name="r"), verbose=0)
+    config, resume = cli.parse_fit_args(["--resume", str(run.run_dir), "--progress", "none",
+                                         "--steps-per-execution", "4"])
+    assert resume and (config.progress, config.steps_per_execution) == ("none", 4)
+    assert (config.epochs, config.seed, config.run_name) == (1, 7, "r")
+    with pytest.raises(UsageError, match="--batch-size 7 conflicts with the resumed run's batch_size=50"):
+        cli.parse_fit_args(["--resume", str(run.run_dir), "--batch-size", "7"])
