@@ -30,7 +30,7 @@ from mnist_cnn import data, idx, levers, train, tutorial
 from mnist_cnn.bench_report import report
 from mnist_cnn.cli import Parser, main_with, positive_int
 from mnist_cnn.model import CNN, require_tensorflow
-from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, op_class_profile
+from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, layer_flops, op_class_profile
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 
@@ -39,16 +39,11 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fa
 
 
 def forward_flops(model: CNN) -> int:
-    """Multiply-adds x 2 of one image's forward pass, from the layer shapes
-    (convolutions and dense layers; bias, ReLU, pooling and softmax are negligible)."""
+    """Multiply-adds x 2 of one image's forward pass, from the layer shapes."""
     flops, shape = 0, (1, 28, 28, 1)
     for layer in model.layers_in_order():
         out = layer.compute_output_shape(shape)
-        if isinstance(layer, keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            flops += 2 * kh * kw * shape[-1] * out[-1] * out[1] * out[2]
-        elif isinstance(layer, keras.layers.Dense):
-            flops += 2 * shape[-1] * out[-1]
+        flops += layer_flops(layer, shape, out)
         shape = out
     return flops
 

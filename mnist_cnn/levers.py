@@ -37,7 +37,6 @@ class Lever:
     channels_first: bool = False
 
 
-XLA = "model.fit, XLA"
 LEVERS = (
     Lever("default (as fit() trains)"),
     Lever("oneDNN off", env={"TF_ENABLE_ONEDNN_OPTS": "0"}),

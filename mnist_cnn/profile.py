@@ -101,11 +101,22 @@ def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
 
 
 
+def layer_flops(layer: keras.layers.Layer, shape: tuple, out: tuple) -> int:
+    """Multiply-adds x 2 of a conv or dense layer's forward pass over a ``shape`` batch
+    (0 for the others: bias, ReLU, pooling and softmax are negligible)."""
+    if isinstance(layer, keras.layers.Conv2D):
+        kh, kw = layer.kernel_size
+        return 2 * kh * kw * shape[-1] * out[-1] * out[1] * out[2] * shape[0]
+    if isinstance(layer, keras.layers.Dense):
+        return 2 * shape[0] * shape[-1] * out[-1]
+    return 0
+
+
 def _conv_kernels(layer: keras.layers.Conv2D, shape: tuple, out: tuple, first: bool) -> dict:
     x, g = tf.random.normal(shape), tf.random.normal(out)
     w = tf.random.normal((*layer.kernel_size, shape[-1], layer.filters))
     strides, padding = [1, *layer.strides, 1], layer.padding.upper()
-    flops = 2 * layer.kernel_size[0] * layer.kernel_size[1] * shape[-1] * out[1] * out[2] * out[3] * shape[0]
+    flops = layer_flops(layer, shape, out)
     kernels = {
         "forward": lambda: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, w, strides, padding), tf.zeros(layer.filters))),
         "backward-filter": lambda: tf.raw_ops.Conv2DBackpropFilter(
@@ -120,7 +131,7 @@ def _conv_kernels(layer: keras.layers.Conv2D, shape: tuple, out: tuple, first: b
 def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: bool) -> dict:
     x, g = tf.random.normal(shape), tf.random.normal(out)
     w = tf.random.normal((shape[-1], out[-1]))
-    flops = 2 * shape[0] * shape[-1] * out[-1]
+    flops = layer_flops(layer, shape, out)
     kernels = {
         "forward": lambda: tf.nn.relu(tf.nn.bias_add(tf.matmul(x, w), tf.zeros(out[-1]))),
         "backward-weights": lambda: tf.matmul(x, g, transpose_a=True),
