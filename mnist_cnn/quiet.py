@@ -9,9 +9,9 @@ thread that drops exactly those known lines; every other line -- warnings, our
 errors, tracebacks, TensorFlow lines we do not know -- passes through unchanged and
 in order. ``MNIST_CNN_VERBOSE=1`` turns the filter off.
 
-Only the entry points install it (``mnist_cnn/__init__.py`` calls
-``install_for_entry_points``, which acts only when this process *is* one of our
-scripts or ``mnist-cnn-*`` commands): importing the package from other code leaves
+Only the entry points install it (``mnist_cnn/__init__.py`` asks
+``started_as_entry_point``: this process *is* one of our scripts or
+``mnist-cnn-*`` commands): importing the package from other code leaves
 stderr alone. This module imports nothing heavy, so it runs before TensorFlow loads.
 """
 
@@ -36,6 +36,8 @@ KNOWN_LINES = [
     )
 ]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPT_NAMES = frozenset({"fit.py", "evaluate.py", "predict.py", "export.py", "bench.py", "serve.py",
+                          "conv_demo.py", "reshape_demo.py", "tutorial_loop.py"})
 _installed = False
 
 
@@ -44,14 +46,26 @@ def is_known(line: str) -> bool:
 
 
 def is_entry_point(argv0: str) -> bool:
-    """Whether this process was started as one of our scripts or installed commands."""
+    """Whether this process was started as one of our scripts or installed commands: an
+    ``mnist-cnn-*`` command, or a ``scripts/*.py`` of a checkout of this project (whether
+    the package is installed from it editable or not)."""
     path = Path(argv0)
-    return path.name.startswith("mnist-cnn-") or path.resolve().parent == SCRIPTS
+    if path.name.startswith("mnist-cnn-"):
+        return True
+    if path.name not in SCRIPT_NAMES or path.parent.name != "scripts":
+        return False
+    return path.resolve().parent == SCRIPTS or _is_our_checkout(path.resolve().parents[1])
 
 
-def install_for_entry_points() -> None:
-    if sys.argv and is_entry_point(sys.argv[0]):
-        install()
+def _is_our_checkout(folder: Path) -> bool:
+    try:
+        return 'name = "mnist_cnn"' in (folder / "pyproject.toml").read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return False
+
+
+def started_as_entry_point() -> bool:
+    return bool(sys.argv) and is_entry_point(sys.argv[0])
 
 
 def install() -> None:

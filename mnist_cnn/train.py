@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import data, distribute
+from mnist_cnn import cpu, data, distribute
 from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
@@ -50,10 +50,10 @@ class RunResult:
 
 
 def describe_devices() -> str:
-    """'GPU: <names>' for the GPUs TensorFlow sees, or 'CPU only'."""
+    """'GPU: <names>' for the GPUs TensorFlow sees, or the CPU path: 'CPU (AVX2 FMA), oneDNN on'."""
     gpus = tf.config.list_physical_devices("GPU")
     if not gpus:
-        return "CPU only"
+        return cpu.describe_path()
     names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
     return "GPU: " + ", ".join(names)
 
@@ -285,6 +285,9 @@ def progress_mode(progress: str) -> str:
 def log_start(config: TrainConfig, strategy, datasets: data.Datasets, run_dir: RunDir, global_batch: int) -> None:
     """The lines a run starts with: where it trains, on what, how, and into which folder."""
     log.info("Device: %s", describe_devices())
+    hint = None if tf.config.list_physical_devices("GPU") else cpu.slow_path_hint()
+    if hint:
+        log.warning(hint)
     log.info("Strategy: %s, global batch %d", distribute.describe(strategy), global_batch)
     log.info("Data: %s", datasets.info.describe())
     native = " (recipe fast: native on this machine)" if config.recipe == "fast" and config.mixed_precision else ""

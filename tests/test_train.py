@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -6,7 +7,7 @@ import keras
 import pytest
 from conftest import REPO, quick, read_events
 
-from mnist_cnn import cli, train
+from mnist_cnn import cli, cpu, train
 from mnist_cnn.errors import UsageError
 from mnist_cnn.rundir import RunDir
 
@@ -102,14 +103,17 @@ def test_cli_refuses_an_unknown_data_source_without_touching_the_logdir(tmp_path
 
 
 def test_fit_script_dry_run(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}  # a user who chose nothing
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "fit.py"), "--dry-run", "--data", "sample",
          "--logdir", str(tmp_path), "--run-name", "smoke"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert "Device: CPU only" in lines or any(line.startswith("Device: GPU: ") for line in lines)
+    fast = "oneDNN on" if cpu.is_x86() else "oneDNN "  # the script's default on x86: the fast CPU path
+    assert any(line.startswith("Device: CPU (") and line.endswith(fast) or line.startswith("Device: GPU: ")
+               for line in lines), lines[:3]
     assert "Data: sample (3,500 train / 500 validation / 1,000 test)" in lines
     accuracy = [line for line in lines if line.startswith("test accuracy: ")]
     assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(": ")[1]) <= 1.0

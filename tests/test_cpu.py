@@ -1,0 +1,76 @@
+"""The fast CPU path: the entry points start TensorFlow with oneDNN on (on x86) unless the
+user chose, the library leaves the environment alone, and the start-up line says which path
+runs. TensorFlow's own "oneDNN custom operations are on" line is the oracle throughout."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+from mnist_cnn import cpu
+
+AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"})  # an AMD EPYC / laptop CPU
+AMX = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
+TF_SAYS_ON = "oneDNN custom operations are on"
+x86_only = pytest.mark.skipif(not cpu.is_x86(), reason="the entry points change TensorFlow's default on x86 only")
+
+
+def env_with(value):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_ENABLE_ONEDNN_OPTS", "MNIST_CNN_VERBOSE")}
+    if value is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = value
+    return env
+
+
+@x86_only
+def test_the_entry_points_turn_onednn_on_only_when_the_user_did_not_choose():
+    for before, after in ((None, "1"), ("0", "0"), ("1", "1"), ("false", "false"), ("bogus", "bogus")):
+        env = {} if before is None else {"TF_ENABLE_ONEDNN_OPTS": before}
+        cpu.prefer_fast_path(env)
+        assert env == {"TF_ENABLE_ONEDNN_OPTS": after}
+
+
+@x86_only
+def test_the_start_up_line_names_the_cpu_features_and_the_onednn_state():
+    assert cpu.describe_path({}, AVX2_ONLY) == "CPU (AVX2 FMA), oneDNN off"
+    assert cpu.describe_path({}, AMX) == "CPU (AVX2 FMA AVX512F AVX512_VNNI AVX512_BF16 AMX), oneDNN on"
+    assert cpu.describe_path({"TF_ENABLE_ONEDNN_OPTS": "0"}, AMX).endswith("oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)")
+    chosen = cpu.describe_path({"TF_ENABLE_ONEDNN_OPTS": "TRUE"}, AVX2_ONLY)
+    assert chosen.endswith("oneDNN on (TF_ENABLE_ONEDNN_OPTS=TRUE)")
+    # a library user on an AVX2 CPU who chose nothing is told how to get the fast path; nobody else is
+    assert "TF_ENABLE_ONEDNN_OPTS=1" in cpu.slow_path_hint({}, AVX2_ONLY)
+    assert cpu.slow_path_hint({}, AMX) is None
+    assert cpu.slow_path_hint({"TF_ENABLE_ONEDNN_OPTS": "0"}, AVX2_ONLY) is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("value", [None, "0", "1", "FALSE"])
+def test_the_onednn_state_we_report_is_the_one_tensorflow_runs(value):
+    proc = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env_with(value), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (TF_SAYS_ON in proc.stderr) == cpu.onednn_enabled(env_with(value))
+
+
+@x86_only
+@pytest.mark.slow
+def test_an_installed_command_starts_tensorflow_on_the_fast_path_and_the_users_value_wins(tmp_path):
+    """As `mnist-cnn-*` (argv[0]) the package sets the variable before TensorFlow loads; the
+    user's value stands; imported by other code it changes nothing."""
+    probe = ("import sys; sys.argv[0] = sys.argv[1]; import os, mnist_cnn; "
+             "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'))")
+    for argv0, value, expected in (("/venv/bin/mnist-cnn-fit", None, "1"), ("/venv/bin/mnist-cnn-fit", "0", "0"),
+                                   ("/home/someone/notebook.py", None, "None")):
+        proc = subprocess.run([sys.executable, "-c", probe, argv0], env=env_with(value), capture_output=True,
+                              text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == [expected], (argv0, value)
+    # and TensorFlow itself agrees, in a real script (MNIST_CNN_VERBOSE=1 keeps its start-up lines)
+    for value, on in ((None, True), ("0", False)):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "conv_demo.py")],
+                              env={**env_with(value), "MNIST_CNN_VERBOSE": "1"}, capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert (TF_SAYS_ON in proc.stderr) == on, value
