@@ -56,12 +56,13 @@ def contender_precision(name: str, peaks: dict[str, float]) -> str:
     return next(p for p in peaks if p != "float32") if "mixed precision" in name else "float32"
 
 
-OP_CLASSES = {  # TensorFlow (oneDNN) op types of one training step, by what they do
-    "conv forward": ("Conv2D", "_MklNativeFusedConv2D", "_MklFusedConv2D", "_MklNativeConv2D"),
+OP_CLASSES = {  # TensorFlow op types of one training step, by what they do: oneDNN's (_Mkl*) and Eigen's
+    "conv forward": ("Conv2D", "_FusedConv2D", "_MklNativeFusedConv2D", "_MklFusedConv2D", "_MklNativeConv2D"),
     "conv backward-input": ("Conv2DBackpropInput", "_MklNativeConv2DBackpropInput"),
     "conv backward-filter": ("Conv2DBackpropFilter", "_MklNativeConv2DBackpropFilterWithBias",
                              "_MklNativeConv2DBackpropFilter", "BiasAddGrad"),
-    "dense (forward and backward)": ("MatMul", "_MklMatMul", "_MklNativeFusedMatMul", "_MklFusedMatMul"),
+    "dense (forward and backward)": ("MatMul", "_FusedMatMul", "_MklMatMul", "_MklNativeFusedMatMul",
+                                     "_MklFusedMatMul"),
     "pooling": ("MaxPool", "MaxPoolGrad", "_MklNativeMaxPool", "_MklNativeMaxPoolGrad"),
     "optimizer update": ("ResourceApplyAdam", "Sub", "Mul", "Square", "Sqrt", "RealDiv", "AddV2",
                          "AssignAddVariableOp", "AssignSubVariableOp", "AssignVariableOp"),

@@ -33,11 +33,11 @@ def tiny(sample):
     return (x[:200, ..., None].astype("float32") / 255.0), y[:200].astype("int32")
 
 
-def run_python(code: str, *args, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def run_python(code: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter; return the finished process."""
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
-        capture_output=True, text=True, cwd=cwd, timeout=timeout,
+        capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
     )
 
 

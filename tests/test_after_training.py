@@ -119,18 +119,27 @@ def digit_files(folder, images, labels):
 
 
 def test_predict_reads_real_digits_in_any_size_and_polarity(trained, sample, tmp_path):
+    """Model-free first (what the preparation makes of a file, deterministic on any CPU), then
+    the model on it: the same probabilities as the reference path, and the same digit as the
+    MNIST-form original for most of 72 files (a bar that no one digit decides)."""
     _, (x, y) = sample
     model = keras.saving.load_model(trained.model_path)
     direct = model.predict(x[..., None] / 255.0, verbose=0).argmax(1)
     chosen = np.flatnonzero(direct == y)[::50][:12]  # digits the model reads in MNIST form
     paths, truth = digit_files(tmp_path, x[chosen], y[chosen])
+    prepared = np.stack([predict.mnist_style(predict.read_image(path)) for path in paths])
+    originals = np.repeat(x[chosen] / 255.0, 6, axis=0)  # digit_files: 6 files per digit, in order
+    error = np.abs(prepared - originals).mean(axis=(1, 2))
+    assert error.mean() < 0.12 and error.max() < 0.25, error  # close to MNIST's own framing (0.07 / 0.17 seen)
+    assert np.abs(prepared[0::2] - prepared[1::2]).max() < 0.02  # light-on-dark and dark-on-light: one digit
     outcomes = predict.predict_files(model, paths, top=3)
-    predicted = [outcome[0][0] for _, outcome in outcomes]
-    assert np.mean(np.array(predicted) == np.array(truth)) >= 0.9
     assert all(len(outcome) == 3 for _, outcome in outcomes)
-    # the preprocessing reproduces MNIST's own framing closely for a 28x28 original
-    again = predict.mnist_style(x[chosen[0]])
-    assert np.abs(again - x[chosen[0]] / 255.0).mean() < 0.08
+    reference = model.predict(prepared[..., None], verbose=0)
+    for (_, outcome), probs in zip(outcomes, reference, strict=True):
+        assert [digit for digit, _ in outcome] == list(np.argsort(-probs)[:3])
+        assert [p for _, p in outcome] == pytest.approx(np.sort(probs)[::-1][:3], abs=1e-6)
+    predicted = np.array([outcome[0][0] for _, outcome in outcomes])
+    assert np.mean(predicted == np.array(truth)) >= 0.75  # 0.89-0.97 seen on AVX2 and AMX machines
 
 
 def test_predict_script_keeps_going_past_a_bad_file(trained, sample, tmp_path):

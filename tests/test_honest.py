@@ -200,9 +200,15 @@ def test_a_tensorflow_trained_model_predicts_the_same_under_jax(tmp_path, sample
     assert result["backend"] == "jax"
     model = keras.saving.load_model(run.model_path)
     model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    np.testing.assert_allclose(result["probs"], model.predict(x, verbose=0), atol=2e-6)
+    # float32 through two kernel libraries (XLA's under JAX, oneDNN's or Eigen's under TensorFlow) agrees to
+    # rounding (2.3e-6 seen); a wrong weight, layout or missing layer would be off by 1e-2 or more
+    probs, jax_probs = model.predict(x, verbose=0), np.array(result["probs"])
+    np.testing.assert_allclose(jax_probs, probs, atol=1e-4)
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-3  # where rounding cannot swap the top two
+    assert clear.sum() >= 60 and (jax_probs.argmax(1) == probs.argmax(1))[clear].all()
     tf_scores = model.evaluate(x, y, return_dict=True, verbose=0)
-    assert result["scores"]["accuracy"] == pytest.approx(tf_scores["accuracy"])
+    assert result["scores"]["loss"] == pytest.approx(tf_scores["loss"], rel=1e-4)
     assert result["fit"] == ("training a CNN needs KERAS_BACKEND=tensorflow (this process runs jax); "
                              "inference works under any backend")
 
