@@ -26,10 +26,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import data, idx, levers, train, tutorial
+from mnist_cnn import cpu, data, idx, levers, train, tutorial
 from mnist_cnn.bench_report import report
 from mnist_cnn.cli import Parser, main_with, positive_int
 from mnist_cnn.model import CNN, require_tensorflow
+from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, layer_flops, op_class_profile
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -88,41 +89,70 @@ def fit_window(model: CNN, dataset: tf.data.Dataset) -> Callable[[int], float]:
     return run
 
 
-def compiled_cnn(jit_compile=False, mixed_precision=False, learning_rate=1e-3) -> CNN:
+def compiled_cnn(jit_compile=False, mixed_precision=False, learning_rate=1e-3, optimizer="FusedAdam") -> CNN:
+    """The CNN compiled as fit() compiles it (FusedAdam), or with Keras' own Adam."""
     config = train.TrainConfig(learning_rate=learning_rate, jit_compile={True: "on", False: "off"}[jit_compile],
                                mixed_precision=mixed_precision)
-    return train.build_model(config, steps_per_epoch=1)
+    model = train.build_model(config, steps_per_epoch=1)
+    if optimizer == "Adam":
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.SparseCategoricalCrossentropy(),
+                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
+    return model
 
 
-def training_throughput(batch_size: int, rounds: int, window: int, log) -> dict:
-    """images/s and ms/step of the training contenders at one batch size."""
+def loop_model(optimizer: str) -> CNN:
+    """The tutorial loop's model: the notebook's Keras Adam, or FusedAdam as fit() uses."""
+    model = tutorial.tutorial_model()
+    if optimizer == "FusedAdam":
+        model.compile(optimizer=FusedAdam(1e-3), loss=keras.losses.SparseCategoricalCrossentropy())
+    return model
+
+
+NOTEBOOK = "notebook's eager loop"  # the baseline: the seed's loop as the notebook wrote it (Keras' Adam)
+# (contender, optimizer): each way of training is timed with the optimizer it is compared with;
+# fit()'s own step is model.fit with FusedAdam (bench_report.FIT_ROW)
+CONTENDERS = ((NOTEBOOK, "Adam"), ("tutorial loop, tf.function", "Adam"), ("model.fit", "Adam"),
+              ("tutorial loop, tf.function", "FusedAdam"), ("model.fit", "FusedAdam"),
+              ("model.fit, XLA", "FusedAdam"), ("model.fit, mixed precision", "FusedAdam"))
+
+
+def row_key(contender: str, optimizer: str) -> str:
+    return f"{contender} [{optimizer}]"
+
+
+def _window(contender: str, optimizer: str, loader, pipeline, batch_size: int) -> Callable[[int], float]:
+    if contender.startswith("tutorial loop") or contender == NOTEBOOK:
+        step = loop_model(optimizer).gradient_step
+        return loop_window(step if contender == NOTEBOOK else tf.function(step), loader, batch_size)
+    model = compiled_cnn(jit_compile="XLA" in contender, mixed_precision="mixed" in contender, optimizer=optimizer)
+    return fit_window(model, pipeline)
+
+
+def training_throughput(batch_size: int, rounds: int, window: int, log, contenders=CONTENDERS) -> dict:
+    """images/s and ms/step of the training contenders at one batch size, each against the
+    notebook's eager loop (the first contender)."""
     keras.utils.set_random_seed(0)
     loader = tutorial.MNISTLoader("sample", seed=0)
     pipeline = data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
-    eager, traced = tutorial.tutorial_model(), tutorial.tutorial_model()
-    contenders = {
-        "tutorial loop, eager": loop_window(eager.gradient_step, loader, batch_size),
-        "tutorial loop, tf.function": loop_window(tf.function(traced.gradient_step), loader, batch_size),
-        "model.fit": fit_window(compiled_cnn(), pipeline),
-        "model.fit, XLA": fit_window(compiled_cnn(jit_compile=True), pipeline),
-        "model.fit, mixed precision": fit_window(compiled_cnn(mixed_precision=True), pipeline),
-    }
-    for run in contenders.values():  # warm-up: tracing, XLA compilation, cache fill
+    runs = {row_key(*c): _window(*c, loader, pipeline, batch_size) for c in contenders}
+    for run in runs.values():  # warm-up: tracing, XLA compilation, cache fill
         run(3)
-    seconds = {name: [] for name in contenders}
+    seconds = {key: [] for key in runs}
     for r in range(rounds):
-        for name, run in contenders.items():
-            seconds[name].append(run(window) / window)
+        for key, run in runs.items():
+            seconds[key].append(run(window) / window)
         log(f"  batch {batch_size}: round {r + 1}/{rounds} done")
-    flops = 3 * forward_flops(eager) * batch_size  # training step = forward + backward (~2x forward)
-    baseline = statistics.median(seconds["tutorial loop, eager"])
+    flops = 3 * forward_flops(CNN()) * batch_size  # training step = forward + backward (~2x forward)
+    baseline = statistics.median(seconds[row_key(*contenders[0])])
     results = {}
-    for name, per_step in seconds.items():
+    for (contender, optimizer), (key, per_step) in zip(contenders, seconds.items(), strict=True):
         median = statistics.median(per_step)
-        results[name] = {
+        results[key] = {
+            "contender": contender,
+            "optimizer": optimizer,
             "ms_per_step": 1000 * median,
             "images_per_s": batch_size / median,
-            "vs_eager": baseline / median,
+            "vs_notebook": baseline / median,
             "gflop_per_s": flops / median / 1e9,
             "spread_pct": 100 * (max(per_step) - min(per_step)) / median,
         }
@@ -280,7 +310,8 @@ def _idx_folder(text: str) -> Path:
 
 def main(argv=None) -> int:
     p = Parser(prog="bench.py", description="Measure training/evaluation speed (ratios) and accuracy.")
-    p.add_argument("--quick", action="store_true", help="fewer rounds and steps (about a minute)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer rounds and smaller windows, no op profile, kernel floor or full-size pipeline (minutes)")
     p.add_argument("--rounds", type=positive_int, default=None, help="timed windows per contender")
     p.add_argument("--large-batch", type=positive_int, default=256, help="the second batch size timed (default: 256)")
     p.add_argument("--official-test", type=_idx_folder, default=None, metavar="PATH",
@@ -302,6 +333,8 @@ def _bench(args) -> None:
 
     results = {
         "machine": {"cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
+                    "cpu": cpu.describe_path(), "onednn": cpu.onednn_enabled(),
+                    "onednn_tensorflow_default": cpu.onednn_default(),
                     "tensorflow": tf.__version__, "keras": keras.__version__},
         "forward_mflop": forward_flops(CNN()) / 1e6,
         "training": {},
@@ -309,23 +342,25 @@ def _bench(args) -> None:
     log("matmul ceilings ...")
     results["peak"] = ceilings(log)
     log("training throughput ...")
-    for batch, window in ((50, 10 if args.quick else 25), (args.large_batch, 3 if args.quick else 6)):
+    for batch, window in ((50, 8 if args.quick else 25), (args.large_batch, 2 if args.quick else 6)):
         results["training"][batch] = training_throughput(batch, rounds, window, log)
         for name, row in results["training"][batch].items():  # each against its own precision's ceiling
             row["peak_fraction"] = row["gflop_per_s"] / results["peak"][contender_precision(name, results["peak"])]
     log("evaluation ...")
     results["evaluation"] = evaluation_speed(rounds, args.official_test, log)
-    log("full-size pipeline ...")
-    results["pipeline"] = pipeline_overhead(300 if args.quick else 1200, log)
-    log("op profile ...")
-    results["op_profile"] = op_class_profile()
-    results["kernel_floor"] = kernel_floor(50, rounds=3 if args.quick else 5)
+    if not args.quick:  # minutes each: the full bench only
+        log("full-size pipeline ...")
+        results["pipeline"] = pipeline_overhead(1200, log)
+        log("op profile ...")
+        results["op_profile"] = op_class_profile()
+        results["kernel_floor"] = kernel_floor(50, rounds=5)
     if args.levers:
         log("speed levers ...")
         results["levers"] = levers.measure(rounds, 10 if args.quick else 30, log)
     log("run overhead ...")
     with tempfile.TemporaryDirectory() as logdir, quiet_runs():
-        overhead = [run_overhead(train.TrainConfig(data="sample", logdir=logdir), log, "default sample run")]
+        first = train.TrainConfig(data="sample", logdir=logdir, epochs=1 if args.quick else 5)
+        overhead = [run_overhead(first, log, f"default sample run{', 1 epoch' if args.quick else ''}")]
         if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not args.quick:
             full = train.TrainConfig(data=str(FASHION_MNIST), epochs=1, logdir=logdir)
             overhead.append(run_overhead(full, log, "one full-size epoch (Fashion-MNIST IDX, 55,000 train)"))

@@ -5,21 +5,31 @@ from __future__ import annotations
 from mnist_cnn import levers
 from mnist_cnn.profile import floor_lines
 
+FIT_ROW = "model.fit [FusedAdam]"  # fit()'s own step in the training table (bench.row_key)
+
 
 def report(results: dict) -> str:
-    lines = [f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)"]
+    lines = []
+    machine = results.get("machine")
+    if machine and "cpu" in machine:
+        default = "on" if machine["onednn_tensorflow_default"] else "off"
+        lines.append(f"machine: {machine['cpu']} (TensorFlow's own oneDNN default on this CPU: {default}), "
+                     f"{machine['cpus']} cores, {machine['gpus']} GPUs; TensorFlow {machine['tensorflow']}, "
+                     f"Keras {machine['keras']}")
+    lines.append(f"forward pass: {results['forward_mflop']:.2f} MFLOP per image (training step ~3x)")
     if "peak" in results:
         lines.append("matmul ceiling (2048x2048): " + ", ".join(
             f"{precision} {gflops:.0f} GFLOP/s" for precision, gflops in results["peak"].items()))
     lines.append("")
     for batch, rows in results["training"].items():
         lines.append(f"training, batch {batch}:")
-        lines.append(f"  {'contender':<28} {'ms/step':>8} {'images/s':>9} {'vs eager':>8} {'GFLOP/s':>8}"
-                     f" {'of peak':>8} {'spread':>7}")
-        for name, r in rows.items():
+        lines.append(f"  {'contender':<28} {'optimizer':<10} {'ms/step':>8} {'images/s':>9} {'vs notebook':>11}"
+                     f" {'GFLOP/s':>8} {'of peak':>8} {'spread':>7}")
+        for r in rows.values():
             lines.append(
-                f"  {name:<28} {r['ms_per_step']:8.1f} {r['images_per_s']:9.0f} {r['vs_eager']:7.2f}x"
-                f" {r['gflop_per_s']:8.1f} {100 * r.get('peak_fraction', 0):7.0f}% {r['spread_pct']:6.0f}%"
+                f"  {r['contender']:<28} {r['optimizer']:<10} {r['ms_per_step']:8.1f} {r['images_per_s']:9.0f}"
+                f" {r['vs_notebook']:10.2f}x {r['gflop_per_s']:8.1f} {100 * r.get('peak_fraction', 0):7.0f}%"
+                f" {r['spread_pct']:6.0f}%"
             )
     ev = results["evaluation"]
     lines.append(
@@ -64,10 +74,10 @@ def where_time_goes(results: dict) -> list[str]:
         lines.append("one training step (batch 50, float32), op time by class (summed over threads):")
         for name, ms in sorted(profile.items(), key=lambda item: -item[1]):
             lines.append(f"  {name:<40} {ms:6.2f} ms  {100 * ms / busy:4.0f}%")
-    floor, fit = results.get("kernel_floor"), results["training"].get(50, {}).get("model.fit")
+    floor, fit = results.get("kernel_floor"), results["training"].get(50, {}).get(FIT_ROW)
     if floor and fit:
         step_gflop = 3 * results["forward_mflop"] * floor["batch_size"] / 1000
         lines += floor_lines(floor, step_gflop, results["peak"]["float32"], fit["ms_per_step"])
     if results.get("levers"):
-        lines += levers.lines(results["levers"])
+        lines += levers.lines(results["levers"], default_onednn=results.get("machine", {}).get("onednn"))
     return lines

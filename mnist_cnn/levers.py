@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from mnist_cnn import quiet
+from mnist_cnn import cpu, quiet
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class Lever:
 
 LEVERS = (
     Lever("default (as fit() trains)"),
-    Lever("oneDNN off", env={"TF_ENABLE_ONEDNN_OPTS": "0"}),
+    Lever("oneDNN on (TF_ENABLE_ONEDNN_OPTS=1)", env={"TF_ENABLE_ONEDNN_OPTS": "1"}),
+    Lever("oneDNN off (TF_ENABLE_ONEDNN_OPTS=0)", env={"TF_ENABLE_ONEDNN_OPTS": "0"}),
     Lever("threads: intra-op 2, inter-op 1", intra_threads=2, inter_threads=1),
     Lever("threads: intra-op 1, inter-op 2", intra_threads=1, inter_threads=2),
     Lever("steps_per_execution 10", steps_per_execution=10),
@@ -92,9 +93,20 @@ def _dataset(lever: Lever, batch_size: int):
     return gather.repeat().prefetch(tf.data.AUTOTUNE)
 
 
+def unavailable(lever: Lever, environ=None) -> str | None:
+    """Why this CPU cannot run ``lever`` (None if it can)."""
+    if lever.channels_first and not cpu.onednn_enabled({**(os.environ if environ is None else environ), **lever.env}):
+        return "TensorFlow's CPU convolutions take NCHW only with oneDNN on"
+    return None
+
+
 def worker(lever: Lever, batch_size: int) -> None:
     """Build the model and pipeline, then answer each ``N`` read on stdin with the
-    seconds of an N-step window."""
+    seconds of an N-step window (or say at once that this CPU cannot run the lever)."""
+    reason = unavailable(lever)
+    if reason:
+        print("UNAVAILABLE", reason, flush=True)
+        return
     import keras
     import tensorflow as tf
 
@@ -143,17 +155,21 @@ class Worker:
         self.lever, self.stderr = lever, stderr
         self.proc = subprocess.Popen([sys.executable, "-c", code, spec, str(batch_size)], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
-        self.applied = json.loads(self._expect("READY").split(" ", 1)[1])  # what the worker runs with
+        first = self._expect("READY", "UNAVAILABLE")
+        self.unavailable = first.split(" ", 1)[1].strip() if first.startswith("UNAVAILABLE") else None
+        self.applied = None if self.unavailable else json.loads(first.split(" ", 1)[1])  # what the worker runs with
 
-    def _expect(self, word: str) -> str:
+    def _expect(self, *words: str) -> str:
         line = self.proc.stdout.readline()
-        if not line.startswith(word):
+        if not line.startswith(words):
             self.stderr.seek(0)
             said = [ln for ln in self.stderr.read().splitlines() if ln.strip() and not quiet.is_known(ln)]
             raise RuntimeError(f"lever {self.lever.name!r}: the worker failed: {' | '.join(said[-3:])}")
         return line
 
-    def window(self, steps: int) -> float:
+    def window(self, steps: int) -> float | None:
+        if self.unavailable:
+            return None
         self.proc.stdin.write(f"{steps}\n")
         self.proc.stdin.flush()
         return float(self._expect("SECONDS_PER_STEP").split()[1])
@@ -181,15 +197,25 @@ def measure(rounds: int, steps: int, log, batch_size: int = 50, levers=LEVERS) -
                 seconds[w.lever.name].append(w.window(steps))
             log(f"  levers: round {r + 1}/{rounds} done")
     baseline = statistics.median(seconds[levers[0].name])
-    return {w.lever.name: {"ms_per_step": 1000 * statistics.median(s), "vs_default": baseline / statistics.median(s),
-                           "spread_pct": 100 * (max(s) - min(s)) / statistics.median(s), "applied": w.applied}
-            for w in workers for s in [seconds[w.lever.name]]}
+    rows = {}
+    for w in workers:
+        s = seconds[w.lever.name]
+        if w.unavailable:
+            rows[w.lever.name] = {"unavailable": w.unavailable}
+            continue
+        rows[w.lever.name] = {"ms_per_step": 1000 * statistics.median(s), "vs_default": baseline / statistics.median(s),
+                              "spread_pct": 100 * (max(s) - min(s)) / statistics.median(s), "applied": w.applied}
+    return rows
 
 
-def lines(rows: dict, batch_size: int = 50) -> list[str]:
-    """The levers for bench.py's report."""
-    out = [f"speed levers, batch {batch_size}, float32 (each in its own process, taking turns):",
+def lines(rows: dict, batch_size: int = 50, default_onednn: bool | None = None) -> list[str]:
+    """The levers for bench.py's report; ``default_onednn``: whether the default runs oneDNN."""
+    state = "" if default_onednn is None else f"; the default runs with oneDNN {'on' if default_onednn else 'off'}"
+    out = [f"speed levers, batch {batch_size}, float32 (each in its own process, taking turns{state}):",
            f"  {'lever':<44} {'ms/step':>8} {'vs default':>10} {'spread':>7}"]
     for name, row in rows.items():
+        if "unavailable" in row:
+            out.append(f"  {name:<44} {'-':>8} {'-':>10} {'':>7}  not on this CPU: {row['unavailable']}")
+            continue
         out.append(f"  {name:<44} {row['ms_per_step']:8.1f} {row['vs_default']:9.2f}x {row['spread_pct']:6.0f}%")
     return out

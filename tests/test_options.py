@@ -150,13 +150,14 @@ def test_bench_reports_each_contender_against_its_precisions_ceiling():
     assert profile.contender_precision("model.fit", peaks) == "float32"
     assert profile.contender_precision("model.fit, mixed precision", peaks) == "bfloat16"
     assert profile.matmul_peak("float32", n=256, rounds=2, per_window=2) > 1.0  # GFLOP/s, measured for real
-    row = {"ms_per_step": 20.0, "images_per_s": 2500, "vs_eager": 2.3, "gflop_per_s": 150.0, "spread_pct": 5,
-           "peak_fraction": 0.75}
-    text = bench.report({"forward_mflop": 27.77, "peak": peaks, "training": {50: {"model.fit": row}},
+    row = {"contender": "model.fit", "optimizer": "FusedAdam", "ms_per_step": 20.0, "images_per_s": 2500,
+           "vs_notebook": 2.3, "gflop_per_s": 150.0, "spread_pct": 5, "peak_fraction": 0.75}
+    text = bench.report({"forward_mflop": 27.77, "peak": peaks, "training": {50: {"model.fit [FusedAdam]": row}},
                          "evaluation": {"images": 10, "seconds": {"model.evaluate": 1.0,
                                                                   "tutorial batch-wise predict": 2.0}, "speedup": 2.0}})
     assert "matmul ceiling (2048x2048): float32 200 GFLOP/s, bfloat16 400 GFLOP/s" in text
     assert "of peak" in text and "     75%" in text
+    assert "  model.fit                    FusedAdam      20.0" in text and "2.30x" in text
 
 
 def test_the_op_profile_splits_a_real_training_step_by_op_class():

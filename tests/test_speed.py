@@ -1,6 +1,10 @@
 """bench.py's tools for finding where a step's time goes: the kernel floor and the levers."""
 
+import dataclasses
+import os
+
 import pytest
+from conftest import run_python
 
 from mnist_cnn import bench, bench_report, levers, profile
 from mnist_cnn.model import CNN
@@ -29,7 +33,8 @@ def test_each_lever_runs_in_its_own_process_with_its_setting_applied():
     chosen = (levers.Lever("default"), levers.Lever("one thread", intra_threads=1, inter_threads=1,
                                                     steps_per_execution=2, env={"TF_ENABLE_ONEDNN_OPTS": "0"}))
     rows = levers.measure(rounds=1, steps=3, log=lambda _: None, batch_size=8, levers=chosen)  # 3 = 2 + 1
-    assert rows["default"]["vs_default"] == 1.0
+    ratio = rows["default"]["ms_per_step"] / rows["one thread"]["ms_per_step"]  # > 1: the lever is faster
+    assert rows["one thread"]["vs_default"] == pytest.approx(ratio)
     applied = rows["one thread"]["applied"]
     assert (applied["intra_threads"], applied["inter_threads"], applied["steps_per_execution"]) == (1, 1, 2)
     assert applied["env"] == {"TF_ENABLE_ONEDNN_OPTS": "0"}
@@ -48,7 +53,7 @@ def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
              "kernels": {"conv2 forward": {"ms": 3.0, "gflop_per_s": 330.0}, "Adam update (all weights)":
                          {"ms": 17.0, "gflop_per_s": None}}}
     results = {"forward_mflop": 20.0, "peak": {"float32": 300.0}, "kernel_floor": floor,
-               "training": {50: {"model.fit": {"ms_per_step": 25.0}}},
+               "training": {50: {"model.fit [FusedAdam]": {"ms_per_step": 25.0}}},
                "levers": {"default": {"ms_per_step": 25.0, "vs_default": 1.0, "spread_pct": 3.0}}}
     text = "\n".join(bench_report.where_time_goes(results))
     # 3 x 20 MFLOP x 50 = 3 GFLOP in 20 ms = 150 GFLOP/s = 50 % of 300; 20 of model.fit's 25 ms in kernels
@@ -59,16 +64,39 @@ def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
     assert "default" in text and "1.00x" in text
 
 
-def test_the_channels_first_lever_is_the_same_network_on_nchw_tensors():
-    import keras
-    import numpy as np
+CHANNELS_FIRST = """
+import keras, numpy as np
+from mnist_cnn import levers
+from mnist_cnn.model import CNN
+lever, params = next(lever for lever in levers.LEVERS if lever.channels_first), CNN().count_params()
+model = levers._model(lever)
+convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+assert [c.data_format for c in convs] == ["channels_first"] * 2
+assert model.count_params() == params
+assert model.predict(np.zeros((3, 28, 28, 1), "float32"), verbose=0).shape == (3, 10)
+print("NCHW OK")
+"""
 
-    lever, params = next(lever for lever in levers.LEVERS if lever.channels_first), CNN().count_params()
-    try:
-        model = levers._model(lever)
-        convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
-        assert [c.data_format for c in convs] == ["channels_first"] * 2
-        assert model.count_params() == params
-        assert model.predict(np.zeros((3, 28, 28, 1), "float32"), verbose=0).shape == (3, 10)
-    finally:
-        keras.config.set_image_data_format("channels_last")
+
+def test_the_channels_first_lever_is_the_same_network_on_nchw_tensors():
+    """Run where it can run: TensorFlow's CPU convolutions take NCHW only with oneDNN on."""
+    proc = run_python(CHANNELS_FIRST, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
+    assert proc.stdout.split() == ["NCHW", "OK"], proc.stderr[-2000:]
+
+
+def test_a_lever_this_cpu_cannot_run_is_reported_unavailable_not_failed():
+    nchw = next(lever for lever in levers.LEVERS if lever.channels_first)
+    without_onednn = dataclasses.replace(nchw, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert "NCHW" in levers.unavailable(without_onednn)
+    rows = levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8,
+                          levers=(levers.Lever("default"), without_onednn))
+    assert rows[nchw.name] == {"unavailable": levers.unavailable(without_onednn)}
+    assert rows["default"]["ms_per_step"] > 0
+    text = "\n".join(levers.lines(rows, default_onednn=False))
+    assert f"not on this CPU: {levers.unavailable(without_onednn)}" in text
+    assert "the default runs with oneDNN off" in text
+
+
+def test_the_levers_measure_onednn_both_ways_whatever_the_default():
+    onednn = {lever.env.get("TF_ENABLE_ONEDNN_OPTS") for lever in levers.LEVERS if not lever.jit}
+    assert {"0", "1"} <= onednn
