@@ -5,7 +5,7 @@ TensorFlow 2.21's C++ side logs before absl is initialised, so TF_CPP_MIN_LOG_LE
 longer silences it (tensorflow/tensorflow#102212, abseil/abseil-cpp#1957). On every CPU
 machine that is nine lines, one of them an *error* (``failed call to cuInit``) that
 tells a newcomer something is broken. ``install()`` routes fd 2 through a pipe and a
-thread that drops exactly those known lines; every other line -- warnings, our
+process that drops exactly those known lines; every other line -- warnings, our
 errors, tracebacks, TensorFlow lines we do not know -- passes through unchanged and
 in order. ``MNIST_CNN_VERBOSE=1`` turns the filter off.
 
@@ -18,10 +18,12 @@ stderr alone. This module imports nothing heavy, so it runs before TensorFlow lo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
+import signal
 import sys
-import threading
+import time
 from pathlib import Path
 
 KNOWN_LINES = [
@@ -69,27 +71,51 @@ def started_as_entry_point() -> bool:
 
 
 def install() -> None:
-    """Filter fd 2 from now until the process exits (idempotent)."""
+    """Filter fd 2 from now until the process exits (idempotent).
+
+    The filter is a forked process of its own, not a thread: a command that dies at once
+    (a C++ abort in TensorFlow, SIGKILL) cannot take its last lines with it -- the filter
+    reads to the end of the pipe and exits when every writer has closed it."""
     global _installed
     if _installed or os.environ.get("MNIST_CNN_VERBOSE", "") not in ("", "0"):
         return
     try:
         original = os.dup(2)
         read_end, write_end = os.pipe()
-        os.dup2(write_end, 2)
-        os.close(write_end)
-    except OSError:
-        return  # no usable stderr: nothing to filter
+        pid = os.fork()
+    except (OSError, AttributeError):
+        return  # no usable stderr, or no fork (Windows): nothing to filter
+    if pid == 0:  # the filter process
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the command; its last lines still pass
+            _close_all_but(read_end, original)
+            _pump(read_end, original)
+        finally:
+            os._exit(0)
+    os.close(read_end)
+    os.dup2(write_end, 2)
+    os.close(write_end)
     _installed = True
-    pump = threading.Thread(target=_pump, args=(read_end, original), daemon=True, name="stderr-filter")
-    pump.start()
 
     def restore():
         sys.stderr.flush()
-        os.dup2(original, 2)  # the pipe's last writer closes: the pump reads the rest, then EOF
-        pump.join(timeout=5)
+        os.dup2(original, 2)  # our end of the pipe closes: the filter reads the rest, then EOF
+        deadline = time.monotonic() + 5  # a child process still holding the pipe keeps it open: wait a little
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.01)
 
     atexit.register(restore)
+
+
+def _close_all_but(*keep: int) -> None:
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = [0, 1, 2]
+    for fd in fds:
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _pump(read_end: int, out: int) -> None:

@@ -83,3 +83,37 @@ def test_the_installed_command_names_count_as_entry_points():
     assert quiet.is_entry_point("/usr/local/bin/mnist-cnn-fit")
     assert quiet.is_entry_point(str(quiet.SCRIPTS / "fit.py"))
     assert not quiet.is_entry_point("/home/someone/fit.py") and not quiet.is_entry_point(sys.executable)
+
+
+def test_a_command_that_dies_at_once_still_shows_its_last_lines():
+    """A C++ abort inside TensorFlow (or a SIGKILL) ends the process between two writes: the
+    filter is a process of its own, so what was written still reaches the terminal."""
+    for death in ("os.abort()", "os.kill(os.getpid(), signal.SIGKILL)"):
+        code = f"""
+import os, signal, sys
+sys.argv[0] = "mnist-cnn-test"
+from mnist_cnn import quiet
+assert quiet._installed
+os.write(2, b"terminate called after throwing an instance of 'dnnl::error'\\n")
+{death}
+"""
+        proc = run_python(code, timeout=60)
+        assert proc.returncode < 0, (death, proc.returncode)
+        assert "terminate called after throwing an instance of 'dnnl::error'" in proc.stderr, death
+
+
+def test_ctrl_c_reaches_the_command_not_the_filter():
+    code = """
+import os, signal, sys, time
+sys.argv[0] = "mnist-cnn-test"
+from mnist_cnn import quiet
+try:
+    os.kill(0, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
+    time.sleep(5)
+except KeyboardInterrupt:
+    time.sleep(0.2)
+    print("interrupted, and this line still passes", file=sys.stderr, flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          start_new_session=True)
+    assert "interrupted, and this line still passes" in proc.stderr
