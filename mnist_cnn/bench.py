@@ -328,8 +328,10 @@ def _bench(args) -> None:
     require_tensorflow("bench.py")
     rounds = args.rounds or (3 if args.quick else 7)
 
-    def log(message):
-        print(message, file=sys.stderr, flush=True)
+    began = time.perf_counter()
+
+    def log(message):  # progress on stderr, with the seconds since the bench started
+        print(f"[{time.perf_counter() - began:4.0f} s] {message}", file=sys.stderr, flush=True)
 
     results = {
         "machine": {"cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),

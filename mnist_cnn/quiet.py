@@ -35,6 +35,11 @@ KNOWN_LINES = [
         r"^I\d{4} [\d:.]+\s+\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized",
         r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$",
         r"^E\d{4} [\d:.]+\s+\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)$",
+        # XLA's first compilation on the CPU (--jit-compile on, bench's XLA contenders)
+        r"^I\d{4} [\d:.]+\s+\d+ service\.cc:\d+\] XLA service 0x[0-9a-f]+ initialized for platform Host ",
+        r"^I\d{4} [\d:.]+\s+\d+ service\.cc:\d+\]\s+StreamExecutor \[\d+\]: Host, Default Version",
+        r"^I\d{4} [\d:.]+\s+\d+ dump_mlir_util\.cc:\d+\] disabling MLIR crash reproducer",
+        r"^I\d{4} [\d:.]+\s+\d+ device_compiler\.h:\d+\] Compiled cluster using XLA!",
     )
 ]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -20,6 +20,14 @@ NOISE = [
     "appropriate compiler flags.",
     "E0000 00:00:1795785279.801234    3550 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
     "Failed call to cuInit: UNKNOWN ERROR (303)",
+    "I0000 00:00:1796029915.423842   19973 service.cc:153] XLA service 0x7f5f20009f80 initialized for platform "
+    "Host (this does not guarantee that XLA will be used). Devices:",
+    "I0000 00:00:1796029915.423887   19973 service.cc:161]   StreamExecutor [0]: Host, Default Version (Driver: "
+    "0.0.0; Runtime: 0.0.0; Toolkit: 0.0.0; DNN: 0.0.0)",
+    "I0000 00:00:1796029915.440379   19973 dump_mlir_util.cc:269] disabling MLIR crash reproducer, set env var "
+    "`MLIR_CRASH_REPRODUCER_DIRECTORY` to enable.",
+    "I0000 00:00:1796029916.546821   19973 device_compiler.h:208] Compiled cluster using XLA!  This line is logged "
+    "at most once for the lifetime of the process.",
 ]
 
 
