@@ -124,3 +124,17 @@ def test_the_chinese_readme_gives_the_same_two_commands(marker):
     english, chinese = REPO / "README.md", REPO / "README.zh-CN.md"
     assert readme_command(chinese, marker) == readme_command(english, marker)
     assert "README.zh-CN.md" in english.read_text().split("\n## ")[0]  # linked from the top
+
+
+def test_the_declared_floors_are_the_ones_the_floor_check_installs():
+    """pyproject.toml's lower bounds and .ci/floors.txt's pins (what .ci/check-floors tests) agree."""
+    import tomllib
+
+    declared = {}
+    for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
+        name, _, rest = requirement.partition(">=")
+        declared[name.strip()] = rest.split(",")[0].strip()
+    pinned = dict(line.split("==") for line in (REPO / ".ci" / "floors.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    for name in ("tensorflow", "keras", "tensorboard", "tensorflow-datasets", "numpy"):
+        assert pinned[name].startswith(declared[name]), (name, declared[name], pinned[name])
