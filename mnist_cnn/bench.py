@@ -28,7 +28,7 @@ import tensorflow as tf
 
 from mnist_cnn import cpu, data, idx, levers, train, tutorial
 from mnist_cnn.bench_report import report
-from mnist_cnn.cli import Parser, main_with, positive_int
+from mnist_cnn.cli import Parser, command_name, main_with, positive_int
 from mnist_cnn.model import CNN, require_tensorflow
 from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, layer_flops, op_class_profile
@@ -309,7 +309,7 @@ def _idx_folder(text: str) -> Path:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="bench.py", description="Measure training/evaluation speed (ratios) and accuracy.")
+    p = Parser(prog=command_name("bench.py"), description="Measure training/evaluation speed (ratios) and accuracy.")
     p.add_argument("--quick", action="store_true",
                    help="fewer rounds and smaller windows, no op profile, kernel floor or full-size pipeline (minutes)")
     p.add_argument("--rounds", type=positive_int, default=None, help="timed windows per contender")
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
 
 
 def _bench(args) -> None:
-    require_tensorflow("bench.py")
+    require_tensorflow(command_name("bench.py"))
     rounds = args.rounds or (3 if args.quick else 7)
 
     began = time.perf_counter()

@@ -2,14 +2,18 @@
 fields, and one wrapper that gives every entry point the same errors and exit codes.
 
 Exit codes: 0 done, 1 training failed (diverged, or a file could not be written
-mid-run), 2 bad input (one line on stderr, nothing touched), 130 interrupted.
+mid-run), 2 bad input (one line on stderr, nothing touched), 130 interrupted, 141 the
+reader of our output went away (``| head``), quietly, as shell tools do.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import os
+import shlex
 import sys
 import typing
 from collections.abc import Callable
@@ -19,7 +23,7 @@ from mnist_cnn.config import RECIPE_ALIASES, RESUME_MAY_CHANGE, RUN_IDENTITY, Tr
 from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.model import require_tensorflow
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
 
 class Parser(argparse.ArgumentParser):
@@ -67,7 +71,7 @@ def fit_parser() -> Parser:
     """fit.py's parser: one flag per TrainConfig field (help, choices, bounds from the
     field), plus --resume and --dry-run. Nothing is defaulted here: a flag that is not
     typed is absent from the result, so the recipe and --resume can tell."""
-    p = Parser(prog="fit.py", description="Train the MNIST CNN and write a run folder under --logdir.",
+    p = Parser(prog=command_name("fit.py"), description="Train the MNIST CNN and write a run folder under --logdir.",
                argument_default=argparse.SUPPRESS)
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -131,19 +135,55 @@ def setup_logging() -> None:
     logger.propagate = False
 
 
+def command_name(script: str) -> str:
+    """The name the user ran: ``mnist-cnn-fit`` as an installed command, else the script's
+    own (``fit.py``) -- for usage lines and error prefixes, as argparse names ``prog``."""
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return argv0 if argv0.startswith("mnist-cnn-") else script
+
+
+def command_line(script: str, *args) -> str:
+    """A command line to paste, shell-quoted, in the form the user ran: ``mnist-cnn-fit ARGS``,
+    or ``python scripts/fit.py ARGS`` (the script's path as typed)."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if Path(argv0).name.startswith("mnist-cnn-"):
+        head = [Path(argv0).name]
+    elif Path(argv0).name == script:
+        head = ["python", argv0]
+    else:  # called from Python: the installed command
+        head = ["mnist-cnn-" + Path(script).stem.replace("_", "-")]
+    return shlex.join([*head, *map(str, args)])
+
+
+def resume_hint(run_dir) -> str:
+    return f"resume with: {command_line('fit.py', '--resume', run_dir)}"
+
+
 def run(prog: str, body: Callable[[], int | None]) -> int:
-    """Run an entry point's ``body`` with the package's errors turned into exit codes."""
+    """Run an entry point's ``body`` with the package's errors turned into exit codes.
+    ``prog`` is the script's name (``fit.py``); messages name the command as the user ran it."""
     setup_logging()
+    prog = command_name(prog)
     try:
-        return body() or EXIT_OK
+        code = body() or EXIT_OK
+        sys.stdout.flush()  # a closed pipe (| head) shows here, inside the handler below
+        return code
+    except BrokenPipeError:  # the reader went away (| head -1): end quietly, as a shell tool does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's final flush finds no pipe
+        return EXIT_BROKEN_PIPE
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (TrainingDiverged, StorageError) as e:
+    except StorageError as e:
+        hint = f"; {resume_hint(e.run_dir)}" if e.run_dir else ""
+        print(f"\n{prog}: stopped: {e}{hint}", file=sys.stderr)
+        return EXIT_FAILED
+    except TrainingDiverged as e:
         print(f"\n{prog}: stopped: {e}", file=sys.stderr)
         return EXIT_FAILED
     except Interrupted as e:
-        print(f"\n{prog}: {e}", file=sys.stderr)
+        print(f"\n{prog}: interrupted; {resume_hint(e.run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted", file=sys.stderr)
@@ -160,7 +200,7 @@ def fit_main(argv=None) -> int:
     from mnist_cnn import train  # here, not at the top: train's modules use this one's Parser and run
 
     def body():
-        require_tensorflow("fit.py")
+        require_tensorflow(command_name("fit.py"))
         config, resume = parse_fit_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
         result = train.fit(config, resume=resume)
         if result.data_info.num_validation:

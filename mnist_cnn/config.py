@@ -170,7 +170,7 @@ class TrainConfig:
             raise UsageError("--strategy multiworker needs --run-name, so that every worker names the same run")
         if self.strategy == "multiworker" and self.export:
             raise UsageError("--export is not available with --strategy multiworker; "
-                             "run scripts/export.py on the chief's model.keras afterwards")
+                             "export the chief's model.keras afterwards (mnist-cnn-export MODEL DIR)")
         return self
 
 

@@ -32,13 +32,18 @@ class StorageError(RuntimeError):
     """A file could not be written (disk full, file too large, read-only); names the file.
 
     The previous version of that file is intact, and a killed or stopped run resumes
-    once the cause is fixed.
+    once the cause is fixed: ``run_dir`` names the run to resume, where there is one (the
+    command line turns it into the command to paste).
     """
+
+    def __init__(self, message, run_dir=None):
+        super().__init__(message)
+        self.run_dir = run_dir
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; the run folder can be resumed."""
+    """Ctrl-C during training; the run folder ``run_dir`` can be resumed."""
 
     def __init__(self, run_dir):
-        super().__init__(f"interrupted; resume with: python scripts/fit.py --resume {run_dir}")
+        super().__init__("interrupted")
         self.run_dir = run_dir

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from mnist_cnn import data, idx
-from mnist_cnn.cli import Parser, main_with
+from mnist_cnn.cli import Parser, command_name, main_with
 from mnist_cnn.model import load_cnn
 
 
@@ -104,7 +104,7 @@ def format_report(report: Report) -> str:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="evaluate.py", description="Evaluate a saved CNN on a test set.")
+    p = Parser(prog=command_name("evaluate.py"), description="Evaluate a saved CNN on a test set.")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("--data", default="auto", metavar="{auto,tfds,sample,PATH}",
                    help="test set: the split of a source, or an IDX folder with t10k files")

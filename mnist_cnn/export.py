@@ -25,7 +25,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn.cli import Parser, main_with
+from mnist_cnn.cli import Parser, command_name, main_with
 from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.model import load_cnn
 from mnist_cnn.rundir import check_name, write_atomic
@@ -156,7 +156,8 @@ def export_tflite(model: keras.Model, path: str | os.PathLike, quantize: str = "
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="export.py", description="Export a saved CNN as a serving SavedModel (and TensorFlow Lite).")
+    p = Parser(prog=command_name("export.py"),
+               description="Export a saved CNN as a serving SavedModel (and TensorFlow Lite).")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("directory", metavar="DIR", help="a new folder for the SavedModel")
     p.add_argument("--tflite", metavar="FILE", help="also write a TensorFlow Lite model to this new file")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mnist_cnn.cli import EXIT_BAD_INPUT, Parser, main_with
+from mnist_cnn.cli import EXIT_BAD_INPUT, Parser, command_name, main_with
 from mnist_cnn.errors import InputError
 from mnist_cnn.model import load_cnn
 
@@ -124,7 +124,7 @@ def _top(text: str) -> int:
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="predict.py", description="Predict the digit in each image file.")
+    p = Parser(prog=command_name("predict.py"), description="Predict the digit in each image file.")
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--top", type=_top, default=1, help="show the N most likely digits (1-10)")

@@ -40,6 +40,13 @@ KNOWN_LINES = [
         r"^I\d{4} [\d:.]+\s+\d+ service\.cc:\d+\]\s+StreamExecutor \[\d+\]: Host, Default Version",
         r"^I\d{4} [\d:.]+\s+\d+ dump_mlir_util\.cc:\d+\] disabling MLIR crash reproducer",
         r"^I\d{4} [\d:.]+\s+\d+ device_compiler\.h:\d+\] Compiled cluster using XLA!",
+        # the TensorFlow Lite converter reading back the SavedModel it converts (export --tflite)
+        r"^W\d{4} [\d:.]+\s+\d+ tf_tfl_flatbuffer_helpers\.cc:\d+\] Ignored (output_format|drop_control_dependency)\.$",
+        r"^I\d{4} [\d:.]+\s+\d+ reader\.cc:\d+\] Reading (SavedModel from: |meta graph with tags "
+        r"|SavedModel debug info)",
+        r"^I\d{4} [\d:.]+\s+\d+ mlir_graph_optimization_pass\.cc:\d+\] MLIR V1 optimization pass is not enabled$",
+        r"^I\d{4} [\d:.]+\s+\d+ loader\.cc:\d+\] (Restoring SavedModel bundle\.$|Running initialization op on "
+        r"SavedModel bundle at path: |SavedModel load for tags \{ serve \}; Status: success: OK\.)",
     )
 ]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_cnn.cli import Parser, main_with
+from mnist_cnn.cli import Parser, command_name, main_with
 from mnist_cnn.errors import InputError, ModelFileError
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> T
 
 
 def main(argv=None) -> int:
-    p = Parser(prog="serve.py", description="Serve a trained CNN: a draw-a-digit page and POST /predict.")
+    p = Parser(prog=command_name("serve.py"), description="Serve a trained CNN: a draw-a-digit page and POST /predict.")
     p.add_argument("model", metavar="MODEL.keras|SAVEDMODEL_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (0: any free one) (default: 8000)")

@@ -1,7 +1,7 @@
 """Training: ``fit(config)`` reads top to bottom -- strategy, data, model, run folder,
 epochs, final evaluation and files.
 
-    python scripts/fit.py --epochs 5 --batch-size 50 --learning-rate 1e-3
+    mnist-cnn-fit --epochs 5 --batch-size 50 --learning-rate 1e-3   (or python scripts/fit.py ...)
 
 The options are ``config.TrainConfig``; the command line around ``fit`` is ``cli``;
 the run folder's files are ``rundir.RunDir``'s. Each run gets its own folder
@@ -337,7 +337,7 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
                 raise Interrupted(run_dir.path) from None
             except StorageError as e:
                 write_session_end(run_dir.path, "failure")
-                raise StorageError(f"{e}; resume with: python scripts/fit.py --resume {run_dir.path}") from None
+                raise StorageError(str(e), run_dir=run_dir.path) from None
             except TrainingDiverged:
                 write_session_end(run_dir.path, "failure")
                 raise

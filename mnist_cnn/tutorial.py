@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data
-from mnist_cnn.cli import Parser, main_with, positive_int
+from mnist_cnn.cli import Parser, command_name, main_with, positive_int
 from mnist_cnn.model import CNN, require_tensorflow
 
 # -- 1. the convolution principle ---------------------------------------------------
@@ -88,7 +88,8 @@ def _grid(array: np.ndarray) -> str:
 
 
 def conv_main(argv=None) -> int:
-    parser = Parser(prog="conv_demo.py", description="The convolution principle on the tutorial's 7x7 image.")
+    parser = Parser(prog=command_name("conv_demo.py"),
+                    description="The convolution principle on the tutorial's 7x7 image.")
     return main_with(parser, argv, lambda args: _conv_demo())
 
 
@@ -125,7 +126,8 @@ def reshape_demo(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reshape_main(argv=None) -> int:
-    parser = Parser(prog="reshape_demo.py", description="What Reshape((3*3*4,)) does to a (1, 3, 3, 4) tensor.")
+    parser = Parser(prog=command_name("reshape_demo.py"),
+                    description="What Reshape((3*3*4,)) does to a (1, 3, 3, 4) tensor.")
     parser.add_argument("--seed", type=int, default=0)
     return main_with(parser, argv, lambda args: _reshape_demo(args.seed))
 
@@ -218,7 +220,7 @@ def evaluate_batchwise(model: keras.Model, loader: MNISTLoader, batch_size: int 
 
 
 def loop_main(argv=None) -> int:
-    p = Parser(prog="tutorial_loop.py", description="The tutorial's hand-written GradientTape loop.")
+    p = Parser(prog=command_name("tutorial_loop.py"), description="The tutorial's hand-written GradientTape loop.")
     p.add_argument("--epochs", type=positive_int, default=5, help="sets num_batches = N // batch * epochs")
     p.add_argument("--batch-size", type=positive_int, default=50)
     p.add_argument("--learning-rate", type=float, default=1e-3)
@@ -233,7 +235,7 @@ def loop_main(argv=None) -> int:
 
 
 def _loop(args) -> None:
-    require_tensorflow("tutorial_loop.py")
+    require_tensorflow(command_name("tutorial_loop.py"))
     keras.utils.set_random_seed(args.seed)
     loader = MNISTLoader(args.data, seed=args.seed)
     print(f"Data: {loader.info.describe()}")

@@ -42,6 +42,8 @@ def run_python(code: str, *args, cwd=None, timeout=300, env=None) -> subprocess.
 
 
 FIT = [sys.executable, str(REPO / "scripts" / "fit.py")]
+# what fit.py tells a user who ran it as FIT: the command as they typed it, ready to paste
+RESUME_HINT = f"resume with: python {REPO / 'scripts' / 'fit.py'} --resume"
 
 
 def start_fit(*args, **kwargs):

@@ -4,6 +4,10 @@ errors and exit codes for every entry point, and a README that lists every flag.
 import dataclasses
 import json
 import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import tomllib
@@ -128,8 +132,6 @@ def test_the_chinese_readme_gives_the_same_two_commands(marker):
 
 def test_the_declared_floors_are_the_ones_the_floor_check_installs():
     """pyproject.toml's lower bounds and .ci/floors.txt's pins (what .ci/check-floors tests) agree."""
-    import tomllib
-
     declared = {}
     for requirement in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]:
         name, _, rest = requirement.partition(">=")
@@ -138,3 +140,41 @@ def test_the_declared_floors_are_the_ones_the_floor_check_installs():
                   if line and not line.startswith("#"))
     for name in ("tensorflow", "keras", "tensorboard", "tensorflow-datasets", "numpy"):
         assert pinned[name].startswith(declared[name]), (name, declared[name], pinned[name])
+
+
+# -- installed commands: they name themselves, quote what they tell you to paste, end quietly ----------
+
+def installed(name: str) -> Path:
+    path = Path(sys.executable).parent / name  # pip puts the mnist-cnn-* commands beside the interpreter
+    if not path.exists():
+        pytest.skip(f"{name} is not installed beside {sys.executable} (pip install -e .)")
+    return path
+
+
+def test_an_installed_command_names_itself_in_usage_lines_and_errors(tmp_path):
+    proc = subprocess.run([installed("mnist-cnn-fit"), "--epochs", "0"], capture_output=True, text=True,
+                          timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines()[-1] == "mnist-cnn-fit: error: argument --epochs: must be positive, got 0"
+    proc = subprocess.run([installed("mnist-cnn-predict"), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: mnist-cnn-predict ")
+
+
+def test_the_resume_hint_is_the_command_the_user_ran_shell_quoted(monkeypatch):
+    awkward = "/tmp/my logs/run\nnamed; rm -rf ~"
+    for argv0, head in (("/venv/bin/mnist-cnn-fit", ["mnist-cnn-fit"]),
+                        ("scripts/fit.py", ["python", "scripts/fit.py"]),
+                        ("-c", ["mnist-cnn-fit"])):  # from Python: the installed command
+        monkeypatch.setattr(sys, "argv", [argv0])
+        hint = cli.resume_hint(awkward)
+        assert hint.startswith("resume with: ")
+        assert shlex.split(hint.removeprefix("resume with: ")) == [*head, "--resume", awkward]
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`mnist-cnn-... | head -1`: the reader goes away before we write; no traceback, status 141."""
+    proc = subprocess.Popen([installed("mnist-cnn-reshape-demo")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) in (0, 141), err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

@@ -5,6 +5,7 @@ Interpreter flow."""
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -112,3 +113,17 @@ def test_export_refuses_an_unknown_quantization_and_an_existing_file(exported, t
     with pytest.raises(export.UsageError, match="already exists"):
         export.export_tflite(keras.saving.load_model(run.model_path), taken)
     assert taken.read_bytes() == b"mine"
+
+
+def test_the_installed_export_command_prints_no_converter_lines(exported, tmp_path):
+    """The TensorFlow Lite converter logs eleven lines of its own while it reads the SavedModel back;
+    an installed command filters them as it does TensorFlow's start-up lines."""
+    run, _ = exported
+    command = Path(sys.executable).parent / "mnist-cnn-export"
+    if not command.exists():
+        pytest.skip(f"mnist-cnn-export is not installed beside {sys.executable} (pip install -e .)")
+    proc = subprocess.run([command, run.model_path, tmp_path / "out", "--tflite", tmp_path / "cnn.tflite"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr == ""
+    assert (tmp_path / "cnn.tflite").stat().st_size > 1_000_000

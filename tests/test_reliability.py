@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import (
     FIT,
+    RESUME_HINT,
     committed_epochs,
     quick,
     read_events,
@@ -75,7 +76,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    assert f"interrupted; resume with: python scripts/fit.py --resume {run_dir}" in err
+    assert f"interrupted; {RESUME_HINT} {run_dir}" in err
     assert "Traceback" not in err
     assert session_statuses(run_dir) == ["STATUS_FAILURE"]  # not "unknown" in TensorBoard
     resumed = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)

@@ -14,7 +14,16 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import FIT, committed_epochs, read_events, read_summaries, snapshot, start_fit, wait_for_epochs
+from conftest import (
+    FIT,
+    RESUME_HINT,
+    committed_epochs,
+    read_events,
+    read_summaries,
+    snapshot,
+    start_fit,
+    wait_for_epochs,
+)
 
 from mnist_cnn import cli
 from mnist_cnn.rundir import RunDir
@@ -91,7 +100,7 @@ def test_kill_after_the_last_epoch_resumes_without_training(tmp_path, sig):
     assert not (run_dir / "metrics.json").exists(), "killed too late: the run had finished"
     history_before = json.loads((run_dir / "history.json").read_text())
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and f"resume with: python scripts/fit.py --resume {run_dir}" in err, err
+        assert proc.returncode == 130 and f"{RESUME_HINT} {run_dir}" in err, err
 
     resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -185,7 +194,7 @@ def test_disk_full_mid_training_stops_cleanly_and_resumes_once_space_is_back(sma
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = last_line(proc.stderr)
     assert last.startswith("fit.py: stopped: cannot write ") and "No space left on device" in last, proc.stderr
-    assert f"resume with: python scripts/fit.py --resume {run_dir}" in last
+    assert f"{RESUME_HINT} {run_dir}" in last
     assert "Traceback" not in proc.stderr
     assert committed_epochs(run_dir) == 1
     assert not list(run_dir.rglob(".*.tmp-*"))
