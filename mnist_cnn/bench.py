@@ -33,7 +33,8 @@ from mnist_cnn.model import CNN, require_tensorflow
 from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, layer_flops, op_class_profile
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+# a full-size IDX set for the pipeline and one-epoch rows: Debian's dataset-fashion-mnist, or FASHION_MNIST_DIR
+FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
 # -- what the model costs ----------------------------------------------------------------
@@ -191,7 +192,7 @@ def evaluation_speed(rounds: int, official: Path | None, log) -> dict:
 def pipeline_overhead(steps: int, log) -> dict | None:
     """Training on the full-size IDX pipeline vs the same steps on one in-memory batch."""
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
-        log(f"  skipped: {FASHION_MNIST} not found (apt-get install dataset-fashion-mnist)")
+        log(f"  skipped: {FASHION_MNIST} not found (apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
         return None
     start = time.perf_counter()
     full = data.load(str(FASHION_MNIST), batch_size=50, seed=0)

@@ -103,6 +103,17 @@ class CNN(keras.Model):
             for layer in self.layers:
                 layer.trainable = False
 
+    def features(self, name: str = "cnn_features") -> keras.Model:
+        """The CNN without its classifier: a functional model from images (N, 28, 28, 1) to
+        dense1's activations (N, dense_units), sharing this CNN's layers and weights -- what
+        ``keras.applications`` gives with ``include_top=False``. Freeze it and put a new head
+        on it for another task; the result saves and loads as an ordinary ``.keras`` model."""
+        inputs = keras.Input(INPUT_SHAPE[1:], name="images")
+        x = inputs
+        for layer in (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1):
+            x = layer(x)
+        return keras.Model(inputs, x, name=name)
+
     def layers_in_order(self) -> tuple[keras.layers.Layer, ...]:
         """The layers an image passes through, in order (without dropout and softmax)."""
         return (self.conv1, self.pool1, self.conv2, self.pool2, self.flatten, self.dense1, self.dense2)

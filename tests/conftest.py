@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,9 +16,19 @@ from mnist_cnn import data, idx
 from mnist_cnn.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
-# The official MNIST test set: present beside the checkout on developer machines and in CI only;
-# the tests that read it skip where it is absent.
-SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+# The official MNIST test set: MNIST_IDX_DIR, else the shared folder beside the checkout on developer
+# machines and in CI; the tests that read it skip where it is absent and say what to set.
+SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", REPO.parent / "shared" / "data" / "mnist"))
+# Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist), or FASHION_MNIST_DIR
+FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+
+
+def fashion_mnist() -> Path:
+    """The Fashion-MNIST IDX folder, or a skip that says how to get it."""
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"Fashion-MNIST not in {FASHION_MNIST}: apt-get install dataset-fashion-mnist, "
+                    "or set FASHION_MNIST_DIR to a folder of its IDX files")
+    return FASHION_MNIST
 
 
 @pytest.fixture(scope="session")

@@ -84,7 +84,8 @@ def test_missing_file_is_named(tmp_path):
         idx.read_split(tmp_path, "test")
 
 
-@pytest.mark.skipif(not SHARED_MNIST.is_dir(), reason="official MNIST test set not on this machine")
+@pytest.mark.skipif(not SHARED_MNIST.is_dir(),
+                    reason=f"official MNIST test set not in {SHARED_MNIST}: set MNIST_IDX_DIR to its IDX folder")
 def test_reads_the_official_mnist_test_set():
     images, labels = idx.read_split(SHARED_MNIST, "test")
     assert images.shape == (10_000, 28, 28) and labels.shape == (10_000,)
