@@ -19,6 +19,7 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+from mnist_cnn import console
 from mnist_cnn.config import RECIPE_ALIASES, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, check_value, flag_name
 from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.model import require_tensorflow
@@ -123,15 +124,10 @@ def parse_fit_args(argv=None) -> tuple[TrainConfig, bool]:
 
 
 def setup_logging() -> None:
-    """Package INFO lines on stdout, warnings and errors on stderr, unadorned."""
-    logger = logging.getLogger("mnist_cnn")
+    """Package INFO lines on stdout, warnings and errors on stderr, unadorned (``console``)."""
+    logger = logging.getLogger(console.LOGGER)
     logger.setLevel(logging.INFO)
-    out = logging.StreamHandler(sys.stdout)
-    out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
-    err.setLevel(logging.WARNING)
-    err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    logger.handlers[:] = [out, err]
+    logger.handlers[:] = console.handlers()
     logger.propagate = False
 
 

@@ -166,6 +166,10 @@ class TrainConfig:
             if self.run_name in ("", ".", "..") or Path(self.run_name).name != self.run_name:
                 raise UsageError(f"--run-name must be a plain folder name, got {self.run_name!r}")
             check_name("--run-name", self.run_name)
+        named = RECIPES.get(self.recipe, {})
+        if named and all(getattr(self, name) == getattr(TrainConfig, name) for name in named):
+            raise UsageError(f"recipe={self.recipe!r} is a name, not its settings ({', '.join(named)} are the "
+                             f"tutorial's): build the config with TrainConfig.from_recipe({self.recipe!r}, ...)")
         if self.strategy == "multiworker" and not self.run_name:
             raise UsageError("--strategy multiworker needs --run-name, so that every worker names the same run")
         if self.strategy == "multiworker" and self.export:

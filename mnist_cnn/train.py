@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import cpu, data, distribute
+from mnist_cnn import console, cpu, data, distribute
 from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
@@ -302,9 +302,20 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
     epoch (``resume.json``), appending to its logs; a run whose epochs all finished
     is only evaluated and saved. Ctrl-C or a storage failure leaves a resumable run.
     ``callbacks`` are added to the run's own; ``verbose`` (Keras' fit verbosity) replaces
-    what ``config.progress`` would print. Everything that can be wrong with the input is
-    checked before the run folder is created.
+    what ``config.progress`` would print, and ``verbose=0`` also silences the run's own lines
+    (Device:, Data:, Run folder:, warnings), which otherwise reach the console even when the
+    caller configured no logging. Everything that can be wrong with the input is checked
+    before the run folder is created.
+
+    Like Keras' reproducibility recipe, ``fit`` seeds Python's ``random``, NumPy's global
+    generator and TensorFlow with ``config.seed`` (``keras.utils.set_random_seed``): code that
+    draws from those generators after ``fit`` draws a seeded sequence.
     """
+    with console.lines_shown(silent=verbose == 0):
+        return _fit(config, verbose, resume, callbacks)
+
+
+def _fit(config: TrainConfig, verbose, resume: bool, callbacks) -> RunResult:
     require_tensorflow("train.fit")
     config.validate()
     start = time.perf_counter()

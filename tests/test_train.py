@@ -1,13 +1,15 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
 import keras
 import pytest
-from conftest import REPO, quick, read_events
+from conftest import REPO, quick, read_events, run_python
 
 from mnist_cnn import cli, cpu, train
+from mnist_cnn.config import TrainConfig
 from mnist_cnn.errors import UsageError
 from mnist_cnn.rundir import RunDir
 
@@ -120,3 +122,31 @@ def test_fit_script_dry_run(tmp_path):
     assert len(accuracy[0].split(": ")[1]) == 8  # the tutorial's %f
     assert lines[-1].startswith(f"run folder: {tmp_path / 'smoke'}")
     assert (tmp_path / "smoke" / "model.keras").is_file()
+
+
+FROM_PYTHON = """
+import logging, sys
+from mnist_cnn import train
+from mnist_cnn.config import TrainConfig
+config = TrainConfig(data="sample", epochs=1, steps_per_epoch=2, logdir=sys.argv[1], progress="epoch")
+result = train.fit(config, verbose=int(sys.argv[2]) if len(sys.argv) > 2 else None)
+print("RESULT", result.test_accuracy, len(logging.getLogger("mnist_cnn").handlers), logging.getLogger().hasHandlers())
+"""
+
+
+def test_fit_from_python_shows_its_lines_without_logging_configured_and_leaves_logging_alone(tmp_path):
+    proc = run_python(FROM_PYTHON, tmp_path / "a")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("Device: ") for line in lines) and any(line.startswith("Run folder: ") for line in lines)
+    assert any(line.startswith("Epoch 1/1 - ") for line in lines)
+    assert lines[-1].split()[2:] == ["0", "False"]  # no handler left behind, the root logger untouched
+    quiet = run_python(FROM_PYTHON, tmp_path / "b", 0)
+    assert quiet.returncode == 0 and quiet.stdout.splitlines()[0].startswith("RESULT"), quiet.stdout
+
+
+def test_a_recipe_name_without_its_settings_is_refused_with_the_call_that_applies_it():
+    with pytest.raises(UsageError, match=re.escape("TrainConfig.from_recipe('best', ...)")):
+        TrainConfig(recipe="best").validate()
+    assert TrainConfig.from_recipe("best").validate().epochs == 20
+    assert TrainConfig.from_recipe("best", epochs=3).validate().augment  # a typed value still wins
