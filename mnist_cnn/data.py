@@ -154,7 +154,14 @@ def sample_arrays() -> tuple[Arrays, Arrays]:
 
 def _tfds_load(data_dir: str | None) -> list[tf.data.Dataset]:
     """tfds' MNIST train and test splits; downloads only when the host answers."""
-    import tensorflow_datasets as tfds  # slow to import; only when used
+    try:
+        import tensorflow_datasets as tfds  # slow to import; only when used
+    except Exception as e:  # noqa: BLE001 -- a broken install fails in many ways (ImportError, TypeError, ...)
+        raise DataError(
+            f"tfds: tensorflow-datasets cannot be imported here ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "with TensorFlow 2.16's protobuf 4 it needs tensorflow-metadata<1.17 and pyarrow<18; "
+            "or use --data sample or --data PATH to a folder of IDX files"
+        ) from None
 
     download = tfds_prepared(data_dir) or host_reachable()
     try:

@@ -150,3 +150,21 @@ def test_validation_size(spec, num_train, expected):
 def test_a_validation_split_that_leaves_nothing_to_train_is_refused():
     with pytest.raises(DataError, match="4,000 of 4,000 training digits leaves none to train on"):
         data.validation_size("4000", 4000)
+
+
+def test_a_tfds_that_cannot_be_imported_is_one_line_naming_the_way_out(monkeypatch, tmp_path):
+    """As with TensorFlow 2.16 and tensorflow-metadata built for protobuf 5 (cannot import name
+    'runtime_version'): --data tfds is a DataError, not a traceback."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def broken(name, *args, **kwargs):
+        if name == "tensorflow_datasets":
+            raise ImportError("cannot import name 'runtime_version' from 'google.protobuf'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", broken)
+    with pytest.raises(DataError, match=r"tensorflow-datasets cannot be imported here \(ImportError: cannot import "
+                                        r"name 'runtime_version'.*tensorflow-metadata<1.17.*--data sample"):
+        data.load("tfds", batch_size=5, data_dir=str(tmp_path))
