@@ -1,13 +1,26 @@
-"""mnist_cnn: the classic two-convolution MNIST CNN as a Keras 3 / TensorFlow package."""
+"""mnist_cnn: the classic two-convolution MNIST CNN as a Keras 3 / TensorFlow package.
+
+``import mnist_cnn`` registers ``CNN`` (and ``FusedAdam``) with Keras, so that
+``keras.saving.load_model`` finds them. One of our own commands (``mnist-cnn-*``,
+``scripts/*.py``) imports them only when it needs them, after its arguments are parsed:
+``--help`` and a usage error answer before TensorFlow loads.
+"""
 
 from mnist_cnn import cpu, quiet
+
+__all__ = ["CNN", "FusedAdam"]
+__version__ = "0.1.0"
 
 if quiet.started_as_entry_point():  # only when run as our own command, before TensorFlow loads:
     cpu.prefer_fast_path()  # oneDNN's CPU kernels on x86 unless the user set TF_ENABLE_ONEDNN_OPTS
     quiet.install()  # TensorFlow's known start-up lines filtered out of stderr
 
-from mnist_cnn.model import CNN  # noqa: E402  (importing registers CNN with Keras)
-from mnist_cnn.optimizers import FusedAdam  # noqa: E402  (and the optimizer of resume checkpoints)
+    def __getattr__(name):  # CNN and FusedAdam on first use (PEP 562)
+        if name in __all__:
+            from mnist_cnn import model, optimizers
 
-__all__ = ["CNN", "FusedAdam"]
-__version__ = "0.1.0"
+            return {"CNN": model.CNN, "FusedAdam": optimizers.FusedAdam}[name]
+        raise AttributeError(f"module 'mnist_cnn' has no attribute {name!r}")
+else:
+    from mnist_cnn.model import CNN  # noqa: F401  (importing registers CNN with Keras)
+    from mnist_cnn.optimizers import FusedAdam  # noqa: F401  (and the optimizer of resume checkpoints)

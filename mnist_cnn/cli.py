@@ -22,7 +22,6 @@ from pathlib import Path
 from mnist_cnn import console
 from mnist_cnn.config import RECIPE_ALIASES, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, check_value, flag_name
 from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
-from mnist_cnn.model import require_tensorflow
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
@@ -193,11 +192,15 @@ def main_with(parser: Parser, argv, body: Callable[[argparse.Namespace], int | N
 
 def fit_main(argv=None) -> int:
     """``scripts/fit.py`` / ``mnist-cnn-fit``."""
-    from mnist_cnn import train  # here, not at the top: train's modules use this one's Parser and run
 
     def body():
-        require_tensorflow(command_name("fit.py"))
         config, resume = parse_fit_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
+        # TensorFlow loads only now: --help and a usage error answer without it
+        from mnist_cnn.model import require_tensorflow
+
+        require_tensorflow(command_name("fit.py"))
+        from mnist_cnn import train
+
         result = train.fit(config, resume=resume)
         if result.data_info.num_validation:
             print("validation accuracy: %f (last epoch)" % result.history["val_accuracy"][-1])

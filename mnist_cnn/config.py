@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_cnn.errors import UsageError
-from mnist_cnn.rundir import check_name
 
 JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
 LR_SCHEDULES = ("constant", "cosine")
@@ -38,6 +38,13 @@ RUN_IDENTITY = ("logdir", "run_name")
 RESUME_MAY_CHANGE = ("progress", "steps_per_execution")
 PROGRESS = ("auto", "bar", "epoch", "none")
 SEED_MAX = 2**32 - 1  # numpy's seed range
+NAME_MAX = 255  # bytes in one file name (ext4, xfs, tmpfs, ...)
+
+
+def check_name(flag: str, name: str) -> None:
+    """A file or folder name the filesystem can hold (with our temporary suffix)."""
+    if len(os.fsencode(name)) + 45 > NAME_MAX:
+        raise UsageError(f"{flag} {name[:40]}...: name too long ({len(os.fsencode(name))} bytes; at most 210)")
 
 
 def option(default, help: str, *, choices=None, low=None, high=None, open_low=False, open_high=False, metavar=None):

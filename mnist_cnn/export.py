@@ -26,9 +26,10 @@ import keras
 import tensorflow as tf
 
 from mnist_cnn.cli import Parser, command_name, main_with
+from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.model import load_cnn
-from mnist_cnn.rundir import check_name, write_atomic
+from mnist_cnn.rundir import write_atomic
 
 SERVING_SHAPE = (None, 28, 28, 1)
 QUANTIZE = ("none", "dynamic", "int8")

@@ -36,11 +36,11 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255  # bytes in one file name (ext4, xfs, tmpfs, ...)
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
 # TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
 STEP_TAG_PREFIX = "batch_"
@@ -135,12 +135,6 @@ def without_training_state(keras_file: bytes) -> bytes:
 def write_model(path: str | os.PathLike, model) -> Path:
     """The final model file: weights and config, no optimizer state."""
     return write_atomic(path, without_training_state(model_bytes(model)))
-
-
-def check_name(flag: str, name: str) -> None:
-    """A file or folder name the filesystem can hold (with our temporary suffix)."""
-    if len(os.fsencode(name)) + 45 > NAME_MAX:
-        raise UsageError(f"{flag} {name[:40]}...: name too long ({len(os.fsencode(name))} bytes; at most 210)")
 
 
 @dataclass(frozen=True)
