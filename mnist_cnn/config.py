@@ -17,6 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mnist_cnn import cpu
 from mnist_cnn.errors import UsageError
 
 JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
@@ -192,11 +193,7 @@ def native_mixed_precision() -> bool:
 
     if tf.config.list_physical_devices("GPU"):
         return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu.cpu_flags())
 
 
 def _has_type(value, kind) -> bool:

@@ -40,8 +40,10 @@ def test_every_config_field_is_a_flag_with_its_help_and_default():
         flag = "--" + f.name.replace("_", "-")
         assert flag in text, flag
         assert f.metadata["help"], f"{f.name} has no help text"
-        if f.default is not None:
-            assert f"(default: {f.default})" in re.sub(r"\s+", " ", text), f.name
+    flat = re.sub(r"\s+", " ", text)  # the defaults a user reads are the notebook's numbers
+    for flag, default in (("--epochs N", "5"), ("--batch-size N", "50"), ("--learning-rate X", "0.001"),
+                          ("--seed N", "0"), ("--recipe", "tutorial"), ("--progress", "auto")):
+        assert re.search(re.escape(flag) + r" .*?\(default: " + re.escape(default) + r"\)", flat), flag
 
 
 @pytest.mark.parametrize("script, argv", [(s, ["--bogus"]) for s in MAINS])

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import quick, read_summaries, write_folder
 
-from mnist_cnn import CNN, bench, cli, data, profile, train
+from mnist_cnn import CNN, bench, cli, cpu, data, profile, train
 from mnist_cnn.config import TrainConfig
 
 
@@ -139,7 +139,11 @@ def test_the_fast_recipe_uses_mixed_precision_only_where_it_is_native(monkeypatc
     fast = TrainConfig.from_recipe("fast")
     assert (fast.epochs, fast.augment, fast.lr_schedule, fast.dropout, fast.learning_rate) == (12, True, "cosine",
                                                                                               0.5, 2e-3)
-    assert fast.mixed_precision == config.native_mixed_precision()
+    if not tf.config.list_physical_devices("GPU"):  # on a CPU the decision is the CPU's bfloat16 instructions
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "amx_bf16"}))
+        assert TrainConfig.from_recipe("fast").mixed_precision is True
+        monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f"}))  # emulated: slower
+        assert TrainConfig.from_recipe("fast").mixed_precision is False
     monkeypatch.setattr(config, "native_mixed_precision", lambda: False)
     assert TrainConfig.from_recipe("fast").mixed_precision is False  # no bf16 instructions: float32
     assert TrainConfig.from_recipe("fast", mixed_precision=True).mixed_precision is True  # a typed flag wins
