@@ -89,7 +89,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.run_dir.checkpoints.mkdir(exist_ok=True)
-        full = model_bytes(self.model)
+        full = model_bytes(self.model, self.run_dir.resume_checkpoint(epoch + 1))
         self.model_file = without_training_state(full)
         write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), self.model_file)
         write_atomic(self.run_dir.resume_checkpoint(epoch + 1), full)

@@ -41,7 +41,7 @@ from mnist_cnn.errors import StorageError, UsageError
 
 log = logging.getLogger(__name__)
 
-_TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+_TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}(\.keras)?$")  # (.keras: model_bytes' scratch copy)
 # TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
 STEP_TAG_PREFIX = "batch_"
 # ... and the ones written once, by the run's first process only.
@@ -88,18 +88,26 @@ def write_json(path: str | os.PathLike, payload) -> Path:
     return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
-def model_bytes(model) -> bytes:
+def model_bytes(model, beside: str | os.PathLike) -> bytes:
     """``model`` as the bytes of a ``.keras`` file (model, weights, optimizer state).
 
-    Serialised in memory so that the file itself is written by ``write_atomic``:
-    Keras' own ``model.save(path)`` writes in place through h5py, which leaves a
-    truncated file on a kill and crashes on a full disk.
+    Saved with Keras' public ``model.save`` to a temporary name beside ``beside`` (the
+    file the bytes are for: the same disk, limits and permissions), read back and
+    removed, so that the file itself is written by ``write_atomic``: Keras writes in
+    place through h5py, which leaves a truncated file on a kill and fails half-way on a
+    full disk. A kill leaves at most the temporary file, which the next resume sweeps.
     """
-    from keras.src.saving import saving_lib  # Keras 3.x: the public save() takes only paths
-
-    buffer = io.BytesIO()
-    saving_lib.save_model(model, buffer)
-    return buffer.getvalue()
+    beside = Path(beside)
+    tmp = _temp_name(beside)
+    tmp = tmp.with_name(tmp.name + ".keras")  # Keras saves only to names ending in .keras
+    try:
+        model.save(tmp)
+        return tmp.read_bytes()
+    except OSError as e:
+        raise StorageError(f"cannot write {beside}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
 
 
 def without_training_state(keras_file: bytes) -> bytes:
@@ -134,7 +142,7 @@ def without_training_state(keras_file: bytes) -> bytes:
 
 def write_model(path: str | os.PathLike, model) -> Path:
     """The final model file: weights and config, no optimizer state."""
-    return write_atomic(path, without_training_state(model_bytes(model)))
+    return write_atomic(path, without_training_state(model_bytes(model, path)))
 
 
 @dataclass(frozen=True)
