@@ -35,6 +35,9 @@ KNOWN_LINES = [
         r"^I\d{4} [\d:.]+\s+\d+ cpu_feature_guard\.cc:\d+\] This TensorFlow binary is optimized",
         r"^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.$",
         r"^E\d{4} [\d:.]+\s+\d+ cuda_platform\.cc:\d+\] failed call to cuInit: .*UNKNOWN ERROR \(303\)$",
+        # TensorFlow 2.16 (the floor) logs in its older format; its TensorRT probe on every CPU machine
+        r"^\d{4}-\d\d-\d\d [\d:.]+: W tensorflow/compiler/tf2tensorrt/utils/py_utils\.cc:\d+\] "
+        r"TF-TRT Warning: Could not find TensorRT$",
         # XLA's first compilation on the CPU (--jit-compile on, bench's XLA contenders)
         r"^I\d{4} [\d:.]+\s+\d+ service\.cc:\d+\] XLA service 0x[0-9a-f]+ initialized for platform Host ",
         r"^I\d{4} [\d:.]+\s+\d+ service\.cc:\d+\]\s+StreamExecutor \[\d+\]: Host, Default Version",

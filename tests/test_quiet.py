@@ -28,6 +28,8 @@ NOISE = [
     "`MLIR_CRASH_REPRODUCER_DIRECTORY` to enable.",
     "I0000 00:00:1796029916.546821   19973 device_compiler.h:208] Compiled cluster using XLA!  This line is logged "
     "at most once for the lifetime of the process.",
+    "2026-11-30 11:01:50.657143: W tensorflow/compiler/tf2tensorrt/utils/py_utils.cc:38] TF-TRT Warning: Could not "
+    "find TensorRT",
 ]
 
 
