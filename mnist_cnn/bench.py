@@ -94,11 +94,10 @@ def compiled_cnn(jit_compile=False, mixed_precision=False, learning_rate=1e-3, o
     """The CNN compiled as fit() compiles it (FusedAdam), or with Keras' own Adam."""
     config = train.TrainConfig(learning_rate=learning_rate, jit_compile={True: "on", False: "off"}[jit_compile],
                                mixed_precision=mixed_precision)
-    model = train.build_model(config, steps_per_epoch=1)
-    if optimizer == "Adam":
-        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=keras.losses.SparseCategoricalCrossentropy(),
-                      metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")], jit_compile=jit_compile)
-    return model
+    if optimizer == "FusedAdam":
+        return train.build_model(config, steps_per_epoch=1)
+    model = CNN(dtype=train.precision_policy(mixed_precision))
+    return train.compile_model(model, config, steps_per_epoch=1, optimizer=keras.optimizers.Adam)
 
 
 def loop_model(optimizer: str) -> CNN:

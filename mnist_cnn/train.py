@@ -79,10 +79,12 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
                          config, steps_per_epoch)
 
 
-def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int) -> keras.Model:
-    """``model`` compiled with the config's optimizer, loss, metric, XLA and steps per call."""
+def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int,
+                  optimizer: type[keras.optimizers.Optimizer] = FusedAdam) -> keras.Model:
+    """``model`` compiled with the config's optimizer, loss, metric, XLA and steps per call
+    (``optimizer``: FusedAdam, Keras' Adam in one kernel per update; bench.py also times Keras' Adam)."""
     model.compile(
-        optimizer=FusedAdam(learning_rate(config, steps_per_epoch)),  # Keras' Adam, one kernel per update
+        optimizer=optimizer(learning_rate(config, steps_per_epoch)),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],
