@@ -6,18 +6,16 @@
                           and weight histograms, steps = epoch numbers;
 - ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
                           so a resumed run continues its curves instead of restarting them;
-- ``EpochCheckpoint``  -- ``checkpoints/epoch-NN.keras`` (the model) and ``resume-NN.keras``
-                          (model + optimizer) after every epoch;
-- ``BestCheckpoint``   -- ``checkpoints/best.keras``, the best validation accuracy so far;
-- ``HistoryFile``      -- ``history.json``, every finished epoch's logs, across resumes;
-- ``EpochPictures``    -- ``images/``: sample training digits (once); per epoch the
-                          validation split's misclassified digits and confusion matrix;
 - ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;
-- ``CommitEpoch``      -- ``resume.json``: runs last, so an epoch counts as finished (and a
-                          killed run resumes after it) only once everything else for it
-                          was written. It replaces Keras' ``BackupAndRestore``, which
-                          deletes its backup when ``fit`` returns -- before the run's final
-                          evaluation and files exist.
+- ``EndOfEpoch``       -- last: everything a finished epoch leaves, in one sequence in code
+                          order (``on_epoch_end``): ``history.json``; the checkpoints
+                          ``resume-NN.keras`` (model + optimizer) and ``epoch-NN.keras``
+                          (the model); ``best.keras`` when the monitored score improved;
+                          the scored split's pictures in ``images/``; and, last, the commit
+                          to ``resume.json`` -- so an epoch counts as finished (and a killed
+                          run resumes after it) only once everything else for it was written.
+                          It replaces Keras' ``BackupAndRestore``, which deletes its backup
+                          when ``fit`` returns, before the run's final files exist.
 
 Every file is written atomically (``rundir.write_atomic``).
 """
@@ -36,7 +34,9 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 from mnist_cnn.errors import TrainingDiverged
-from mnist_cnn.rundir import RunDir, model_bytes, without_training_state, write_atomic
+from mnist_cnn.evaluate import Scores, score
+from mnist_cnn.keras_file import inference_copy, model_bytes
+from mnist_cnn.rundir import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,73 +75,6 @@ class StepScalars(keras.callbacks.Callback):
 
     def on_train_end(self, logs=None):
         self.writer.close()
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After each epoch: ``checkpoints/resume-NN.keras`` (model + optimizer: what a resume
-    loads) and ``checkpoints/epoch-NN.keras`` (the model alone), both written atomically
-    from one serialisation. Old ones are pruned when the epoch is committed (``CommitEpoch``)."""
-
-    def __init__(self, run_dir: RunDir):
-        super().__init__()
-        self.run_dir = run_dir
-        self.model_file: bytes | None = None  # this epoch's model alone, for BestCheckpoint
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.run_dir.checkpoints.mkdir(exist_ok=True)
-        full = model_bytes(self.model, self.run_dir.resume_checkpoint(epoch + 1))
-        self.model_file = without_training_state(full)
-        write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), self.model_file)
-        write_atomic(self.run_dir.resume_checkpoint(epoch + 1), full)
-
-
-class BestCheckpoint(keras.callbacks.Callback):
-    """``checkpoints/best.keras``: the model of the epoch with the highest ``monitor``,
-    replaced atomically (Keras' ModelCheckpoint overwrites it in place, so a kill
-    during a rewrite destroyed the earlier best). ``best`` carries a resumed run's record;
-    the bytes are the ones ``epoch`` (an EpochCheckpoint that ran before) just wrote."""
-
-    def __init__(self, run_dir: RunDir, epoch: EpochCheckpoint, monitor: str = "val_accuracy",
-                 best: float | None = None):
-        super().__init__()
-        self.run_dir, self.epoch, self.monitor, self.best = run_dir, epoch, monitor, best
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or (self.best is not None and not float(value) > self.best):
-            return
-        write_atomic(self.run_dir.best_checkpoint, self.epoch.model_file)
-        self.best = float(value)
-
-
-class HistoryFile(keras.callbacks.Callback):
-    """Keeps ``history.json``: one entry of logs per finished epoch, across resumes
-    (``RunDir.rollback`` has removed what a killed process wrote past its last commit)."""
-
-    def __init__(self, run_dir: RunDir):
-        super().__init__()
-        self.run_dir = run_dir
-        self.entries: list[dict] = []
-
-    def on_train_begin(self, logs=None):
-        self.entries = self.run_dir.read_history()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.entries.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}})
-        self.run_dir.write_history(self.entries)
-
-
-class CommitEpoch(keras.callbacks.Callback):
-    """The last callback of an epoch: records it in ``resume.json`` (epochs, optimizer
-    steps, checkpoint), which is what ``--resume`` starts from."""
-
-    def __init__(self, run_dir: RunDir, keep: int):
-        super().__init__()
-        self.run_dir, self.keep = run_dir, keep
-
-    def on_epoch_end(self, epoch, logs=None):
-        steps = int(self.model.optimizer.iterations.numpy())
-        self.run_dir.commit_epoch(epoch + 1, steps, self.keep)
 
 
 def _pyplot():
@@ -194,37 +127,51 @@ def confusion_figure(matrix: np.ndarray):
     return figure
 
 
-def write_split_pictures(writer, split: str, images: np.ndarray, labels: np.ndarray, predicted: np.ndarray,
-                         step: int, shown: int = 25) -> None:
+def write_split_pictures(writer, split: str, scores: Scores, step: int, shown: int = 25) -> None:
     """``<split>/misclassified`` (the first ``shown`` mistakes, titled ``#index: true as
     predicted``) and ``<split>/confusion_matrix`` pictures at ``step``."""
+    labels, predicted = scores.labels, scores.predicted
     wrong = np.flatnonzero(predicted != labels)[:shown]
     titles = [f"#{i}: {labels[i]} as {predicted[i]}" for i in wrong]
-    matrix = tf.math.confusion_matrix(labels, predicted, num_classes=10).numpy()
+    figures = {"misclassified": digit_grid(scores.images[wrong], titles), "confusion_matrix":
+               confusion_figure(scores.confusion())}
     with writer.as_default():
-        tf.summary.image(f"{split}/misclassified", figure_to_image(digit_grid(images[wrong], titles)), step=step)
-        tf.summary.image(f"{split}/confusion_matrix", figure_to_image(confusion_figure(matrix)), step=step)
+        for name, figure in figures.items():
+            tf.summary.image(f"{split}/{name}", figure_to_image(figure), step=step)
     writer.flush()
 
 
-class EpochPictures(keras.callbacks.Callback):
-    """TensorBoard pictures in ``<run>/images``.
+class EndOfEpoch(keras.callbacks.Callback):
+    """Everything a finished epoch leaves in the run folder, in this order (one sequence,
+    one object; it runs after the other callbacks):
 
-    ``train/samples`` (once): the first training digits with their labels; after
-    every epoch the misclassified digits and the confusion matrix of the split that
-    scores epochs (``validation``, or ``test`` when there is no validation split).
+    1. ``history.json`` gains the epoch's logs (across resumes: ``RunDir.rollback`` has
+       removed what a killed process wrote past its last commit);
+    2. ``checkpoints/resume-NN.keras`` (model + optimizer: what a resume loads) and
+       ``checkpoints/epoch-NN.keras`` (the model alone);
+    3. ``checkpoints/best.keras`` -- the epoch's model file again -- when ``monitor`` beat
+       the best so far (``best`` carries a resumed run's record); replaced atomically
+       (Keras' ModelCheckpoint overwrites in place: a kill mid-write destroyed the best);
+    4. ``images/``: the scored split's misclassified digits and confusion matrix (and, at
+       the start of a new run, ``train/samples``: the first training digits);
+    5. the commit: ``resume.json`` records the epoch (epochs, optimizer steps, checkpoint)
+       and older checkpoints beyond ``keep`` are pruned.
     """
 
-    def __init__(self, run_dir: Path, split: str, dataset: tf.data.Dataset,
-                 preview: tuple[np.ndarray, np.ndarray], shown: int = 25):
+    def __init__(self, run_dir: RunDir, split: str, dataset: tf.data.Dataset,
+                 preview: tuple[np.ndarray, np.ndarray], keep: int = 1, monitor: str = "val_accuracy",
+                 best: float | None = None, shown: int = 25):
         super().__init__()
-        self.log_dir = Path(run_dir) / "images"
-        self.split, self.dataset, self.preview, self.shown = split, dataset, preview, shown
+        self.run_dir, self.split, self.dataset, self.preview = run_dir, split, dataset, preview
+        self.keep, self.monitor, self.best, self.shown = keep, monitor, best, shown
+        self.history: list[dict] = []
         self.writer, self.batches = None, None
 
     def on_train_begin(self, logs=None):
-        first_time = not self.log_dir.exists()
-        self.writer = tf.summary.create_file_writer(str(self.log_dir))
+        self.history = self.run_dir.read_history()
+        pictures = self.run_dir.path / "images"
+        first_time = not pictures.exists()
+        self.writer = tf.summary.create_file_writer(str(pictures))
         if first_time:
             images, labels = self.preview
             figure = digit_grid(images[: self.shown], [f"label {y}" for y in labels[: self.shown]])
@@ -232,15 +179,39 @@ class EpochPictures(keras.callbacks.Callback):
                 tf.summary.image("train/samples", figure_to_image(figure), step=0)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.batches is None:  # read the split once, not every epoch
-            self.batches = [(x.numpy(), y.numpy()) for x, y in self.dataset]
-        predicted = np.concatenate([self.model(x, training=False).numpy().argmax(axis=1) for x, _ in self.batches])
-        images = np.concatenate([x for x, _ in self.batches])
-        labels = np.concatenate([y for _, y in self.batches])
-        write_split_pictures(self.writer, self.split, images, labels, predicted, epoch, self.shown)
+        logs = {k: float(v) for k, v in (logs or {}).items()}
+        self.write_history(epoch, logs)
+        model_file = self.write_checkpoints(epoch)
+        self.keep_if_best(logs, model_file)
+        self.draw_pictures(epoch)
+        self.run_dir.commit_epoch(epoch + 1, int(self.model.optimizer.iterations.numpy()), self.keep)
 
     def on_train_end(self, logs=None):
         self.writer.close()
+
+    def write_history(self, epoch: int, logs: dict) -> None:
+        self.history.append({"epoch": epoch, **logs})
+        self.run_dir.write_history(self.history)
+
+    def write_checkpoints(self, epoch: int) -> bytes:
+        """Both checkpoints of the epoch; returns the model file's bytes."""
+        self.run_dir.checkpoints.mkdir(exist_ok=True)
+        resume = model_bytes(self.model, self.run_dir.resume_checkpoint(epoch + 1))
+        model_file = model_bytes(inference_copy(self.model), self.run_dir.epoch_checkpoint(epoch + 1))
+        write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), model_file)
+        write_atomic(self.run_dir.resume_checkpoint(epoch + 1), resume)
+        return model_file
+
+    def keep_if_best(self, logs: dict, model_file: bytes) -> None:
+        value = logs.get(self.monitor)
+        if value is not None and (self.best is None or value > self.best):
+            write_atomic(self.run_dir.best_checkpoint, model_file)
+            self.best = value
+
+    def draw_pictures(self, epoch: int) -> None:
+        if self.batches is None:  # read the split once, not every epoch
+            self.batches = [(x.numpy(), y.numpy()) for x, y in self.dataset]
+        write_split_pictures(self.writer, self.split, score(self.model, self.batches), epoch, self.shown)
 
 
 class HParams(keras.callbacks.Callback):
@@ -328,10 +299,6 @@ def make_callbacks(
             log_dir=str(run_dir.path), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch
         ),
         StepScalars(run_dir.path),
-        epoch_checkpoint := EpochCheckpoint(run_dir),
-        BestCheckpoint(run_dir, epoch_checkpoint, best=best_so_far),
-        HistoryFile(run_dir),
-        EpochPictures(run_dir.path, split, validation, preview),
         HParams(run_dir.path, hparams),
-        CommitEpoch(run_dir, keep_checkpoints),
+        EndOfEpoch(run_dir, split, validation, preview, keep=keep_checkpoints, best=best_so_far),
     ]

@@ -38,6 +38,7 @@ RUN_IDENTITY = ("logdir", "run_name")
 # Fields that change how a run is shown or called, not what it trains: --resume applies them.
 RESUME_MAY_CHANGE = ("progress", "steps_per_execution")
 PROGRESS = ("auto", "bar", "epoch", "none")
+QUANTIZE = ("none", "dynamic", "int8")  # TensorFlow Lite weights (export --quantize)
 SEED_MAX = 2**32 - 1  # numpy's seed range
 NAME_MAX = 255  # bytes in one file name (ext4, xfs, tmpfs, ...)
 

@@ -97,13 +97,18 @@ def shard_by_data(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def prepare_model(model, strategy: tf.distribute.Strategy) -> None:
-    """Let Keras 3's fit run under MultiWorkerMirroredStrategy.
+    """Let Keras 3's fit run under MultiWorkerMirroredStrategy: the package's one use of a
+    private Keras attribute, because Keras leaves no public way.
 
-    Keras 3 (3.15 here) reduces the first data batch across workers to build a model
-    created under a strategy (``_maybe_symbolic_build``), and that reduce fails for
-    multi-worker batches (keras-team/keras#20585). Our model is built before fit, so
-    the step is not needed: forget the captured strategy, and run fit/evaluate inside
-    ``strategy.scope()``, where Keras picks the strategy up again for every step.
+    keras-team/keras#20585: a model created under a strategy remembers it
+    (``model._distribute_strategy``), and ``fit`` then reduces the first data batch across
+    workers to build it (``_maybe_symbolic_build``); under MultiWorkerMirroredStrategy that
+    fails: ``ValueError: Attempt to convert a value (PerReplica:{...})``. Seen with Keras
+    3.6.0 + TensorFlow 2.16.1 (the floors) and Keras 3.15.1 + TensorFlow 2.21.0.
+    Our model is built before fit, so the step is not needed: forget the captured strategy,
+    and run fit/evaluate inside ``strategy.scope()``, where Keras picks the strategy up
+    again for every step. ``tests/test_distribute.py::test_keras_20585_still_needs_the_workaround``
+    fails once a Keras no longer needs this: then delete this function.
     """
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         model._distribute_strategy = None

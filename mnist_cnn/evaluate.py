@@ -1,21 +1,20 @@
-"""What a trained model gets right and wrong: ``python scripts/evaluate.py MODEL.keras``.
+"""What a model gets right and wrong, the package's one way to score a split.
 
-Test loss and accuracy, per-class precision/recall/F1, the confusion matrix, and the
-most confident mistakes -- as text, or as JSON with ``--json``.
+``score`` makes one pass of a model over a split (``Scores``: its probabilities, and from
+them loss, accuracy, the confusion matrix). Training scores the test split with it and
+draws each epoch's pictures from it; ``evaluate`` (``mnist-cnn-evaluate MODEL.keras``)
+adds per-class precision/recall/F1 and the most confident mistakes, as text or JSON.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import keras
 import numpy as np
 
 from mnist_cnn import data, idx
-from mnist_cnn.cli import Parser, command_name, main_with
-from mnist_cnn.model import load_cnn
 
 
 @dataclass
@@ -32,9 +31,45 @@ class Report:
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, classes: int = 10) -> np.ndarray:
+    """Counts: rows the true class, columns the predicted one."""
     matrix = np.zeros((classes, classes), dtype=np.int64)
     np.add.at(matrix, (labels, predicted), 1)
     return matrix
+
+
+@dataclass
+class Scores:
+    """One pass of a model over a split: its inputs, labels and predicted probabilities."""
+
+    images: np.ndarray  # as the model saw them
+    labels: np.ndarray  # int64
+    probs: np.ndarray  # (N, classes)
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def accuracy(self) -> float:
+        return float((self.predicted == self.labels).mean())
+
+    @property
+    def loss(self) -> float:
+        return float(keras.losses.SparseCategoricalCrossentropy()(self.labels, self.probs))
+
+    def confusion(self) -> np.ndarray:
+        return confusion_matrix(self.labels, self.predicted, self.probs.shape[1])
+
+
+def score(model: keras.Model, batches) -> Scores:
+    """``model``'s probabilities for every ``(images, labels)`` batch of ``batches`` (a
+    split's ``tf.data`` pipeline, or any iterable of array pairs), in inference mode."""
+    parts = [(np.asarray(x), np.asarray(y)) for x, y in batches]
+    if not parts:
+        raise ValueError("no batches to score")
+    probs = [keras.ops.convert_to_numpy(model(x, training=False)) for x, _ in parts]
+    images, labels = (np.concatenate(part) for part in zip(*parts, strict=True))
+    return Scores(images, labels.astype(np.int64), np.concatenate(probs).astype(np.float32))
 
 
 def per_class_scores(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -58,19 +93,17 @@ def test_arrays(source: str) -> tuple[np.ndarray, np.ndarray, str]:
 
 def evaluate(model: keras.Model, images: np.ndarray, labels: np.ndarray, source: str = "", top: int = 10) -> Report:
     """Score ``model`` on uint8 ``images`` (N, 28, 28) with integer ``labels``."""
-    probs = model.predict(data.pipeline(images, labels, batch_size=data.EVAL_BATCH).map(lambda x, y: x), verbose=0)
-    labels = labels.astype(np.int64)
-    predicted = probs.argmax(axis=1)
-    loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probs))
-    matrix = confusion_matrix(labels, predicted, probs.shape[1])
+    scores = score(model, data.pipeline(images, labels, batch_size=data.EVAL_BATCH))
+    labels, probs, predicted = scores.labels, scores.probs, scores.predicted
+    matrix = scores.confusion()
     precision, recall, f1 = per_class_scores(matrix)
     wrong = np.flatnonzero(predicted != labels)
     wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")][:top]
     return Report(
         source=source,
         images=len(labels),
-        loss=loss,
-        accuracy=float((predicted == labels).mean()),
+        loss=scores.loss,
+        accuracy=scores.accuracy,
         precision=precision.tolist(),
         recall=recall.tolist(),
         f1=f1.tolist(),
@@ -103,17 +136,3 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = Parser(prog=command_name("evaluate.py"), description="Evaluate a saved CNN on a test set.")
-    p.add_argument("model", metavar="MODEL.keras")
-    p.add_argument("--data", default="auto", metavar="{auto,tfds,sample,PATH}",
-                   help="test set: the split of a source, or an IDX folder with t10k files")
-    p.add_argument("--top", type=int, default=10, help="how many confident mistakes to list")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    def body(args):
-        model = load_cnn(args.model)
-        images, labels, source = test_arrays(args.data)
-        report = evaluate(model, images, labels, source, args.top)
-        print(json.dumps(asdict(report), indent=2) if args.json else format_report(report))
-
-    return main_with(p, argv, body)

@@ -25,14 +25,13 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn.cli import Parser, command_name, main_with
+from mnist_cnn import data
 from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
-from mnist_cnn.model import load_cnn
 from mnist_cnn.rundir import write_atomic
 
 SERVING_SHAPE = (None, 28, 28, 1)
-QUANTIZE = ("none", "dynamic", "int8")
+
 
 
 def tflite_bytes(model: keras.Model, quantize: str = "none", representative=None) -> bytes:
@@ -149,29 +148,8 @@ def export_tflite(model: keras.Model, path: str | os.PathLike, quantize: str = "
     check_name("--tflite", path.name)
     representative = None
     if quantize == "int8":
-        from mnist_cnn import data
-
         (images, _), _ = data.sample_arrays()
         representative = data.to_float(images[:200])
     return write_atomic(path, tflite_bytes(model, quantize, representative))
 
 
-def main(argv=None) -> int:
-    p = Parser(prog=command_name("export.py"),
-               description="Export a saved CNN as a serving SavedModel (and TensorFlow Lite).")
-    p.add_argument("model", metavar="MODEL.keras")
-    p.add_argument("directory", metavar="DIR", help="a new folder for the SavedModel")
-    p.add_argument("--tflite", metavar="FILE", help="also write a TensorFlow Lite model to this new file")
-    p.add_argument("--quantize", choices=QUANTIZE, default="none",
-                   help="TensorFlow Lite weights: none (float32), dynamic (int8 weights), or int8 (weights and "
-                   "activations, calibrated on training digits) (default: none)")
-
-    def body(args):
-        check_export_dir(args.directory)
-        model = load_cnn(args.model)
-        print(f"SavedModel for serving: {export_savedmodel(model, args.directory)}")
-        if args.tflite:
-            path = export_tflite(model, args.tflite, args.quantize)
-            print(f"TensorFlow Lite ({args.quantize}): {path} ({path.stat().st_size / 1e6:.1f} MB)")
-
-    return main_with(p, argv, body)

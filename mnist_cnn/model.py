@@ -9,19 +9,10 @@ conv 32@5x5 same relu -> maxpool 2 -> conv 64@5x5 same relu -> maxpool 2
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import warnings
-import zipfile
-from pathlib import Path
-
-import h5py
 import keras
-import numpy as np
 import tensorflow as tf
 
-from mnist_cnn.errors import BackendError, ModelFileError
+from mnist_cnn.errors import BackendError
 
 IMAGE_SHAPE = (28, 28, 1)
 
@@ -264,104 +255,3 @@ def check_build_config(config) -> None:
             raise ValueError(f"build_config input shape {shape!r} is not the CNN's (None, 28, 28, 1)")
     if config:
         raise ValueError(f"build_config has unknown entries {sorted(config)}")
-
-
-# Bounds for a CNN config read from a file, checked before anything is allocated.
-CONFIG_BOUNDS = {
-    "filters1": (1, 1024),
-    "filters2": (1, 1024),
-    "kernel_size": (1, 28),
-    "dense_units": (1, 16384),
-    "num_classes": (2, 1000),
-}
-MAX_CONFIG_BYTES = 1 << 20
-
-
-def _read_archive_config(path: Path) -> dict:
-    """The model config inside a ``.keras`` zip, checked to be a CNN of sane size."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo("config.json")
-            if info.file_size > MAX_CONFIG_BYTES:
-                raise ModelFileError(f"{path}: config.json is {info.file_size:,} bytes; not a CNN's config")
-            saved = json.loads(archive.read(info))
-    except KeyError:
-        raise ModelFileError(f"{path}: not a .keras model file (no config.json inside)") from None
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: cannot read the model file ({e})") from None
-    if not isinstance(saved, dict):
-        raise ModelFileError(f"{path}: config.json is not a model config")
-    name = saved.get("class_name")
-    if name != "CNN" or saved.get("registered_name", "mnist_cnn>CNN") != "mnist_cnn>CNN":
-        if '"Lambda"' in json.dumps(saved):
-            raise ModelFileError(f"{path}: it contains Python code (a Lambda layer), refused in safe mode")
-        raise ModelFileError(f"{path}: holds a {name}, not a mnist_cnn CNN")
-    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
-    for key, (low, high) in CONFIG_BOUNDS.items():
-        value = config.get(key)
-        if value is not None and (type(value) is not int or not low <= value <= high):
-            raise ModelFileError(f"{path}: config.json: {key}={value!r} is outside {low}-{high}")
-    dropout = config.get("dropout", 0.0)
-    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise ModelFileError(f"{path}: config.json: dropout={dropout!r} is outside [0, 1)")
-    try:
-        check_build_config(saved.get("build_config"))
-    except (ValueError, TypeError, AttributeError) as e:
-        raise ModelFileError(f"{path}: cannot load the model: {e}") from None
-    return saved
-
-
-def _check_weights_loaded(model: CNN, path: Path) -> None:
-    """Every weight of ``model`` equals the one stored in the file: Keras skips some
-    weights with only a warning, and a CNN with fresh random weights must never pass."""
-    try:
-        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f:
-            store = h5py.File(io.BytesIO(f.read()), "r")
-    except (KeyError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: cannot read the stored weights ({e})") from None
-    with store:
-        for layer_name in ("conv1", "conv2", "dense1", "dense2"):
-            layer = getattr(model, layer_name)
-            for i, variable in enumerate(layer.weights):
-                key = f"{layer_name}/vars/{i}"
-                if key not in store or not np.array_equal(store[key][()], variable.numpy()):
-                    raise ModelFileError(f"{path}: weight {key} was not loaded from the file")
-
-
-def load_weights_strict(model: CNN, path: str | os.PathLike) -> None:
-    """``model.load_weights(path)``, where a weight that does not match is an error."""
-    try:
-        with warnings.catch_warnings():
-            # Keras only warns when it skips the optimizer's state: a failure here
-            warnings.filterwarnings("error", message=".*(Skipping variable loading|could not be loaded)")
-            model.load_weights(path)
-    except Exception as e:  # Keras raises ValueError, UserWarning, OSError ... for files that do not fit
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelFileError(f"{path}: cannot load the weights: {reason}") from None
-
-
-def load_cnn(path: str | os.PathLike) -> CNN:
-    """Load a ``.keras`` file saved from a ``CNN``, refusing anything else.
-
-    Before Keras sees it, the archive's config must be a CNN whose sizes are within
-    ``CONFIG_BOUNDS``; loading is always ``safe_mode=True`` (a file whose layers carry
-    Python code is refused rather than executed); afterwards every weight must be
-    the one stored in the file. Every failure is a ``ModelFileError`` naming the file.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: model file not found")
-    if not zipfile.is_zipfile(path):
-        raise ModelFileError(f"{path}: not a .keras model file (expected the zip archive model.save() writes)")
-    _read_archive_config(path)
-    try:
-        model = keras.saving.load_model(path, safe_mode=True)
-    except Exception as e:  # Keras raises ValueError, KeyError, TypeError, OSError ... for bad archives
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "safe_mode" in str(e) or "Lambda" in str(e):
-            reason = "it contains Python code (a Lambda layer), refused in safe mode"
-        raise ModelFileError(f"{path}: cannot load the model: {reason}") from None
-    if not isinstance(model, CNN):
-        raise ModelFileError(f"{path}: holds a {type(model).__name__}, not a mnist_cnn CNN")
-    _check_weights_loaded(model, path)
-    return model

@@ -8,16 +8,12 @@ mass at the centre.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from mnist_cnn.cli import EXIT_BAD_INPUT, Parser, command_name, main_with
 from mnist_cnn.errors import InputError
-from mnist_cnn.model import load_cnn
 
 
 class ImageError(InputError):
@@ -113,29 +109,3 @@ def predict_files(model, paths: list[str], top: int = 1) -> list[tuple[str, list
     return [(path, outcomes[path]) for path in paths]
 
 
-def _top(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 10, got {text!r}")
-    return value
-
-
-def main(argv=None) -> int:
-    p = Parser(prog=command_name("predict.py"), description="Predict the digit in each image file.")
-    p.add_argument("model", metavar="MODEL.keras")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--top", type=_top, default=1, help="show the N most likely digits (1-10)")
-    def body(args):
-        failed = False
-        for path, outcome in predict_files(load_cnn(args.model), args.images, args.top):
-            if isinstance(outcome, str):
-                print(f"predict.py: error: {outcome}", file=sys.stderr)
-                failed = True
-            else:
-                print(f"{path}: " + ", ".join(f"{digit} ({prob:.4f})" for digit, prob in outcome))
-        return EXIT_BAD_INPUT if failed else 0
-
-    return main_with(p, argv, body)

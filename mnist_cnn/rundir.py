@@ -25,14 +25,12 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import io
 import json
 import logging
 import os
 import re
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +47,7 @@ ONCE_TAGS = ("train/samples", "_hparams_/session_start_info")
 SESSION_END_TAG = "_hparams_/session_end_info"
 
 
-def _temp_name(path: Path) -> Path:
+def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
 
 
@@ -68,7 +66,7 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     ``StorageError`` names the file and the cause.
     """
     path = Path(path)
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -86,63 +84,6 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_json(path: str | os.PathLike, payload) -> Path:
     return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
-
-
-def model_bytes(model, beside: str | os.PathLike) -> bytes:
-    """``model`` as the bytes of a ``.keras`` file (model, weights, optimizer state).
-
-    Saved with Keras' public ``model.save`` to a temporary name beside ``beside`` (the
-    file the bytes are for: the same disk, limits and permissions), read back and
-    removed, so that the file itself is written by ``write_atomic``: Keras writes in
-    place through h5py, which leaves a truncated file on a kill and fails half-way on a
-    full disk. A kill leaves at most the temporary file, which the next resume sweeps.
-    """
-    beside = Path(beside)
-    tmp = _temp_name(beside)
-    tmp = tmp.with_name(tmp.name + ".keras")  # Keras saves only to names ending in .keras
-    try:
-        model.save(tmp)
-        return tmp.read_bytes()
-    except OSError as e:
-        raise StorageError(f"cannot write {beside}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def without_training_state(keras_file: bytes) -> bytes:
-    """A ``.keras`` file's bytes without the optimizer's state and the compile config.
-
-    What is left (the model, its config and weights: 13 MB instead of 39 at the
-    defaults) is what predicting, evaluating, exporting and fine-tuning need;
-    ``keras.saving.load_model`` opens it as an uncompiled model, without warnings.
-    """
-    import h5py
-
-    source, out = zipfile.ZipFile(io.BytesIO(keras_file)), io.BytesIO()
-    with source, zipfile.ZipFile(out, "w") as target:
-        for name in source.namelist():
-            payload = source.read(name)
-            if name == "config.json":
-                config = json.loads(payload)
-                config["compile_config"] = None
-                payload = json.dumps(config).encode()
-            elif name == "model.weights.h5":
-                weights = io.BytesIO()
-                with h5py.File(io.BytesIO(payload), "r") as full, h5py.File(weights, "w") as kept:
-                    for key, value in full.attrs.items():
-                        kept.attrs[key] = value
-                    for key in full:
-                        if key != "optimizer":
-                            full.copy(key, kept)
-                payload = weights.getvalue()
-            target.writestr(name, payload)
-    return out.getvalue()
-
-
-def write_model(path: str | os.PathLike, model) -> Path:
-    """The final model file: weights and config, no optimizer state."""
-    return write_atomic(path, without_training_state(model_bytes(model, path)))
 
 
 @dataclass(frozen=True)
@@ -287,7 +228,7 @@ class RunDir:
 
     def check_writable(self) -> None:
         """Fail now, with the reason, if this folder cannot take new files."""
-        probe = _temp_name(self.path / "probe")
+        probe = temp_name(self.path / "probe")
         try:
             probe.write_bytes(b"")
             probe.unlink()
@@ -376,7 +317,7 @@ def _drop_events(path: Path, epochs: int, steps: int) -> None:
         dropped += 1
     if not dropped:
         return
-    tmp = _temp_name(path)
+    tmp = temp_name(path)
     with tf.io.TFRecordWriter(str(tmp)) as writer:
         for raw in kept:
             writer.write(raw)

@@ -24,9 +24,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
+import tensorflow as tf
 
-from mnist_cnn.cli import Parser, command_name, main_with
 from mnist_cnn.errors import InputError, ModelFileError
+from mnist_cnn.keras_file import load_cnn
+from mnist_cnn.predict import ImageError, mnist_style
 
 log = logging.getLogger(__name__)
 
@@ -46,23 +48,17 @@ def load_predictor(path: str):
     """A function float32 (N, 28, 28, 1) -> probabilities (N, 10), from a ``.keras`` file
     (through the strict loader) or a SavedModel folder made by ``export.py``."""
     if Path(path).is_dir():
-        import tensorflow as tf
-
         try:
             signature = tf.saved_model.load(path).signatures["serving_default"]
         except (OSError, KeyError, ValueError) as e:
             raise ModelFileError(f"{path}: not a SavedModel with a serving_default signature ({e})") from None
         return lambda images: signature(images=tf.constant(images))["probabilities"].numpy()
-    from mnist_cnn.model import load_cnn
-
     model = load_cnn(path)
     return lambda images: model.predict(images, verbose=0)
 
 
 def prepare(payload) -> np.ndarray:
     """The request's image as a float32 (28, 28) MNIST digit (RequestError otherwise)."""
-    from mnist_cnn.predict import ImageError, mnist_style
-
     if not isinstance(payload, dict) or "image" not in payload:
         raise RequestError('expected a JSON object {"image": [[...], ...]}')
     try:
@@ -139,24 +135,6 @@ def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8000) -> T
         return ThreadingHTTPServer((host, port), make_handler(predictor))
     except OSError as e:
         raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-
-
-def main(argv=None) -> int:
-    p = Parser(prog=command_name("serve.py"), description="Serve a trained CNN: a draw-a-digit page and POST /predict.")
-    p.add_argument("model", metavar="MODEL.keras|SAVEDMODEL_DIR")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (0: any free one) (default: 8000)")
-
-    def body(args):
-        server = make_server(args.model, args.host, args.port)
-        host, port = server.server_address[:2]
-        print(f"Serving {args.model} on http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
-        try:
-            server.serve_forever()
-        finally:
-            server.server_close()
-
-    return main_with(p, argv, body)
 
 
 PAGE = """<!doctype html>

@@ -20,17 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import console, cpu, data, distribute
 from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
+from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel
-from mnist_cnn.model import CNN, load_cnn, load_weights_strict, require_tensorflow
+from mnist_cnn.keras_file import load_cnn, load_weights_strict, save_model
+from mnist_cnn.model import CNN, require_tensorflow
 from mnist_cnn.optimizers import FusedAdam
-from mnist_cnn.rundir import ResumeState, RunDir, write_json, write_model
+from mnist_cnn.rundir import ResumeState, RunDir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -188,13 +189,10 @@ def train_epochs(
 def score_test(model: CNN, datasets: data.Datasets, run_dir: RunDir, step: int) -> tuple[float, float]:
     """Test loss and accuracy, from the one pass over the test split a run makes; its
     pictures (``test/misclassified``, ``test/confusion_matrix``) from the same pass."""
-    batches = [(x.numpy(), y.numpy(), model(x, training=False).numpy()) for x, y in datasets.test]
-    images, labels, probs = (np.concatenate(part) for part in zip(*batches, strict=True))
-    loss = float(keras.losses.SparseCategoricalCrossentropy()(labels, probs))
-    predicted = probs.argmax(axis=1)
+    scores = score(model, datasets.test)
     with tf.summary.create_file_writer(str(run_dir.path / "images")).as_default() as writer:
-        write_split_pictures(writer, "test", images, labels, predicted, step)
-    return loss, float((predicted == labels).mean())
+        write_split_pictures(writer, "test", scores, step)
+    return scores.loss, scores.accuracy
 
 
 def finish_run(
@@ -204,7 +202,7 @@ def finish_run(
     (if asked) and, last, metrics.json -- the mark of a finished run. Until then the
     resume state stays, so a run killed in here resumes at this step, not from scratch."""
     test_loss, test_accuracy = score_test(model, datasets, run_dir, step=config.epochs)
-    write_model(run_dir.model, model)
+    save_model(run_dir.model, model)
     state = run_dir.read_resume_state()
     if config.export and not (state and state.exported):
         log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))

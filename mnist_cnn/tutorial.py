@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import keras
@@ -18,8 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import data
-from mnist_cnn.cli import Parser, command_name, main_with, positive_int
-from mnist_cnn.model import CNN, require_tensorflow
+from mnist_cnn.model import CNN
 
 # -- 1. the convolution principle ---------------------------------------------------
 
@@ -87,13 +85,8 @@ def _grid(array: np.ndarray) -> str:
     return "\n".join(" ".join(f"{v:3g}" for v in row) for row in array)
 
 
-def conv_main(argv=None) -> int:
-    parser = Parser(prog=command_name("conv_demo.py"),
-                    description="The convolution principle on the tutorial's 7x7 image.")
-    return main_with(parser, argv, lambda args: _conv_demo())
-
-
-def _conv_demo() -> int:
+def conv_demo() -> int:
+    """Print the convolution principle on the 7x7 image; 0 when Keras, NumPy and the tutorial agree."""
     print(f"input image (7x7):\n{_grid(IMAGE)}\n")
     print(f"kernel (3x3), bias {BIAS:g}:\n{_grid(KERNEL)}\n")
     by_keras, by_hand = keras_conv(), numpy_conv()
@@ -125,14 +118,7 @@ def reshape_demo(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return keras.ops.convert_to_numpy(x), keras.ops.convert_to_numpy(y)
 
 
-def reshape_main(argv=None) -> int:
-    parser = Parser(prog=command_name("reshape_demo.py"),
-                    description="What Reshape((3*3*4,)) does to a (1, 3, 3, 4) tensor.")
-    parser.add_argument("--seed", type=int, default=0)
-    return main_with(parser, argv, lambda args: _reshape_demo(args.seed))
-
-
-def _reshape_demo(seed: int) -> None:
+def print_reshape_demo(seed: int = 0) -> None:
     x, y = reshape_demo(seed)
     with np.printoptions(precision=4, suppress=True, linewidth=100):
         print(f"input {x.shape} (3 rows x 3 columns x 4 channels):\n{x[0]}\n")
@@ -219,35 +205,3 @@ def evaluate_batchwise(model: keras.Model, loader: MNISTLoader, batch_size: int 
     return float(accuracy.result())
 
 
-def loop_main(argv=None) -> int:
-    p = Parser(prog=command_name("tutorial_loop.py"), description="The tutorial's hand-written GradientTape loop.")
-    p.add_argument("--epochs", type=positive_int, default=5, help="sets num_batches = N // batch * epochs")
-    p.add_argument("--batch-size", type=positive_int, default=50)
-    p.add_argument("--learning-rate", type=float, default=1e-3)
-    p.add_argument("--max-batches", type=positive_int, default=None,
-                   help="stop after this many batches (the tutorial stopped after batch 1000)")
-    p.add_argument("--data", default="auto", metavar="{auto,tfds,sample,PATH}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=positive_int, default=1, help="print every N-th batch's loss")
-    p.add_argument("--quiet", action="store_true", help="print no per-batch lines")
-    p.add_argument("--eager", action="store_true", help="run the step eagerly, as the notebook did")
-    return main_with(p, argv, _loop)
-
-
-def _loop(args) -> None:
-    require_tensorflow(command_name("tutorial_loop.py"))
-    keras.utils.set_random_seed(args.seed)
-    loader = MNISTLoader(args.data, seed=args.seed)
-    print(f"Data: {loader.info.describe()}")
-    model = tutorial_model(args.learning_rate)
-
-    def show(batch_index, loss):
-        if not args.quiet and batch_index % args.log_every == 0:
-            print("batch %d: loss %f" % (batch_index, loss))
-
-    start = time.perf_counter()
-    losses = train_loop(model, loader, args.epochs, args.batch_size, args.max_batches, args.eager, show)
-    trained = time.perf_counter() - start
-    accuracy = evaluate_batchwise(model, loader, args.batch_size)
-    print("test accuracy: %f" % accuracy)
-    print(f"{len(losses)} batches in {trained:.1f} s, evaluation in {time.perf_counter() - start - trained:.1f} s")

@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.bench import main
+from mnist_cnn.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.tutorial import conv_main
+from mnist_cnn.cli.tutorial import conv_main
 
 if __name__ == "__main__":
     sys.exit(conv_main())

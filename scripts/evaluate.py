@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.evaluate import main
+from mnist_cnn.cli.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

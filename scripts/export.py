@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.export import main
+from mnist_cnn.cli.export import main
 
 if __name__ == "__main__":
     sys.exit(main())

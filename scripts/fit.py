@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.cli import fit_main as main
+from mnist_cnn.cli.fit import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.predict import main
+from mnist_cnn.cli.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

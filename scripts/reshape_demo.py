@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.tutorial import reshape_main
+from mnist_cnn.cli.tutorial import reshape_main
 
 if __name__ == "__main__":
     sys.exit(reshape_main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from mnist_cnn.tutorial import loop_main
+from mnist_cnn.cli.tutorial import loop_main
 
 if __name__ == "__main__":
     sys.exit(loop_main())

@@ -12,7 +12,9 @@ import tensorflow as tf
 from conftest import REPO, quick, read_summaries, run_python
 from PIL import Image
 
-from mnist_cnn import evaluate, export, predict, train
+from mnist_cnn import evaluate, predict, train
+from mnist_cnn.cli import evaluate as evaluate_cli
+from mnist_cnn.cli import export as export_cli
 from mnist_cnn.errors import UsageError
 from mnist_cnn.export import export_savedmodel
 
@@ -86,18 +88,18 @@ def test_evaluate_agrees_with_keras(trained, sample):
 
 
 def test_evaluate_script_text_and_json(trained, capsys):
-    assert evaluate.main([str(trained.model_path), "--data", "sample"]) == 0
+    assert evaluate_cli.main([str(trained.model_path), "--data", "sample"]) == 0
     text = capsys.readouterr().out
     assert "test accuracy: " in text and "confusion matrix (rows: true digit" in text
     assert "most confident mistakes" in text
-    assert evaluate.main([str(trained.model_path), "--data", "sample", "--json"]) == 0
+    assert evaluate_cli.main([str(trained.model_path), "--data", "sample", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 1000 and report["accuracy"] == pytest.approx(trained.test_accuracy, abs=1e-6)
 
 
 def test_evaluate_refuses_a_bad_model_file(tmp_path, capsys):
     (tmp_path / "m.keras").write_bytes(b"nope")
-    assert evaluate.main([str(tmp_path / "m.keras"), "--data", "sample"]) == 2
+    assert evaluate_cli.main([str(tmp_path / "m.keras"), "--data", "sample"]) == 2
     out, err = capsys.readouterr()
     assert err == f"evaluate.py: error: {tmp_path / 'm.keras'}: not a .keras model file " \
                   "(expected the zip archive model.save() writes)\n"
@@ -195,12 +197,12 @@ def test_export_never_overwrites(trained, tmp_path, capsys):
     with pytest.raises(UsageError, match="already exists"):
         export_savedmodel(keras.saving.load_model(trained.model_path), tmp_path / "taken")
     assert list((tmp_path / "taken").iterdir()) == []
-    assert export.main([str(trained.model_path), str(tmp_path / "taken")]) == 2
+    assert export_cli.main([str(trained.model_path), str(tmp_path / "taken")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_export_script_on_a_saved_model(trained, tmp_path, capsys):
-    assert export.main([str(trained.model_path), str(tmp_path / "new")]) == 0
+    assert export_cli.main([str(trained.model_path), str(tmp_path / "new")]) == 0
     assert (tmp_path / "new" / "saved_model.pb").exists()
     assert capsys.readouterr().out.strip() == f"SavedModel for serving: {tmp_path / 'new'}"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind

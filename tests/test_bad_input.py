@@ -20,10 +20,14 @@ import pytest
 from conftest import FIT, REPO, snapshot, write_folder
 from PIL import Image
 
-from mnist_cnn import CNN, cli, evaluate, export, idx, predict, train
+from mnist_cnn import CNN, export, idx, predict, train
+from mnist_cnn.cli import evaluate as evaluate_cli
+from mnist_cnn.cli import export as export_cli
+from mnist_cnn.cli import fit as fit_cli
+from mnist_cnn.cli import predict as predict_cli
 from mnist_cnn.errors import ModelFileError
 from mnist_cnn.idx import IDXError
-from mnist_cnn.model import load_cnn
+from mnist_cnn.keras_file import load_cnn
 
 
 def one_line_error(capsys, prog="fit.py"):
@@ -95,11 +99,11 @@ def test_a_tampered_model_file_is_refused(saved, kind, tmp_path, capsys):
         load_cnn(path)
     assert str(path) in str(caught.value)
     assert "another size" not in str(caught.value)
-    assert evaluate.main([str(path), "--data", "sample"]) == 2
+    assert evaluate_cli.main([str(path), "--data", "sample"]) == 2
     err = one_line_error(capsys, "evaluate.py")
     assert "test accuracy" not in capsys.readouterr().out
     argv = ["--data", "sample", "--dry-run", "--init-from", str(path), "--logdir", str(tmp_path / "l")]
-    assert cli.fit_main(argv) == 2
+    assert fit_cli.main(argv) == 2
     assert one_line_error(capsys).split(": error: ")[1] == err.split(": error: ")[1]  # the same reason
     assert not (tmp_path / "l").exists()
 
@@ -169,7 +173,7 @@ def test_a_decompression_bomb_is_one_bad_file_and_the_others_are_read(reader, sa
 
 @pytest.mark.parametrize("top", ["-1", "0", "11", "x"])
 def test_predict_top_outside_1_to_10_is_a_usage_error(top, tmp_path, capsys):
-    assert predict.main([str(tmp_path / "m.keras"), "x.png", "--top", top]) == 2
+    assert predict_cli.main([str(tmp_path / "m.keras"), "x.png", "--top", top]) == 2
     assert "argument --top: expected a whole number from 1 to 10" in one_line_error(capsys, "predict.py")
 
 
@@ -182,11 +186,11 @@ def test_zero_images_are_refused_before_a_run_folder_exists(split, saved, tmp_pa
     write_folder(folder)
     idx.write_idx(folder / idx.FILE_STEMS[(split, "images")], np.zeros((0, 28, 28)))
     idx.write_idx(folder / idx.FILE_STEMS[(split, "labels")], np.zeros(0))
-    assert cli.fit_main(["--data", str(folder), "--logdir", str(tmp_path / "logs")]) == 2
+    assert fit_cli.main(["--data", str(folder), "--logdir", str(tmp_path / "logs")]) == 2
     assert "holds 0 items; a split needs at least one" in one_line_error(capsys)
     assert not (tmp_path / "logs").exists()
     if split == "test":
-        assert evaluate.main([str(saved / "good.keras"), "--data", str(folder)]) == 2
+        assert evaluate_cli.main([str(saved / "good.keras"), "--data", str(folder)]) == 2
         assert "holds 0 items" in one_line_error(capsys, "evaluate.py")
 
 
@@ -246,7 +250,7 @@ def test_a_broken_config_json_is_one_line_on_resume(unfinished_run, edit, messag
     edit(config)
     (unfinished_run / "config.json").write_text(json.dumps(config))
     before = snapshot(unfinished_run)
-    assert cli.fit_main(["--resume", str(unfinished_run)]) == 2
+    assert fit_cli.main(["--resume", str(unfinished_run)]) == 2
     assert message in one_line_error(capsys)
     assert snapshot(unfinished_run) == before  # not even an event file
 
@@ -254,7 +258,7 @@ def test_a_broken_config_json_is_one_line_on_resume(unfinished_run, edit, messag
 def test_config_json_that_is_a_folder_is_one_line(unfinished_run, capsys):
     (unfinished_run / "config.json").unlink()
     (unfinished_run / "config.json").mkdir()
-    assert cli.fit_main(["--resume", str(unfinished_run)]) == 2
+    assert fit_cli.main(["--resume", str(unfinished_run)]) == 2
     assert "unreadable config.json (Is a directory)" in one_line_error(capsys)
 
 
@@ -277,7 +281,7 @@ def test_an_unfinished_run_resumes_from_its_config_alone(unfinished_run):
 )
 def test_out_of_range_flags_are_one_line_before_anything_is_written(argv, message, tmp_path, capsys):
     logs = tmp_path / "logs"
-    assert cli.fit_main(["--data", "sample", "--dry-run", "--logdir", str(logs), *argv]) == 2
+    assert fit_cli.main(["--data", "sample", "--dry-run", "--logdir", str(logs), *argv]) == 2
     err = one_line_error(capsys)
     assert message in err
     if "--run-name" in argv or "--export" in argv:
@@ -286,7 +290,7 @@ def test_out_of_range_flags_are_one_line_before_anything_is_written(argv, messag
 
 
 def test_export_script_refuses_a_name_too_long(saved, tmp_path, capsys):
-    assert export.main([str(saved / "good.keras"), str(tmp_path / ("e" * 250))]) == 2
+    assert export_cli.main([str(saved / "good.keras"), str(tmp_path / ("e" * 250))]) == 2
     assert "name too long" in one_line_error(capsys, "export.py")
     assert list(tmp_path.iterdir()) == []
 

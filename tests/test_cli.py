@@ -13,25 +13,32 @@ import pytest
 import tomllib
 from conftest import REPO
 
-from mnist_cnn import bench, cli, evaluate, export, predict, serve, tutorial
+from mnist_cnn.cli import bench as bench_cli
+from mnist_cnn.cli import common
+from mnist_cnn.cli import evaluate as evaluate_cli
+from mnist_cnn.cli import export as export_cli
+from mnist_cnn.cli import fit as fit_cli
+from mnist_cnn.cli import predict as predict_cli
+from mnist_cnn.cli import serve as serve_cli
+from mnist_cnn.cli import tutorial as tutorial_cli
 from mnist_cnn.config import RECIPES, TrainConfig
 from mnist_cnn.errors import UsageError
 
 MAINS = {
-    "fit.py": cli.fit_main,
-    "evaluate.py": evaluate.main,
-    "predict.py": predict.main,
-    "export.py": export.main,
-    "bench.py": bench.main,
-    "serve.py": serve.main,
-    "conv_demo.py": tutorial.conv_main,
-    "reshape_demo.py": tutorial.reshape_main,
-    "tutorial_loop.py": tutorial.loop_main,
+    "fit.py": fit_cli.main,
+    "evaluate.py": evaluate_cli.main,
+    "predict.py": predict_cli.main,
+    "export.py": export_cli.main,
+    "bench.py": bench_cli.main,
+    "serve.py": serve_cli.main,
+    "conv_demo.py": tutorial_cli.conv_main,
+    "reshape_demo.py": tutorial_cli.reshape_main,
+    "tutorial_loop.py": tutorial_cli.loop_main,
 }
 
 
 def fit_help() -> str:
-    return cli.fit_parser().format_help()
+    return fit_cli.parser().format_help()
 
 
 def test_every_config_field_is_a_flag_with_its_help_and_default():
@@ -58,7 +65,7 @@ def test_every_script_is_an_installed_entry_point():
     entry_points = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     targets = set(entry_points.values())
     for script in sorted((REPO / "scripts").glob("*.py")):
-        imported = re.search(r"^from (mnist_cnn\.\w+) import (\w+)", script.read_text(), re.M)
+        imported = re.search(r"^from (mnist_cnn\.cli\.\w+) import (\w+)", script.read_text(), re.M)
         assert imported, f"{script.name} does not call one function of the package"
         assert f"{imported.group(1)}:{imported.group(2)}" in targets, f"{script.name} has no mnist-cnn-* entry point"
         assert script.name in MAINS
@@ -98,24 +105,24 @@ def test_validate_refuses_what_the_flags_refuse(overrides, message):
 
 
 def test_parsing_keeps_typed_flags_apart_from_defaults():
-    config, resume = cli.parse_fit_args(["--epochs", "5", "--recipe", "best"])
+    config, resume = fit_cli.parse_args(["--epochs", "5", "--recipe", "best"])
     assert config.epochs == 5 and config.augment is True and not resume  # typed 5 wins over best's 20
-    assert cli.parse_fit_args([])[0] == TrainConfig()
+    assert fit_cli.parse_args([])[0] == TrainConfig()
 
 
 def test_the_old_recipe_name_still_works(tmp_path):
-    assert cli.parse_fit_args(["--recipe", "seed"])[0] == TrainConfig.from_recipe("tutorial") == TrainConfig()
+    assert fit_cli.parse_args(["--recipe", "seed"])[0] == TrainConfig.from_recipe("tutorial") == TrainConfig()
     assert set(RECIPES) == {"tutorial", "best", "fast"}
     run = tmp_path / "old"
     run.mkdir()
     saved = dataclasses.asdict(TrainConfig(data="sample", logdir=str(tmp_path), run_name="old"))
     (run / "config.json").write_text(json.dumps({**saved, "recipe": "seed"}))  # as written before the rename
-    config, resume = cli.parse_fit_args(["--resume", str(run), "--recipe", "seed"])
+    config, resume = fit_cli.parse_args(["--resume", str(run), "--recipe", "seed"])
     assert resume and config.recipe == "tutorial"
 
 
 def test_resume_and_dry_run_do_not_mix(capsys):
-    assert cli.fit_main(["--resume", "x", "--dry-run"]) == 2
+    assert fit_cli.main(["--resume", "x", "--dry-run"]) == 2
     assert capsys.readouterr().err == "fit.py: error: --dry-run cannot be combined with --resume\n"
 
 
@@ -168,7 +175,7 @@ def test_the_resume_hint_is_the_command_the_user_ran_shell_quoted(monkeypatch):
                         ("scripts/fit.py", ["python", "scripts/fit.py"]),
                         ("-c", ["mnist-cnn-fit"])):  # from Python: the installed command
         monkeypatch.setattr(sys, "argv", [argv0])
-        hint = cli.resume_hint(awkward)
+        hint = common.resume_hint(awkward)
         assert hint.startswith("resume with: ")
         assert shlex.split(hint.removeprefix("resume with: ")) == [*head, "--resume", awkward]
 

@@ -14,7 +14,9 @@ import tensorflow as tf
 from conftest import quick
 
 from mnist_cnn import export, train
-from mnist_cnn.model import load_cnn
+from mnist_cnn.cli import export as export_cli
+from mnist_cnn.config import QUANTIZE
+from mnist_cnn.keras_file import load_cnn
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +92,10 @@ def test_tensorflow_lite_float_dynamic_and_int8(exported, digits, tmp_path, caps
     x, y = x[:400], y[:400]
     keras_accuracy = float((load_cnn(run.model_path).predict(x, verbose=0).argmax(1) == y).mean())
     sizes = {}
-    for quantize in export.QUANTIZE:
+    for quantize in QUANTIZE:
         path = tmp_path / f"cnn-{quantize}.tflite"
         argv = [str(run.model_path), str(tmp_path / f"saved-{quantize}"), "--tflite", str(path), "--quantize", quantize]
-        assert export.main(argv) == 0
+        assert export_cli.main(argv) == 0
         assert f"TensorFlow Lite ({quantize}): {path}" in capsys.readouterr().out
         sizes[quantize] = path.stat().st_size
         accuracy = tflite_accuracy(path.read_bytes(), x, y)
@@ -106,7 +108,8 @@ def test_tensorflow_lite_float_dynamic_and_int8(exported, digits, tmp_path, caps
 
 def test_export_refuses_an_unknown_quantization_and_an_existing_file(exported, tmp_path, capsys):
     run, _ = exported
-    assert export.main([str(run.model_path), str(tmp_path / "a"), "--tflite", "x.tflite", "--quantize", "int4"]) == 2
+    argv = [str(run.model_path), str(tmp_path / "a"), "--tflite", "x.tflite", "--quantize", "int4"]
+    assert export_cli.main(argv) == 2
     assert "argument --quantize: invalid choice: 'int4'" in capsys.readouterr().err
     taken = tmp_path / "taken.tflite"
     taken.write_bytes(b"mine")

@@ -12,7 +12,8 @@ import time
 import pytest
 from conftest import REPO, committed_epochs, quick, run_python, wait_for_epochs
 
-from mnist_cnn import cli, train
+from mnist_cnn import train
+from mnist_cnn.cli import fit as fit_cli
 
 MIRRORED = """
 import json, sys
@@ -85,6 +86,47 @@ def finish(procs, timeout=240):
     return outputs
 
 
+KERAS_20585 = """
+import sys
+import numpy as np
+import tensorflow as tf
+from mnist_cnn import distribute
+from mnist_cnn.model import CNN
+
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+with strategy.scope():
+    model = CNN(filters1=2, filters2=2, dense_units=4)
+    model.build()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+if sys.argv[1] == "with":
+    distribute.prepare_model(model, strategy)
+x, y = np.zeros((16, 28, 28, 1), "float32"), np.zeros(16, "int32")
+with strategy.scope():
+    model.fit(distribute.shard_by_data(tf.data.Dataset.from_tensor_slices((x, y)).batch(8)), epochs=1, verbose=0)
+print("TRAINED")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workaround", ["without", "with"])
+def test_keras_20585_still_needs_the_workaround(tmp_path, workaround):
+    """Two workers fit a CNN built under MultiWorkerMirroredStrategy: with Keras' own code it
+    fails (keras-team/keras#20585); with ``distribute.prepare_model`` it trains. When the
+    first case starts passing, Keras has fixed the bug: delete prepare_model."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", KERAS_20585, workaround], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
+        for i in range(2)]
+    outputs = finish(procs, timeout=180)
+    if workaround == "with":
+        assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:]
+        assert all(out.strip() == "TRAINED" for out, _ in outputs)
+    else:
+        assert procs[0].returncode != 0, "keras#20585 is fixed in this Keras: delete distribute.prepare_model"
+        assert "Attempt to convert a value (PerReplica" in outputs[0][1], outputs[0][1][-2000:]
+
+
 @pytest.mark.slow
 def test_multiworker_two_processes_match_one_process(tmp_path):
     args = ["--data", "sample", "--epochs", 2, "--steps-per-epoch", 4, "--seed", 5, "--logdir", tmp_path / "logs"]
@@ -111,10 +153,10 @@ def test_multiworker_two_processes_match_one_process(tmp_path):
 
 def test_multiworker_needs_tf_config_and_a_run_name(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    assert cli.fit_main(["--strategy", "multiworker", "--data", "sample", "--logdir", str(tmp_path)]) == 2
+    assert fit_cli.main(["--strategy", "multiworker", "--data", "sample", "--logdir", str(tmp_path)]) == 2
     assert "--strategy multiworker needs --run-name" in capsys.readouterr().err
     argv = ["--strategy", "multiworker", "--run-name", "x", "--data", "sample", "--logdir", str(tmp_path)]
-    assert cli.fit_main(argv) == 2
+    assert fit_cli.main(argv) == 2
     assert "needs the TF_CONFIG environment variable" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 

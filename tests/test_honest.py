@@ -13,7 +13,8 @@ import pytest
 import tensorflow as tf
 from conftest import REPO, quick, read_summaries
 
-from mnist_cnn import CNN, cli, data, train
+from mnist_cnn import CNN, data, train
+from mnist_cnn.cli import fit as fit_cli
 
 
 def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path):
@@ -28,6 +29,50 @@ def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path):
     best.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])  # run files hold no training state
     validation_scores = best.evaluate(data.load("sample").validation, return_dict=True, verbose=0)
     assert validation_scores["accuracy"] == pytest.approx(max(val), abs=1e-6)
+
+
+def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch):
+    """history -> both checkpoints -> best -> pictures -> commit, by one callback that reads no
+    other's state: its model file for best.keras is the one it just wrote for the epoch."""
+    from mnist_cnn import callbacks
+    from mnist_cnn.rundir import RunDir
+
+    seen = []
+
+    class Recorder(RunDir):
+        def write_history(self, entries):
+            seen.append(("history", len(entries)))
+            super().write_history(entries)
+
+        def commit_epoch(self, epochs, steps, keep):
+            seen.append(("commit", epochs))
+            super().commit_epoch(epochs, steps, keep)
+
+    write_atomic = callbacks.write_atomic
+    monkeypatch.setattr(callbacks, "write_atomic", lambda path, payload: seen.append(("file", path.name))
+                        or write_atomic(path, payload))
+    monkeypatch.setattr(callbacks, "write_split_pictures", lambda writer, split, scores, step, shown:
+                        seen.append(("pictures", split, len(scores.labels))))
+    run_dir = Recorder(tmp_path / "run")
+    run_dir.path.mkdir()
+    (images, labels), _ = data.sample_arrays()
+    split = data.pipeline(images[:20], labels[:20], batch_size=10)
+    end = callbacks.EndOfEpoch(run_dir, "validation", split, (images[:5], labels[:5]), keep=2)
+    model = train.build_model(train.TrainConfig(), steps_per_epoch=1)
+    end.set_model(model)
+    end.on_train_begin()
+    for epoch, score in enumerate((0.5, 0.4)):
+        end.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": score})
+    end.on_train_end()
+    assert seen == [
+        ("history", 1), ("file", "epoch-01.keras"), ("file", "resume-01.keras"), ("file", "best.keras"),
+        ("pictures", "validation", 20), ("commit", 1),
+        ("history", 2), ("file", "epoch-02.keras"), ("file", "resume-02.keras"),  # 0.4 < 0.5: no new best
+        ("pictures", "validation", 20), ("commit", 2)]
+    best, first = (keras.saving.load_model(run_dir.checkpoints / name) for name in ("best.keras", "epoch-01.keras"))
+    for a, b in zip(best.get_weights(), first.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not best.compiled  # the model file holds no training state (resume-NN.keras does)
 
 
 def test_the_test_split_is_read_once_per_run(tmp_path, monkeypatch):
@@ -52,7 +97,7 @@ def test_the_test_split_is_read_once_per_run(tmp_path, monkeypatch):
 def test_validation_split_0_keeps_the_notebooks_protocol_and_says_so(tmp_path, capsys):
     argv = ["--data", "sample", "--epochs", "1", "--steps-per-epoch", "3", "--logdir", str(tmp_path),
             "--run-name", "nb", "--validation-split", "0"]
-    assert cli.fit_main(argv) == 0
+    assert fit_cli.main(argv) == 0
     out, err = capsys.readouterr()
     assert "WARNING: --validation-split 0: per-epoch scores and the best checkpoint use the test split" in err
     assert "Data: sample (4,000 train / 1,000 test)" in out and "validation accuracy" not in out
@@ -66,7 +111,7 @@ def test_validation_split_0_keeps_the_notebooks_protocol_and_says_so(tmp_path, c
 
 @pytest.mark.parametrize("bad", ["-1", "1.5", "half", "0.", ""])
 def test_a_bad_validation_split_is_one_line(bad, tmp_path, capsys):
-    assert cli.fit_main(["--data", "sample", "--validation-split", bad, "--logdir", str(tmp_path)]) == 2
+    assert fit_cli.main(["--data", "sample", "--validation-split", bad, "--logdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fit.py: error: --validation-split must be auto, a count or a fraction")
     assert err.count("\n") == 1
@@ -166,7 +211,7 @@ JAX_CHILD = """
 import json, sys
 import numpy as np
 import keras
-from mnist_cnn.model import load_cnn
+from mnist_cnn.keras_file import load_cnn
 
 model = load_cnn(sys.argv[1])
 model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])

@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 from conftest import quick, read_summaries, write_folder
 
-from mnist_cnn import CNN, bench, cli, cpu, data, profile, train
+from mnist_cnn import CNN, cpu, data, train
+from mnist_cnn.bench import measure, profile, report
+from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.config import TrainConfig
 
 
@@ -104,11 +106,11 @@ def test_dropout_is_a_constructor_argument_active_only_in_training(tiny):
 
 
 def test_recipes_set_defaults_that_flags_override():
-    best, _ = cli.parse_fit_args(["--recipe", "best"])
+    best, _ = fit_cli.parse_args(["--recipe", "best"])
     assert (best.epochs, best.augment, best.lr_schedule, best.dropout) == (20, True, "cosine", 0.5)
-    custom, _ = cli.parse_fit_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2"])
+    custom, _ = fit_cli.parse_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2"])
     assert (custom.epochs, custom.augment, custom.lr_schedule, custom.dropout) == (3, False, "cosine", 0.2)
-    seed, _ = cli.parse_fit_args([])
+    seed, _ = fit_cli.parse_args([])
     assert seed == TrainConfig()
 
 
@@ -129,8 +131,8 @@ def test_sample_with_an_official_test_folder_uses_all_5000(tmp_path):
 
 
 def test_forward_flops_counted_from_the_layer_shapes():
-    assert bench.forward_flops(CNN()) == 2 * (28 * 28 * 32 * 25 + 14 * 14 * 64 * 25 * 32 + 3136 * 1024 + 1024 * 10)
-    assert bench.forward_flops(CNN()) / 1e6 == pytest.approx(27.8, abs=0.05)
+    assert measure.forward_flops(CNN()) == 2 * (28 * 28 * 32 * 25 + 14 * 14 * 64 * 25 * 32 + 3136 * 1024 + 1024 * 10)
+    assert measure.forward_flops(CNN()) / 1e6 == pytest.approx(27.8, abs=0.05)
 
 
 def test_the_fast_recipe_uses_mixed_precision_only_where_it_is_native(monkeypatch):
@@ -156,7 +158,7 @@ def test_bench_reports_each_contender_against_its_precisions_ceiling():
     assert profile.matmul_peak("float32", n=256, rounds=2, per_window=2) > 1.0  # GFLOP/s, measured for real
     row = {"contender": "model.fit", "optimizer": "FusedAdam", "ms_per_step": 20.0, "images_per_s": 2500,
            "vs_notebook": 2.3, "gflop_per_s": 150.0, "spread_pct": 5, "peak_fraction": 0.75}
-    text = bench.report({"forward_mflop": 27.77, "peak": peaks, "training": {50: {"model.fit [FusedAdam]": row}},
+    text = report.report({"forward_mflop": 27.77, "peak": peaks, "training": {50: {"model.fit [FusedAdam]": row}},
                          "evaluation": {"images": 10, "seconds": {"model.evaluate": 1.0,
                                                                   "tutorial batch-wise predict": 2.0}, "speedup": 2.0}})
     assert "matmul ceiling (2048x2048): float32 200 GFLOP/s, bfloat16 400 GFLOP/s" in text

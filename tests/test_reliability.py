@@ -24,9 +24,10 @@ from conftest import (
     write_folder,
 )
 
-from mnist_cnn import CNN, cli, idx, train
+from mnist_cnn import CNN, idx, train
+from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.errors import ModelFileError, TrainingDiverged, UsageError
-from mnist_cnn.model import load_cnn
+from mnist_cnn.keras_file import load_cnn
 
 
 def check_resumed_run(run_dir, epochs, steps):
@@ -89,13 +90,13 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
 def test_resume_refuses_conflicting_flags_and_finished_runs(tmp_path, capsys):
     run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=2, run_name="done"), verbose=0)
     before = snapshot(run.run_dir)
-    assert cli.fit_main(["--resume", str(run.run_dir), "--epochs", "9"]) == 2
+    assert fit_cli.main(["--resume", str(run.run_dir), "--epochs", "9"]) == 2
     assert "--epochs 9 conflicts with the resumed run's epochs=1" in capsys.readouterr().err
-    assert cli.fit_main(["--resume", str(run.run_dir), "--epochs", "1"]) == 2  # agreeing flags are fine ...
+    assert fit_cli.main(["--resume", str(run.run_dir), "--epochs", "1"]) == 2  # agreeing flags are fine ...
     assert "this run already finished" in capsys.readouterr().err  # ... but it is done
-    assert cli.fit_main(["--resume", str(tmp_path / "nothing")]) == 2
+    assert fit_cli.main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "not a run folder (no config.json)" in capsys.readouterr().err
-    assert cli.fit_main(["--resume", "--logdir", str(tmp_path / "logs")]) == 2
+    assert fit_cli.main(["--resume", "--logdir", str(tmp_path / "logs")]) == 2
     assert "--resume without RUN_DIR needs --run-name" in capsys.readouterr().err
     assert snapshot(run.run_dir) == before
 
@@ -143,7 +144,7 @@ def test_bad_idx_data_one_line_exit_2_nothing_touched(kind, tmp_path, capsys):
     (logs / "earlier-run").mkdir()
     (logs / "earlier-run" / "metrics.json").write_text("{}")
     before = snapshot(folder, logs)
-    assert cli.fit_main(["--data", str(folder), "--logdir", str(logs)]) == 2
+    assert fit_cli.main(["--data", str(folder), "--logdir", str(logs)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fit.py: error: ") and err.count("\n") == 1 and message in err, err
     assert snapshot(folder, logs) == before
@@ -163,7 +164,7 @@ def test_bad_idx_data_through_the_script_has_no_traceback(tmp_path):
 def test_logdir_that_cannot_be_written(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    assert cli.fit_main(["--data", "sample", "--dry-run", "--logdir", str(blocker)]) == 2
+    assert fit_cli.main(["--data", "sample", "--dry-run", "--logdir", str(blocker)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fit.py: error: --logdir {blocker}: cannot create a run folder there")
     assert err.count("\n") == 1
@@ -173,7 +174,7 @@ def test_logdir_that_cannot_be_written(tmp_path, capsys):
 def test_existing_run_name_is_refused_and_kept(tmp_path, capsys):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "model.keras").write_bytes(b"precious")
-    assert cli.fit_main(["--data", "sample", "--dry-run", "--logdir", str(tmp_path), "--run-name", "mine"]) == 2
+    assert fit_cli.main(["--data", "sample", "--dry-run", "--logdir", str(tmp_path), "--run-name", "mine"]) == 2
     assert "--run-name mine: " in capsys.readouterr().err
     assert (tmp_path / "mine" / "model.keras").read_bytes() == b"precious"
 
@@ -206,7 +207,7 @@ def test_bad_model_files_are_refused(model_files, name, message, capsys):
     with pytest.raises(ModelFileError, match=re.escape(message)):
         load_cnn(model_files / name)
     before = snapshot(model_files)
-    assert cli.fit_main(["--data", "sample", "--dry-run", "--init-from", str(model_files / name),
+    assert fit_cli.main(["--data", "sample", "--dry-run", "--init-from", str(model_files / name),
                        "--logdir", str(model_files / "logs")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(model_files / name) in err and message in err
@@ -214,7 +215,7 @@ def test_bad_model_files_are_refused(model_files, name, message, capsys):
 
 
 def test_init_from_another_size_is_refused(model_files, capsys):
-    assert cli.fit_main(["--data", "sample", "--dry-run", "--init-from", str(model_files / "small.keras"),
+    assert fit_cli.main(["--data", "sample", "--dry-run", "--init-from", str(model_files / "small.keras"),
                        "--logdir", str(model_files / "logs2")]) == 2
     assert "a CNN of another size" in capsys.readouterr().err
     assert not (model_files / "logs2").exists()
@@ -276,9 +277,9 @@ def test_resume_takes_the_flags_that_do_not_change_the_training(tmp_path):
     """--progress and --steps-per-execution only change how a run is shown and called:
     a resume applies them (they were silently ignored); other flags must still agree."""
     run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=2, run_name="r"), verbose=0)
-    config, resume = cli.parse_fit_args(["--resume", str(run.run_dir), "--progress", "none",
+    config, resume = fit_cli.parse_args(["--resume", str(run.run_dir), "--progress", "none",
                                          "--steps-per-execution", "4"])
     assert resume and (config.progress, config.steps_per_execution) == ("none", 4)
     assert (config.epochs, config.seed, config.run_name) == (1, 7, "r")
     with pytest.raises(UsageError, match="--batch-size 7 conflicts with the resumed run's batch_size=50"):
-        cli.parse_fit_args(["--resume", str(run.run_dir), "--batch-size", "7"])
+        fit_cli.parse_args(["--resume", str(run.run_dir), "--batch-size", "7"])

@@ -14,7 +14,7 @@ import pytest
 from conftest import REPO, free_port, quick
 
 from mnist_cnn import predict, train
-from mnist_cnn.model import load_cnn
+from mnist_cnn.keras_file import load_cnn
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import os
 import pytest
 from conftest import run_python
 
-from mnist_cnn import bench, bench_report, levers, profile
+from mnist_cnn.bench import levers, measure, profile, report
 from mnist_cnn.model import CNN
 
 
@@ -17,7 +17,7 @@ def test_the_step_kernels_carry_every_flop_of_a_training_step():
     kernels = profile.step_kernels(model, batch)
     flops = sum(f for _, f in kernels.values())
     first_conv = 2 * 5 * 5 * 1 * 32 * 28 * 28 * batch
-    assert flops == 3 * bench.forward_flops(model) * batch - first_conv
+    assert flops == 3 * measure.forward_flops(model) * batch - first_conv
     assert "conv1 backward-input" not in kernels and "conv2 backward-input" in kernels
     assert {"pool1 forward and backward", "pool2 forward and backward", "Adam update (all weights)"} <= set(kernels)
     floor = profile.kernel_floor(batch_size=batch, rounds=1)
@@ -55,7 +55,7 @@ def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
     results = {"forward_mflop": 20.0, "peak": {"float32": 300.0}, "kernel_floor": floor,
                "training": {50: {"model.fit [FusedAdam]": {"ms_per_step": 25.0}}},
                "levers": {"default": {"ms_per_step": 25.0, "vs_default": 1.0, "spread_pct": 3.0}}}
-    text = "\n".join(bench_report.where_time_goes(results))
+    text = "\n".join(report.where_time_goes(results))
     # 3 x 20 MFLOP x 50 = 3 GFLOP in 20 ms = 150 GFLOP/s = 50 % of 300; 20 of model.fit's 25 ms in kernels
     assert "sum: 20.0 ms a step = 150 GFLOP/s = 50% of the float32 ceiling at most; model.fit takes 25.0 ms (80%" \
         in text
@@ -66,10 +66,11 @@ def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
 
 CHANNELS_FIRST = """
 import keras, numpy as np
-from mnist_cnn import levers
+
+from mnist_cnn.bench import lever_worker, levers
 from mnist_cnn.model import CNN
 lever, params = next(lever for lever in levers.LEVERS if lever.channels_first), CNN().count_params()
-model = levers._model(lever)
+model = lever_worker.build(lever)
 convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
 assert [c.data_format for c in convs] == ["channels_first"] * 2
 assert model.count_params() == params

@@ -25,7 +25,7 @@ from conftest import (
     wait_for_epochs,
 )
 
-from mnist_cnn import cli
+from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.rundir import RunDir
 
 pytestmark = pytest.mark.slow
@@ -148,7 +148,7 @@ def test_two_processes_never_train_one_run(tmp_path, capsys):
         second = resume(run_dir)
         assert second.returncode == 2
         assert last_line(second.stderr) == f"fit.py: error: {run_dir}: another process is training this run right now"
-        assert cli.fit_main(["--resume", str(run_dir)]) == 2
+        assert fit_cli.main(["--resume", str(run_dir)]) == 2
         assert "another process is training this run" in capsys.readouterr().err
         assert snapshot(run_dir) == before
     finally:

@@ -8,7 +8,8 @@ import keras
 import pytest
 from conftest import REPO, quick, read_events, run_python
 
-from mnist_cnn import cli, cpu, train
+from mnist_cnn import cpu, train
+from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.config import TrainConfig
 from mnist_cnn.errors import UsageError
 from mnist_cnn.rundir import RunDir
@@ -90,13 +91,13 @@ def test_run_folders_never_collide(tmp_path):
     ],
 )
 def test_bad_flags_get_one_line_and_status_2(argv, message, capsys):
-    assert cli.fit_main(argv) == 2
+    assert fit_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
 
 
 def test_cli_refuses_an_unknown_data_source_without_touching_the_logdir(tmp_path, capsys):
-    assert cli.fit_main(["--data", "nowhere", "--logdir", str(tmp_path / "logs")]) == 2
+    assert fit_cli.main(["--data", "nowhere", "--logdir", str(tmp_path / "logs")]) == 2
     err = capsys.readouterr().err
     assert err == (
         "fit.py: error: data source 'nowhere': expected auto, tfds, sample or an existing folder of IDX files\n"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from mnist_cnn import CNN, tutorial
+from mnist_cnn.cli import tutorial as tutorial_cli
 from mnist_cnn.tutorial import EXPECTED, MNISTLoader
 
 
@@ -22,7 +23,7 @@ def test_padding_and_strides_agree_with_the_sliding_window(padding, strides, sha
 
 
 def test_conv_demo_prints_the_table_and_agreement(capsys):
-    assert tutorial.conv_main([]) == 0
+    assert tutorial_cli.conv_main([]) == 0
     out = capsys.readouterr().out
     table = "  6   5  -2   1   2\n  3   0   3   2  -2\n  4   2  -1   0   0\n  2   1   2  -1  -3\n  1   1   1   3   1"
     assert table in out
@@ -45,7 +46,7 @@ def test_the_cnn_flattens_its_feature_map_the_same_way():
 
 
 def test_reshape_demo_prints_both(capsys):
-    assert tutorial.reshape_main(["--seed", "1"]) == 0
+    assert tutorial_cli.reshape_main(["--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert "input (1, 3, 3, 4)" in out and "Reshape((3 * 3 * 4,)) -> (1, 36)" in out
 
@@ -105,11 +106,11 @@ def test_number_of_batches_follows_the_tutorial(loader):
 
 def test_tutorial_loop_script_prints_the_tutorial_formats(capsys):
     argv = ["--data", "sample", "--max-batches", "25", "--log-every", "10", "--seed", "1"]
-    assert tutorial.loop_main(argv) == 0
+    assert tutorial_cli.loop_main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     batch_lines = [line for line in lines if line.startswith("batch ")]
     assert [line.split(":")[0] for line in batch_lines] == ["batch 0", "batch 10", "batch 20"]
     assert all(re.fullmatch(r"batch \d+: loss \d+\.\d{6}", line) for line in batch_lines)
     assert re.fullmatch(r"test accuracy: 0\.\d{6}", [line for line in lines if line.startswith("test")][0])
-    assert tutorial.loop_main(argv + ["--quiet"]) == 0
+    assert tutorial_cli.loop_main(argv + ["--quiet"]) == 0
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("batch ")]

@@ -1,5 +1,5 @@
-"""The command line: one parser class, the fit.py parser built from ``TrainConfig``'s
-fields, and one wrapper that gives every entry point the same errors and exit codes.
+"""What every command shares: one parser class, argparse types for bounded values, the
+name the user ran, and one wrapper that gives every entry point the same errors and exit codes.
 
 Exit codes: 0 done, 1 training failed (diverged, or a file could not be written
 mid-run), 2 bad input (one line on stderr, nothing touched), 130 interrupted, 141 the
@@ -15,12 +15,11 @@ import logging
 import os
 import shlex
 import sys
-import typing
 from collections.abc import Callable
 from pathlib import Path
 
 from mnist_cnn import console
-from mnist_cnn.config import RECIPE_ALIASES, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, check_value, flag_name
+from mnist_cnn.config import check_value
 from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
@@ -60,66 +59,6 @@ def positive_int(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
-
-
-def _value_type(hint) -> type:
-    """int for ``int | None``, and so on."""
-    return next(k for k in (typing.get_args(hint) or (hint,)) if k is not type(None))
-
-
-def fit_parser() -> Parser:
-    """fit.py's parser: one flag per TrainConfig field (help, choices, bounds from the
-    field), plus --resume and --dry-run. Nothing is defaulted here: a flag that is not
-    typed is absent from the result, so the recipe and --resume can tell."""
-    p = Parser(prog=command_name("fit.py"), description="Train the MNIST CNN and write a run folder under --logdir.",
-               argument_default=argparse.SUPPRESS)
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        meta, kind = f.metadata, _value_type(hints[f.name])
-        helptext = meta["help"].replace("%", "%%") + ("" if f.default is None else f" (default: {f.default})")
-        if kind is bool:
-            p.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, help=helptext)
-        elif meta["choices"]:
-            alias = (lambda text: RECIPE_ALIASES.get(text, text)) if f.name == "recipe" else str
-            p.add_argument(flag_name(f.name), type=alias, choices=list(meta["choices"]), help=helptext)
-        else:
-            metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind)
-            p.add_argument(flag_name(f.name), type=bounded(f, kind) if kind in (int, float) else str,
-                           metavar=metavar, help=helptext)
-    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
-                   help="continue a killed or stopped run (RUN_DIR, or --run-name in --logdir) with its saved config")
-    p.add_argument("--dry-run", action="store_true", help="1 epoch of 2 steps: check that everything runs")
-    return p
-
-
-def parse_fit_args(argv=None) -> tuple[TrainConfig, bool]:
-    """The config from the command line (parsed once), and whether to resume.
-
-    A ``--recipe`` supplies defaults for the fields it names; typed flags win. With
-    --resume the config is the run's own (config.json); typed flags must agree with it.
-    """
-    typed = vars(fit_parser().parse_args(argv))
-    resume, dry_run = typed.pop("resume", None), typed.pop("dry_run", False)
-    if resume is None:
-        config = TrainConfig.from_recipe(typed.pop("recipe", "tutorial"), **typed)
-        if dry_run:
-            config = dataclasses.replace(config, epochs=1, steps_per_epoch=2)
-        return config, False
-    if dry_run:
-        raise UsageError("--dry-run cannot be combined with --resume")
-    if resume == "":
-        if not typed.get("run_name"):
-            raise UsageError("--resume without RUN_DIR needs --run-name")
-        run_dir = Path(typed.get("logdir", TrainConfig.logdir)) / typed["run_name"]
-    else:
-        run_dir = Path(resume)
-    saved = TrainConfig.load(run_dir)
-    for name in typed.keys() - {*RUN_IDENTITY, *RESUME_MAY_CHANGE}:
-        if typed[name] != getattr(saved, name):
-            raise UsageError(f"{flag_name(name)} {typed[name]} conflicts with the resumed run's "
-                             f"{name}={getattr(saved, name)!r}")
-    changes = {name: typed[name] for name in RESUME_MAY_CHANGE if name in typed}
-    return dataclasses.replace(saved, logdir=str(run_dir.parent), run_name=run_dir.name, **changes), True
 
 
 def setup_logging() -> None:
@@ -188,24 +127,3 @@ def run(prog: str, body: Callable[[], int | None]) -> int:
 def main_with(parser: Parser, argv, body: Callable[[argparse.Namespace], int | None]) -> int:
     """Parse ``argv`` and run ``body(args)``: what every entry point's ``main`` does."""
     return run(parser.prog, lambda: body(parser.parse_args(argv)))
-
-
-def fit_main(argv=None) -> int:
-    """``scripts/fit.py`` / ``mnist-cnn-fit``."""
-
-    def body():
-        config, resume = parse_fit_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
-        # TensorFlow loads only now: --help and a usage error answer without it
-        from mnist_cnn.model import require_tensorflow
-
-        require_tensorflow(command_name("fit.py"))
-        from mnist_cnn import train
-
-        result = train.fit(config, resume=resume)
-        if result.data_info.num_validation:
-            print("validation accuracy: %f (last epoch)" % result.history["val_accuracy"][-1])
-        print("test accuracy: %f" % result.test_accuracy)
-        print(f"run folder: {result.run_dir}  ({result.seconds:.0f} s)")
-
-    return run("fit.py", body)
-

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from mnist_cnn import levers
-from mnist_cnn.profile import floor_lines
+from mnist_cnn.bench import levers
 
 FIT_ROW = "model.fit [FusedAdam]"  # fit()'s own step in the training table (bench.row_key)
 
@@ -80,4 +79,18 @@ def where_time_goes(results: dict) -> list[str]:
         lines += floor_lines(floor, step_gflop, results["peak"]["float32"], fit["ms_per_step"])
     if results.get("levers"):
         lines += levers.lines(results["levers"], default_onednn=results.get("machine", {}).get("onednn"))
+    return lines
+
+
+def floor_lines(floor: dict, step_gflop: float, peak: float, fit_ms: float) -> list[str]:
+    """The kernel floor for bench.py's report: each kernel, the sum, and what it allows."""
+    lines = [f"kernels of one training step (batch {floor['batch_size']}, float32), each timed alone "
+             f"(less {floor['call_ms']:.2f} ms per call):"]
+    for name, row in floor["kernels"].items():
+        speed = "" if row["gflop_per_s"] is None else f"{row['gflop_per_s']:6.0f} GFLOP/s"
+        lines.append(f"  {name:<34} {row['ms']:6.2f} ms  {speed}")
+    best = step_gflop / floor["ms"] * 1000
+    share = 100 * floor["ms"] / fit_ms
+    lines.append(f"  sum: {floor['ms']:.1f} ms a step = {best:.0f} GFLOP/s = {100 * best / peak:.0f}% of the float32"
+                 f" ceiling at most; model.fit takes {fit_ms:.1f} ms ({share:.0f}% of it in kernels)")
     return lines

@@ -69,14 +69,31 @@ OP_CLASSES = {  # TensorFlow op types of one training step, by what they do: one
 }
 
 
+class ProfileUnavailable(RuntimeError):
+    """This TensorFlow cannot turn a profiler trace into op statistics."""
+
+
+def op_stats_converter():
+    """TensorFlow's own converter from a profiler trace (xplane) to the op statistics
+    TensorBoard's Profile tab shows. TensorFlow offers no public API for it (TensorBoard's
+    profile plugin calls this same function), so this is the package's one import of a
+    private TensorFlow module, kept here: it may move in any release, and a TensorFlow
+    without it makes the bench's op profile unavailable, not the bench fail."""
+    try:
+        from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
+
+        return plugin.xspace_to_tools_data
+    except (ImportError, AttributeError) as e:
+        raise ProfileUnavailable(f"this TensorFlow has no profiler op-statistics converter ({e})") from None
+
+
 def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
     """Milliseconds per training step by op class (``OP_CLASSES``; the rest is "other"),
     from TensorFlow's profiler: the same xplane trace TensorBoard's Profile tab reads,
-    turned into op statistics by TensorFlow's own converter (``framework_op_stats``;
-    a private module in TF 2.21, hence the import here). Idle time is left out; op
-    times are summed over threads, so they can add up to more than the wall time."""
-    from tensorflow.python.profiler.internal import _pywrap_profiler_plugin as plugin
-
+    turned into op statistics by TensorFlow's own converter (``op_stats_converter``).
+    Idle time is left out; op times are summed over threads, so they can add up to more
+    than the wall time. ``ProfileUnavailable`` when this TensorFlow has no converter."""
+    convert = op_stats_converter()
     model = train.build_model(train.TrainConfig(jit_compile="off"), steps_per_epoch=1)  # as fit() builds it
     pipeline = data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
     model.fit(pipeline, epochs=1, steps_per_epoch=5, verbose=0)  # tracing outside the profile
@@ -85,9 +102,9 @@ def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
         model.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0)
         tf.profiler.experimental.stop()
         traces = [str(p) for p in Path(folder).rglob("*.xplane.pb")]
-        stats, ok = plugin.xspace_to_tools_data(traces, "framework_op_stats", {})
+        stats, ok = convert(traces, "framework_op_stats", {})
     if not ok:
-        raise RuntimeError(f"the profiler's op statistics are unavailable: {stats[:200]!r}")
+        raise ProfileUnavailable(f"the profiler's op statistics are unavailable: {stats[:200]!r}")
     table = json.loads(stats)[0]
     columns = [c["id"] for c in table["cols"]]
     ms = dict.fromkeys([*OP_CLASSES, "other"], 0.0)
@@ -205,17 +222,3 @@ def kernel_floor(batch_size: int = 50, rounds: int = 5) -> dict:
         rows[name] = {"ms": 1000 * seconds, "gflop_per_s": None if fast or not flops else flops / seconds / 1e9}
     return {"batch_size": batch_size, "call_ms": 1000 * call, "kernels": rows,
             "ms": sum(r["ms"] for r in rows.values())}
-
-
-def floor_lines(floor: dict, step_gflop: float, peak: float, fit_ms: float) -> list[str]:
-    """The kernel floor for bench.py's report: each kernel, the sum, and what it allows."""
-    lines = [f"kernels of one training step (batch {floor['batch_size']}, float32), each timed alone "
-             f"(less {floor['call_ms']:.2f} ms per call):"]
-    for name, row in floor["kernels"].items():
-        speed = "" if row["gflop_per_s"] is None else f"{row['gflop_per_s']:6.0f} GFLOP/s"
-        lines.append(f"  {name:<34} {row['ms']:6.2f} ms  {speed}")
-    best = step_gflop / floor["ms"] * 1000
-    share = 100 * floor["ms"] / fit_ms
-    lines.append(f"  sum: {floor['ms']:.1f} ms a step = {best:.0f} GFLOP/s = {100 * best / peak:.0f}% of the float32"
-                 f" ceiling at most; model.fit takes {fit_ms:.1f} ms ({share:.0f}% of it in kernels)")
-    return lines

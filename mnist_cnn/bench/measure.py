@@ -1,4 +1,4 @@
-"""Speed and accuracy, measured as ratios in one run: ``python scripts/bench.py``.
+"""Speed and accuracy, measured as ratios in one run (``mnist-cnn-bench``, ``python scripts/bench.py``).
 
 Training throughput: the contenders take turns (round-robin, one timed window each
 per round) so that drift of a shared machine hits all of them alike; each window's
@@ -8,9 +8,7 @@ time runs from the end of its first step to the end of its last, so one-off cost
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import math
 import os
@@ -26,12 +24,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import cpu, data, idx, levers, train, tutorial
-from mnist_cnn.bench_report import report
-from mnist_cnn.cli import Parser, command_name, main_with, positive_int
-from mnist_cnn.model import CNN, require_tensorflow
+from mnist_cnn import cpu, data, idx, train, tutorial
+from mnist_cnn.bench import levers
+from mnist_cnn.bench.profile import (
+    ProfileUnavailable,
+    ceilings,
+    contender_precision,
+    kernel_floor,
+    layer_flops,
+    op_class_profile,
+)
+from mnist_cnn.model import CNN
 from mnist_cnn.optimizers import FusedAdam
-from mnist_cnn.profile import ceilings, contender_precision, kernel_floor, layer_flops, op_class_profile
 
 # a full-size IDX set for the pipeline and one-epoch rows: Debian's dataset-fashion-mnist, or FASHION_MNIST_DIR
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -301,38 +305,11 @@ def accuracy(runs: int, official: Path | None, log) -> dict:
             "fast_vs_tutorial": median["fast"] / median["tutorial"]}
 
 
-def _idx_folder(text: str) -> Path:
-    path = Path(text)
-    if not (path / "t10k-images-idx3-ubyte.gz").exists() and not (path / "t10k-images-idx3-ubyte").exists():
-        raise argparse.ArgumentTypeError(f"{text}: no t10k-images-idx3-ubyte[.gz] there")
-    return path
-
-
-def main(argv=None) -> int:
-    p = Parser(prog=command_name("bench.py"), description="Measure training/evaluation speed (ratios) and accuracy.")
-    p.add_argument("--quick", action="store_true",
-                   help="fewer rounds and smaller windows, no op profile, kernel floor or full-size pipeline (minutes)")
-    p.add_argument("--rounds", type=positive_int, default=None, help="timed windows per contender")
-    p.add_argument("--large-batch", type=positive_int, default=256, help="the second batch size timed (default: 256)")
-    p.add_argument("--official-test", type=_idx_folder, default=None, metavar="PATH",
-                   help="a folder with the official MNIST t10k files: evaluation speed and --accuracy use it")
-    p.add_argument("--accuracy", action="store_true", help="also train the tutorial, fast and best recipes (minutes)")
-    p.add_argument("--accuracy-runs", type=positive_int, default=1, help="rounds of --accuracy (default: 1)")
-    p.add_argument("--levers", action="store_true",
-                   help="also time each speed lever (oneDNN, threads, XLA flags, ...) against the default (minutes)")
-    p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
-    return main_with(p, argv, _bench)
-
-
-def _bench(args) -> None:
-    require_tensorflow(command_name("bench.py"))
-    rounds = args.rounds or (3 if args.quick else 7)
-
-    began = time.perf_counter()
-
-    def log(message):  # progress on stderr, with the seconds since the bench started
-        print(f"[{time.perf_counter() - began:4.0f} s] {message}", file=sys.stderr, flush=True)
-
+def run_all(*, quick: bool, rounds: int | None, large_batch: int, official_test: Path | None,
+            accuracy_runs: int | None, with_levers: bool, log: Callable[[str], None]) -> dict:
+    """Everything ``mnist-cnn-bench`` measures, as one dict (``report.report`` prints it).
+    ``accuracy_runs=None`` skips the recipes' accuracy; ``quick`` the minutes-long parts."""
+    rounds = rounds or (3 if quick else 7)
     results = {
         "machine": {"cpus": os.cpu_count(), "gpus": len(tf.config.list_physical_devices("GPU")),
                     "cpu": cpu.describe_path(), "onednn": cpu.onednn_enabled(),
@@ -344,35 +321,36 @@ def _bench(args) -> None:
     log("matmul ceilings ...")
     results["peak"] = ceilings(log)
     log("training throughput ...")
-    for batch, window in ((50, 8 if args.quick else 25), (args.large_batch, 2 if args.quick else 6)):
+    for batch, window in ((50, 8 if quick else 25), (large_batch, 2 if quick else 6)):
         results["training"][batch] = training_throughput(batch, rounds, window, log)
         for name, row in results["training"][batch].items():  # each against its own precision's ceiling
             row["peak_fraction"] = row["gflop_per_s"] / results["peak"][contender_precision(name, results["peak"])]
     log("evaluation ...")
-    results["evaluation"] = evaluation_speed(rounds, args.official_test, log)
-    if not args.quick:  # minutes each: the full bench only
+    results["evaluation"] = evaluation_speed(rounds, official_test, log)
+    if not quick:  # minutes each: the full bench only
         log("full-size pipeline ...")
         results["pipeline"] = pipeline_overhead(1200, log)
         log("op profile ...")
-        results["op_profile"] = op_class_profile()
+        try:
+            results["op_profile"] = op_class_profile()
+        except ProfileUnavailable as e:
+            log(f"op profile: {e}")
         results["kernel_floor"] = kernel_floor(50, rounds=5)
-    if args.levers:
+    if with_levers:
         log("speed levers ...")
-        results["levers"] = levers.measure(rounds, 10 if args.quick else 30, log)
+        results["levers"] = levers.measure(rounds, 10 if quick else 30, log)
     log("run overhead ...")
     with tempfile.TemporaryDirectory() as logdir, quiet_runs():
-        first = train.TrainConfig(data="sample", logdir=logdir, epochs=1 if args.quick else 5)
-        overhead = [run_overhead(first, log, f"default sample run{', 1 epoch' if args.quick else ''}")]
-        if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not args.quick:
+        first = train.TrainConfig(data="sample", logdir=logdir, epochs=1 if quick else 5)
+        overhead = [run_overhead(first, log, f"default sample run{', 1 epoch' if quick else ''}")]
+        if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not quick:
             full = train.TrainConfig(data=str(FASHION_MNIST), epochs=1, logdir=logdir)
             overhead.append(run_overhead(full, log, "one full-size epoch (Fashion-MNIST IDX, 55,000 train)"))
     results["run_overhead"] = overhead
     log("offline start ...")
     results["offline_start"] = offline_start(log)
-    if args.accuracy:
-        log(f"accuracy ({len(ACCURACY_RECIPES)} recipes x {args.accuracy_runs} rounds) ...")
+    if accuracy_runs:
+        log(f"accuracy ({len(ACCURACY_RECIPES)} recipes x {accuracy_runs} rounds) ...")
         with quiet_runs():
-            results["accuracy"] = accuracy(args.accuracy_runs, args.official_test, log)
-    print(report(results))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            results["accuracy"] = accuracy(accuracy_runs, official_test, log)
+    return results

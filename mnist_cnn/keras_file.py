@@ -1,0 +1,189 @@
+"""``.keras`` files: the package's one reader and writer of them.
+
+Keras documents the format as a zip archive holding ``config.json`` (the model's config),
+``metadata.json`` and ``model.weights.h5`` (an HDF5 file of the weights). This module writes
+through Keras' public ``model.save`` only, and reads the archive only through that documented
+layout: ``config.json`` before Keras sees a file (so that an oversized or foreign model is
+refused before anything is allocated), and the weights file as a set of arrays -- never by
+Keras' internal key names -- to check that every weight was loaded.
+
+- ``model_bytes``: a model saved by Keras, as bytes, for ``rundir.write_atomic``;
+- ``inference_copy`` / ``save_model``: the model without its optimizer and compile config
+  (what predicting, evaluating, exporting and fine-tuning need; 13 MB instead of 39);
+- ``load_cnn`` / ``load_weights_strict``: loading where anything that does not fit is a
+  ``ModelFileError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+import zipfile
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+
+from mnist_cnn.errors import ModelFileError, StorageError
+from mnist_cnn.model import CNN, check_build_config
+from mnist_cnn.rundir import temp_name, write_atomic
+
+# Bounds for a CNN config read from a file, checked before anything is allocated.
+CONFIG_BOUNDS = {
+    "filters1": (1, 1024),
+    "filters2": (1, 1024),
+    "kernel_size": (1, 28),
+    "dense_units": (1, 16384),
+    "num_classes": (2, 1000),
+}
+MAX_CONFIG_BYTES = 1 << 20
+
+
+# -- writing ------------------------------------------------------------------------------
+
+
+def model_bytes(model: keras.Model, beside: str | os.PathLike) -> bytes:
+    """``model.save``'s ``.keras`` file as bytes.
+
+    Keras saves to a temporary name beside ``beside`` (the file the bytes are for: the same
+    disk, limits and permissions), read back and removed, so that the file itself is written
+    by ``write_atomic``: Keras writes in place through h5py, which leaves a truncated file on
+    a kill and fails half-way on a full disk. A kill leaves at most the temporary file, which
+    the next resume sweeps (``rundir.RunDir.sweep``).
+    """
+    beside = Path(beside)
+    tmp = temp_name(beside)
+    tmp = tmp.with_name(tmp.name + ".keras")  # Keras saves only to names ending in .keras
+    try:
+        model.save(tmp)
+        return tmp.read_bytes()
+    except OSError as e:
+        raise StorageError(f"cannot write {beside}: {e.strerror or e}") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def inference_copy(model: CNN) -> CNN:
+    """A new, uncompiled CNN of ``model``'s config with its weights: what it saves is the
+    model without the optimizer's state (``keras.saving.load_model`` opens it as an
+    uncompiled model, without warnings)."""
+    copy = CNN.from_config(model.get_config())
+    copy.build()
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def save_model(path: str | os.PathLike, model: CNN) -> Path:
+    """A run's model file, atomically: config and weights, no optimizer state."""
+    return write_atomic(path, model_bytes(inference_copy(model), path))
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def read_config(path: Path) -> dict:
+    """The model config inside a ``.keras`` zip, checked to be a CNN of sane size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            info = archive.getinfo("config.json")
+            if info.file_size > MAX_CONFIG_BYTES:
+                raise ModelFileError(f"{path}: config.json is {info.file_size:,} bytes; not a CNN's config")
+            saved = json.loads(archive.read(info))
+    except KeyError:
+        raise ModelFileError(f"{path}: not a .keras model file (no config.json inside)") from None
+    except (zipfile.BadZipFile, OSError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"{path}: cannot read the model file ({type(e).__name__}: {e})"[:300]) from None
+    if not isinstance(saved, dict):
+        raise ModelFileError(f"{path}: config.json is not a model config")
+    name = saved.get("class_name")
+    if name != "CNN" or saved.get("registered_name", "mnist_cnn>CNN") != "mnist_cnn>CNN":
+        if '"Lambda"' in json.dumps(saved):
+            raise ModelFileError(f"{path}: it contains Python code (a Lambda layer), refused in safe mode")
+        raise ModelFileError(f"{path}: holds a {name}, not a mnist_cnn CNN")
+    config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+    for key, (low, high) in CONFIG_BOUNDS.items():
+        value = config.get(key)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            raise ModelFileError(f"{path}: config.json: {key}={value!r} is outside {low}-{high}")
+    dropout = config.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ModelFileError(f"{path}: config.json: dropout={dropout!r} is outside [0, 1)")
+    try:
+        check_build_config(saved.get("build_config"))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ModelFileError(f"{path}: cannot load the model: {e}") from None
+    return saved
+
+
+def _stored_arrays(store: h5py.File, shapes: set[tuple]) -> list:
+    """The datasets of an HDF5 weights file whose shape is one of ``shapes`` (read lazily:
+    an array of another shape is never read)."""
+    found = []
+    store.visititems(lambda _, item: found.append(item) if isinstance(item, h5py.Dataset)
+                     and tuple(item.shape) in shapes else None)
+    return found
+
+
+def _check_weights_loaded(model: keras.Model, path: Path) -> None:
+    """Every weight of ``model`` equals one stored in the file (each stored array matched at
+    most once): Keras skips some weights with only a warning, and a CNN with fresh random
+    weights must never pass."""
+    weights = [np.asarray(w) for w in model.get_weights()]
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f:
+            store = h5py.File(io.BytesIO(f.read()), "r")
+    except (KeyError, OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: cannot read the stored weights ({e})") from None
+    with store:
+        unmatched = _stored_arrays(store, {w.shape for w in weights})
+        for variable, value in zip(model.weights, weights, strict=True):
+            match = next((i for i, item in enumerate(unmatched) if np.array_equal(item[()], value)), None)
+            if match is None:
+                raise ModelFileError(f"{path}: weight {variable.path} was not loaded from the file")
+            del unmatched[match]
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load_weights_strict(model: keras.Model, path: str | os.PathLike) -> None:
+    """``model.load_weights(path)``, where a weight that does not match is an error."""
+    try:
+        with warnings.catch_warnings():
+            # Keras only warns when it skips the optimizer's state: a failure here
+            warnings.filterwarnings("error", message=".*(Skipping variable loading|could not be loaded)")
+            model.load_weights(path)
+    except Exception as e:  # Keras raises ValueError, UserWarning, OSError ... for files that do not fit
+        raise ModelFileError(f"{path}: cannot load the weights: {_first_line(e)}") from None
+
+
+def load_cnn(path: str | os.PathLike) -> CNN:
+    """Load a ``.keras`` file saved from a ``CNN``, refusing anything else.
+
+    Before Keras sees it, the archive's config must be a CNN whose sizes are within
+    ``CONFIG_BOUNDS``; loading is always ``safe_mode=True`` (a file whose layers carry
+    Python code is refused rather than executed); afterwards every weight must be
+    the one stored in the file. Every failure is a ``ModelFileError`` naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    if not zipfile.is_zipfile(path):
+        raise ModelFileError(f"{path}: not a .keras model file (expected the zip archive model.save() writes)")
+    read_config(path)
+    try:
+        model = keras.saving.load_model(path, safe_mode=True)
+    except Exception as e:  # Keras raises ValueError, KeyError, TypeError, OSError ... for bad archives
+        reason = _first_line(e)
+        if "safe_mode" in str(e) or "Lambda" in str(e):
+            reason = "it contains Python code (a Lambda layer), refused in safe mode"
+        raise ModelFileError(f"{path}: cannot load the model: {reason}") from None
+    if not isinstance(model, CNN):
+        raise ModelFileError(f"{path}: holds a {type(model).__name__}, not a mnist_cnn CNN")
+    _check_weights_loaded(model, path)
+    return model
