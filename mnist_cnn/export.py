@@ -1,8 +1,13 @@
 """Serving export: a TensorFlow SavedModel that needs neither Keras nor this package.
 
-    python scripts/fit.py --export exported/            # after training
-    python scripts/export.py logs/<run>/model.keras exported/   # a saved model
+    mnist-cnn-fit --export exported/                    # after training: exported/1/
+    mnist-cnn-export logs/<run>/model.keras exported/   # a saved model: exported/2/, ...
     export_savedmodel(model, "exported/")               # from Python
+
+``exported/`` is a TensorFlow Serving base folder: each export is a new numbered version
+folder in it (one past the highest, or ``version=N``), never an overwrite, renamed into
+place whole; ``tensorflow_model_server --model_base_path=$(realpath exported)`` serves the
+newest, as ``mnist-cnn-serve exported/`` does.
 
 Two signatures, each taking ``images`` of shape ``(N, 28, 28, 1)`` -- any other shape
 is refused by TensorFlow's signature check, never reshaped into other rows:
@@ -17,9 +22,12 @@ quantized (``dynamic`` range, or full ``int8`` calibrated on training digits).
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import keras
@@ -65,34 +73,71 @@ def _convert(converter, quantize: str, representative) -> bytes:
     return converter.convert()
 
 
-def check_export_dir(directory: str | os.PathLike) -> Path:
-    """The export target: a new folder (nothing is ever overwritten) whose name the
-    filesystem can hold, in a place we can write -- checked before any training."""
-    directory = Path(directory)
-    if not str(directory):
+STALE_STAGING_SECONDS = 86400  # a staging folder this old was left by a killed export
+
+
+def versions_in(base: Path) -> list[int]:
+    """The version numbers already used in a base folder (integer-named entries), ascending."""
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
+
+
+def serving_command(base: str | os.PathLike, name: str = "mnist") -> str:
+    """The TensorFlow Serving command line that serves the newest version in ``base``."""
+    return (f"tensorflow_model_server --rest_api_port=8501 --model_name={name} "
+            f"--model_base_path={Path(base).absolute()}")
+
+
+def check_export_dir(base: str | os.PathLike, version: int | None = None) -> Path:
+    """The export's base folder: a folder or a new name (checked, like a new version
+    ``version`` in it, before any training or writing) in a place we can write."""
+    base = Path(base)
+    if not str(base):
         raise UsageError("--export needs a folder name")
-    if directory.exists():
-        raise UsageError(f"{directory}: already exists; choose a new folder for the SavedModel")
-    check_name("--export", directory.name)
-    parent = directory.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    if base.exists() and not base.is_dir():
+        raise UsageError(f"{base}: not a folder; the export goes into a base folder of numbered versions")
+    check_name("--export", base.name)
+    if version is not None and (base / str(version)).exists():
+        raise UsageError(f"{base / str(version)}: version {version} exists; choose another --version or none "
+                         f"(one past the highest)")
+    probe_in = base.absolute()
+    while not probe_in.exists():
+        probe_in = probe_in.parent
     try:
-        tempfile.TemporaryDirectory(dir=parent, prefix=".mnist_cnn-probe-").cleanup()
+        tempfile.TemporaryDirectory(dir=probe_in, prefix=".mnist_cnn-probe-").cleanup()
     except OSError as e:
-        raise UsageError(f"{directory}: cannot create it ({parent}: {e.strerror or e})") from None
-    return directory
+        raise UsageError(f"{base}: cannot create it ({probe_in}: {e.strerror or e})") from None
+    return base
 
 
-def _staging(directory: Path) -> Path:
-    """Where an export is built before it is renamed into place; one fixed name per
-    target, so an export cut short by a kill is cleared by the next attempt."""
-    return directory.with_name(f".{directory.name}.partial")
+def _clear_stale_staging(base: Path) -> None:
+    """Remove staging folders of exports killed long ago (a live export's is never that old)."""
+    for stale in base.glob(".export-*.partial"):
+        if time.time() - stale.stat().st_mtime > STALE_STAGING_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
-def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
-    """Write ``model`` as a SavedModel into the new folder ``directory`` (atomically)."""
-    directory = check_export_dir(directory)
+def _publish(staging: Path, base: Path, version: int | None) -> Path:
+    """Rename the finished staging folder to its version: ``version``, or one past the
+    highest (retried past a version another export published meanwhile)."""
+    while True:
+        target = base / str(version if version is not None else max(versions_in(base), default=0) + 1)
+        try:
+            os.rename(staging, target)  # fails on a non-empty target: a version is never overwritten
+            return target
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            if version is not None:
+                raise UsageError(f"{target}: version {version} exists; choose another --version") from None
+            # another export published this number meanwhile: try the next
+
+
+def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int | None = None) -> Path:
+    """Write ``model`` as a SavedModel into a new version folder of ``base`` (atomically);
+    returns that folder."""
+    base = check_export_dir(base, version)
 
     def predict(images):
         # A signature's input shape is not enforced when it is called: a (8, 784) batch
@@ -116,18 +161,17 @@ def export_savedmodel(model: keras.Model, directory: str | os.PathLike) -> Path:
         lambda images: predict(tf.cast(tf.ensure_shape(images, SERVING_SHAPE), tf.float32) / 255.0),
         input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.uint8, name="images")],
     )
-    staging = _staging(directory)
+    staging = base / f".export-{uuid.uuid4().hex}.partial"  # hidden: TensorFlow Serving ignores it
     try:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        base.mkdir(parents=True, exist_ok=True)
+        _clear_stale_staging(base)
         archive.write_out(str(staging), verbose=False)
         _usual_permissions(staging)
-        os.rename(staging, directory)
+        return _publish(staging, base, version)
     except OSError as e:
-        raise StorageError(f"cannot write the SavedModel {directory}: {e.strerror or e}") from None
+        raise StorageError(f"cannot write the SavedModel in {base}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 def _usual_permissions(folder: Path) -> None:
@@ -139,13 +183,26 @@ def _usual_permissions(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
+def check_tflite_file(path: str | os.PathLike) -> Path:
+    """The TensorFlow Lite file to write: a new name in an existing folder we can write."""
+    if not str(path):
+        raise UsageError("--tflite needs a file name")
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise UsageError(f"{path}: already exists; choose a new file for the TensorFlow Lite model")
+    check_name("--tflite", path.name)
+    folder = path.absolute().parent
+    if not folder.is_dir():
+        raise UsageError(f"{path}: no folder {folder}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: cannot write in {folder}")
+    return path
+
+
 def export_tflite(model: keras.Model, path: str | os.PathLike, quantize: str = "none") -> Path:
     """Write ``model`` as a new TensorFlow Lite file; ``int8`` is calibrated on 200 of
     the sample's training digits."""
-    path = Path(path)
-    if path.exists():
-        raise UsageError(f"{path}: already exists; choose a new file for the TensorFlow Lite model")
-    check_name("--tflite", path.name)
+    path = check_tflite_file(path)
     representative = None
     if quantize == "int8":
         (images, _), _ = data.sample_arrays()

@@ -168,7 +168,7 @@ def test_blank_image_is_reported():
 
 def test_savedmodel_serves_without_this_package(trained, sample):
     _, (x, _) = sample
-    served = trained.run_dir.parent.parent / "served"
+    served = trained.run_dir.parent.parent / "served" / "1"
     assert (served / "saved_model.pb").exists()
     np.save(served.parent / "x.npy", x[:16])
     expected = keras.saving.load_model(trained.model_path).predict(x[:16, ..., None] / 255.0, verbose=0)
@@ -176,7 +176,7 @@ def test_savedmodel_serves_without_this_package(trained, sample):
 import sys, numpy as np, tensorflow as tf
 assert "mnist_cnn" not in sys.modules
 folder = sys.argv[1]
-loaded = tf.saved_model.load(folder + "/served")
+loaded = tf.saved_model.load(folder + "/1")
 x = np.load(folder + "/x.npy")
 a = loaded.signatures["serving_default"](images=tf.constant(x[..., None] / 255.0, tf.float32))
 b = loaded.signatures["serve_uint8"](images=tf.constant(x[..., None]))
@@ -193,16 +193,18 @@ print("imported:", sorted(m for m in sys.modules if m.startswith("mnist_cnn")))
 
 
 def test_export_never_overwrites(trained, tmp_path, capsys):
-    (tmp_path / "taken").mkdir()
-    with pytest.raises(UsageError, match="already exists"):
-        export_savedmodel(keras.saving.load_model(trained.model_path), tmp_path / "taken")
-    assert list((tmp_path / "taken").iterdir()) == []
-    assert export_cli.main([str(trained.model_path), str(tmp_path / "taken")]) == 2
+    (tmp_path / "base" / "3").mkdir(parents=True)
+    with pytest.raises(UsageError, match="version 3 exists"):
+        export_savedmodel(keras.saving.load_model(trained.model_path), tmp_path / "base", version=3)
+    assert list((tmp_path / "base" / "3").iterdir()) == []
+    assert export_cli.main([str(trained.model_path), str(tmp_path / "base"), "--version", "3"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+    assert export_cli.main([str(trained.model_path), str(tmp_path / "base")]) == 0  # one past the highest
+    assert sorted(p.name for p in (tmp_path / "base").iterdir()) == ["3", "4"]
 
 
 def test_export_script_on_a_saved_model(trained, tmp_path, capsys):
     assert export_cli.main([str(trained.model_path), str(tmp_path / "new")]) == 0
-    assert (tmp_path / "new" / "saved_model.pb").exists()
-    assert capsys.readouterr().out.strip() == f"SavedModel for serving: {tmp_path / 'new'}"
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    assert (tmp_path / "new" / "1" / "saved_model.pb").exists()
+    assert capsys.readouterr().out.splitlines()[0] == f"SavedModel for serving: {tmp_path / 'new' / '1'}"
+    assert not [p for p in (tmp_path / "new").iterdir() if p.name.startswith(".")]  # no staging left behind

@@ -24,7 +24,7 @@ def exported(tmp_path_factory):
     """A short real run, its model and its SavedModel (via fit.py's --export path)."""
     folder = tmp_path_factory.mktemp("deploy")
     run = train.fit(quick(folder, epochs=2, steps_per_epoch=40, export=str(folder / "served")), verbose=0)
-    return run, folder / "served"
+    return run, folder / "served" / "1"  # a base folder for TensorFlow Serving: version 1
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,44 @@ def test_tensorflow_lite_float_dynamic_and_int8(exported, digits, tmp_path, caps
         else:
             assert accuracy >= keras_accuracy - 0.02, (accuracy, keras_accuracy)
     assert sizes["dynamic"] < 0.3 * sizes["none"] and sizes["int8"] < 0.3 * sizes["none"]
+
+
+def test_export_writes_numbered_versions_for_tensorflow_serving(exported, tmp_path, capsys):
+    run, _ = exported
+    base = tmp_path / "models"
+    for version in (1, 2):
+        assert export_cli.main([str(run.model_path), str(base)]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"SavedModel for serving: {base / str(version)}"
+        assert out[1] == (f"serve it with: tensorflow_model_server --rest_api_port=8501 --model_name=mnist "
+                          f"--model_base_path={base.absolute()}")
+    assert export_cli.main([str(run.model_path), str(base), "--version", "7"]) == 0
+    capsys.readouterr()
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2", "7"]  # no staging left behind
+    assert (base / "7" / "saved_model.pb").is_file()
+    assert export_cli.main([str(run.model_path), str(base), "--version", "2"]) == 2  # taken: never overwritten
+    assert "version 2 exists" in capsys.readouterr().err
+    for bad in ("0", "-1", "x", "1.5"):
+        assert export_cli.main([str(run.model_path), str(base), "--version", bad]) == 2
+        assert "argument --version: expected a whole number" in capsys.readouterr().err
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2", "7"]
+    (base / "file").write_text("x")
+    assert export_cli.main([str(run.model_path), str(base / "file")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_export_checks_the_tflite_file_before_writing_anything(exported, tmp_path, capsys):
+    run, _ = exported
+    (tmp_path / "taken.tflite").write_bytes(b"mine")
+    (tmp_path / "folder.tflite").mkdir()
+    for tflite, message in ((tmp_path / "taken.tflite", "already exists"),
+                            (tmp_path / "folder.tflite", "already exists"),
+                            (tmp_path / "missing" / "cnn.tflite", "no folder"),
+                            ("", "needs a file name")):
+        assert export_cli.main([str(run.model_path), str(tmp_path / "out"), "--tflite", str(tflite)]) == 2
+        assert message in capsys.readouterr().err, tflite
+        assert not (tmp_path / "out").exists()  # nothing written: the corrected command still works
+    assert (tmp_path / "taken.tflite").read_bytes() == b"mine"
 
 
 def test_export_refuses_an_unknown_quantization_and_an_existing_file(exported, tmp_path, capsys):

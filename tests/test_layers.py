@@ -29,7 +29,8 @@ LAYERS = [
     {"model", "optimizers", "data", "distribute"},
     {"keras_file"},
     {"evaluate", "callbacks", "export", "train", "predict", "serve", "tutorial"},
-    {"bench", "bench.measure", "bench.levers", "bench.lever_worker", "bench.profile", "bench.report"},
+    {"bench", "bench.measure", "bench.levers", "bench.lever_worker", "bench.profile", "bench.report",
+     "bench.serving"},
     {"cli", "cli.common", "cli.fit", "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial",
      "cli.bench"},
 ]

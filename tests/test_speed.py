@@ -101,3 +101,19 @@ def test_a_lever_this_cpu_cannot_run_is_reported_unavailable_not_failed():
 def test_the_levers_measure_onednn_both_ways_whatever_the_default():
     onednn = {lever.env.get("TF_ENABLE_ONEDNN_OPTS") for lever in levers.LEVERS if not lever.jit}
     assert {"0", "1"} <= onednn
+
+
+def test_the_serving_load_test_reports_errors_latency_and_memory(tmp_path):
+    from mnist_cnn import export, train
+    from mnist_cnn.bench import serving
+    from mnist_cnn.keras_file import load_cnn
+
+    run = train.fit(train.TrainConfig(data="sample", epochs=1, steps_per_epoch=2, logdir=str(tmp_path)), verbose=0)
+    model_dir = export.export_savedmodel(load_cnn(run.model_path), tmp_path / "served")
+    result = serving.load_test(model_dir, clients=2, requests=3, batch=4, silent=5)
+    assert (result["requests"], result["errors"], result["batch"]) == (6, 0, 4)
+    assert 0 < result["median_ms"] <= result["p99_ms"] and result["rss_before_mb"] > 50
+    gain = serving.batching_gain(model_dir, n=4, rounds=2)
+    assert gain["images"] == 4 and gain["one_by_one_ms"] > 0 and gain["batched_ms"] > 0
+    text = report.serving_lines({"single": result, "batch32": result, "batching": gain})
+    assert "2 clients x 3 requests of 4 image(s), 5 idle connections: 0 errors" in text

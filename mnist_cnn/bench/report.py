@@ -94,3 +94,20 @@ def floor_lines(floor: dict, step_gflop: float, peak: float, fit_ms: float) -> l
     lines.append(f"  sum: {floor['ms']:.1f} ms a step = {best:.0f} GFLOP/s = {100 * best / peak:.0f}% of the float32"
                  f" ceiling at most; model.fit takes {fit_ms:.1f} ms ({share:.0f}% of it in kernels)")
     return lines
+
+
+def serving_lines(serving: dict) -> str:
+    """The load test's lines (``bench.serving``)."""
+    lines = ["serving load test (mnist-cnn-serve on 127.0.0.1, a SavedModel; clients x requests, "
+             "while idle connections hold slots):"]
+    for key in ("single", "batch32"):
+        r = serving[key]
+        lines.append(f"  {r['clients']} clients x {r['requests'] // r['clients']} requests of {r['batch']} image(s), "
+                     f"{r['silent_connections']} idle connections: {r['errors']} errors, "
+                     f"median {r['median_ms']:.0f} ms, "
+                     f"p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.0f} requests/s, server RSS "
+                     f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB")
+    b = serving["batching"]
+    lines.append(f"  one model call on {b['images']} images: {b['batched_ms']:.1f} ms; {b['images']} calls on one: "
+                 f"{b['one_by_one_ms']:.1f} ms ({b['speedup']:.1f}x)")
+    return "\n".join(lines)

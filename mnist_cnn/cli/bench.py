@@ -30,13 +30,16 @@ def parser() -> Parser:
     p.add_argument("--accuracy-runs", type=positive_int, default=1, help="rounds of --accuracy (default: 1)")
     p.add_argument("--levers", action="store_true",
                    help="also time each speed lever (oneDNN, threads, XLA flags, ...) against the default (minutes)")
+    p.add_argument("--serving", action="store_true",
+                   help="only load-test mnist-cnn-serve: 8 clients x 100 requests of one image, "
+                   "and of 32 (minutes)")
     p.add_argument("--json", metavar="PATH", help="write the numbers as JSON")
     return p
 
 
 def main(argv=None) -> int:
     def body(args):
-        from mnist_cnn.bench import measure, report  # after parsing: TensorFlow loads here
+        from mnist_cnn.bench import measure, report, serving  # after parsing: TensorFlow loads here
         from mnist_cnn.model import require_tensorflow
 
         require_tensorflow(command_name("bench.py"))
@@ -45,6 +48,13 @@ def main(argv=None) -> int:
         def log(message):  # progress on stderr, with the seconds since the bench started
             print(f"[{time.perf_counter() - began:4.0f} s] {message}", file=sys.stderr, flush=True)
 
+        if args.serving:
+            log("serving load test ...")
+            results = {"serving": serving.measure(log)}
+            print(report.serving_lines(results["serving"]))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            return
         results = measure.run_all(quick=args.quick, rounds=args.rounds, large_batch=args.large_batch,
                                   official_test=args.official_test,
                                   accuracy_runs=args.accuracy_runs if args.accuracy else None,

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
+
 from mnist_cnn.cli.common import Parser, command_name, main_with
 from mnist_cnn.config import QUANTIZE
+
+
+def version_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text!r}")
+    return int(text)
 
 
 def parser() -> Parser:
     p = Parser(prog=command_name("export.py"),
                description="Export a saved CNN as a serving SavedModel (and TensorFlow Lite).")
     p.add_argument("model", metavar="MODEL.keras")
-    p.add_argument("directory", metavar="DIR", help="a new folder for the SavedModel")
+    p.add_argument("directory", metavar="DIR",
+                   help="TensorFlow Serving's base folder: the SavedModel goes into DIR/<version>/")
+    p.add_argument("--version", type=version_number, metavar="N",
+                   help="the version folder to write (default: one past the highest in DIR, 1 in a new one)")
     p.add_argument("--tflite", metavar="FILE", help="also write a TensorFlow Lite model to this new file")
     p.add_argument("--quantize", choices=QUANTIZE, default="none",
                    help="TensorFlow Lite weights: none (float32), dynamic (int8 weights), or int8 (weights and "
@@ -22,10 +33,13 @@ def main(argv=None) -> int:
     def body(args):
         from mnist_cnn import export, keras_file  # after parsing: TensorFlow loads here
 
-        export.check_export_dir(args.directory)
+        export.check_export_dir(args.directory, args.version)  # everything checked before anything is written
+        if args.tflite is not None:
+            export.check_tflite_file(args.tflite)
         cnn = keras_file.load_cnn(args.model)
-        print(f"SavedModel for serving: {export.export_savedmodel(cnn, args.directory)}")
-        if args.tflite:
+        print(f"SavedModel for serving: {export.export_savedmodel(cnn, args.directory, args.version)}")
+        print(f"serve it with: {export.serving_command(args.directory)}")
+        if args.tflite is not None:
             path = export.export_tflite(cnn, args.tflite, args.quantize)
             print(f"TensorFlow Lite ({args.quantize}): {path} ({path.stat().st_size / 1e6:.1f} MB)")
 
