@@ -36,6 +36,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 from mnist_cnn.errors import TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
 from mnist_cnn.keras_file import inference_copy, model_bytes
+from mnist_cnn.model import random_state
 from mnist_cnn.rundir import RunDir, write_atomic
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,8 @@ class EndOfEpoch(keras.callbacks.Callback):
         model_file = self.write_checkpoints(epoch)
         self.keep_if_best(logs, model_file)
         self.draw_pictures(epoch)
-        self.run_dir.commit_epoch(epoch + 1, int(self.model.optimizer.iterations.numpy()), self.keep)
+        self.run_dir.commit_epoch(epoch + 1, int(self.model.optimizer.iterations.numpy()), self.keep,
+                                  random=random_state(self.model))
 
     def on_train_end(self, logs=None):
         self.writer.close()

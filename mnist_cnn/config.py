@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import typing
@@ -70,7 +71,8 @@ class TrainConfig:
     logdir: str = option("logs", "parent folder of the run folders", metavar="DIR")
     run_name: str | None = option(None, "run folder name (default: a timestamp); an existing name is refused",
                                   metavar="NAME")
-    seed: int = option(0, "random seed: the same seed gives the same losses (on CPU)", low=0, high=SEED_MAX)
+    seed: int = option(0, "random seed: the same seed gives the same weights and losses on CPU, also after a "
+                       "--resume", low=0, high=SEED_MAX)
     steps_per_epoch: int | None = option(None, "train this many batches per epoch (default: one pass over "
                                          "the data)", low=1, metavar="N")
     steps_per_execution: int = option(1, "training steps per call into TensorFlow: fewer Python round trips "
@@ -142,8 +144,8 @@ class TrainConfig:
             saved = json.loads(path.read_text())
         except FileNotFoundError:
             raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)") from None
-        except (OSError, ValueError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        except (OSError, ValueError, RecursionError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e)[:80]}"
             raise UsageError(f"--resume {run_dir}: unreadable config.json ({reason})") from None
         return cls.from_dict(saved, f"--resume {run_dir}: config.json")
 
@@ -216,6 +218,8 @@ def check_value(f: dataclasses.Field, value) -> str | None:
     meta = f.metadata
     if value is None:
         return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
     if meta.get("choices") and value not in meta["choices"]:
         return f"must be one of {', '.join(meta['choices'])}, got {value!r}"
     low, high = meta.get("low"), meta.get("high")

@@ -64,11 +64,13 @@ class DataInfo:
 
 @dataclass
 class Datasets:
-    train: tf.data.Dataset  # (float32 [B, 28, 28, 1], int32 [B]) batches, shuffled
+    train: tf.data.Dataset  # (float32 [B, 28, 28, 1], int32 [B]) batches, shuffled: one epoch from ``position``
     validation: tf.data.Dataset  # per-epoch scores and model selection; the test split if there is none
     test: tf.data.Dataset  # in file order, EVAL_BATCH (or the train batch, if larger) at a time; scored once
     info: DataInfo
     preview: tuple[np.ndarray, np.ndarray] | None = None  # the first 25 training images (float) and labels
+    steps_per_pass: int = 0  # batches of ``train`` that show every training digit once
+    position: tf.Variable | None = None  # the training stream's batch the next epoch starts at
 
 
 # -- sources -------------------------------------------------------------------
@@ -207,46 +209,94 @@ def to_float(images: np.ndarray) -> np.ndarray:
     return (images.astype(np.float32) / 255.0)[..., None]
 
 
-def augmenter(seed: int | None = None) -> keras.Sequential:
-    """Small random rotations (±10°), shifts (±10 %) and zooms (±10 %), zero-filled:
-    digits a writer could have drawn. Used on training batches only."""
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed),
-            keras.layers.RandomTranslation(0.1, 0.1, fill_mode="constant", seed=seed),
-            keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed),
-        ],
-        name="augment",
-    )
+AUGMENT_SEED_OFFSET = 1 << 32  # stream position i augments with (seed, i + offset), apart from pass seeds
 
 
-def pipeline(
-    images: np.ndarray,
-    labels: np.ndarray,
-    batch_size: int,
-    shuffle: bool = False,
-    seed: int | None = None,
-    repeat: bool = False,
-    augment: bool = False,
-) -> tf.data.Dataset:
-    """Batches of (float32 [B, 28, 28, 1] in [0, 1], int32 [B]) from uint8 arrays.
+def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Small random rotations (±10°), shifts (±10 %) and zooms (±10 %) per image, zero-filled:
+    digits a writer could have drawn. Drawn statelessly from ``seed`` (two integers), so a
+    batch is augmented the same way in every run with that seed and after a resume."""
+    count = tf.shape(images)[0]
+    u = tf.random.stateless_uniform(tf.stack([count, 4]), seed=seed, minval=-1.0, maxval=1.0)
+    angle, shift_x, shift_y, zoom = u[:, 0] * (10 / 180 * np.pi), u[:, 1] * 2.8, u[:, 2] * 2.8, 1.0 + 0.1 * u[:, 3]
+    # output pixel p reads input pixel R(angle) (p - centre - shift) / zoom + centre
+    cos, sin, centre = tf.cos(angle) / zoom, tf.sin(angle) / zoom, 13.5
+    a0, a1, b0, b1 = cos, -sin, sin, cos
+    a2 = centre - a0 * (centre + shift_x) - a1 * (centre + shift_y)
+    b2 = centre - b0 * (centre + shift_x) - b1 * (centre + shift_y)
+    zeros = tf.zeros_like(a0)
+    transforms = tf.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=1)
+    return keras.ops.image.affine_transform(images, transforms, interpolation="bilinear", fill_mode="constant")
 
-    The whole split is converted once and held in memory (the cache); what flows
-    through tf.data are index batches -- shuffled with ``seed`` and reshuffled every
-    epoch when ``shuffle`` -- gathered into image batches, then prefetched. No
-    per-image work happens in the pipeline, so a 60,000-image epoch starts at once.
+
+def steps_per_pass(num_images: int, batch_size: int) -> int:
+    return -(-num_images // batch_size)
+
+
+def pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Batches of (float32 [B, 28, 28, 1] in [0, 1], int32 [B]) from uint8 arrays, in order:
+    the evaluation splits. The split is converted once and held in memory."""
+    x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+    ds = tf.data.Dataset.range(len(labels)).batch(batch_size)
+    return ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(tf.data.AUTOTUNE)
+
+
+def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: bool, start_step) -> tf.data.Dataset:
+    """The training stream from batch ``start_step`` (a Python int or an int64 tensor)."""
+    count = int(y.shape[0])
+    per_pass = steps_per_pass(count, batch_size)
+    indices = tf.range(count, dtype=tf.int64)
+    start_step = tf.cast(start_step, tf.int64)
+
+    def one_pass(p):
+        order = tf.random.experimental.stateless_shuffle(indices, seed=tf.stack([tf.constant(seed, tf.int64), p]))
+        return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+
+    passes = tf.data.Dataset.range(start_step // per_pass, np.iinfo(np.int64).max).flat_map(one_pass)
+    ds = passes.skip(start_step % per_pass).enumerate(start=start_step)
+    ds = ds.map(lambda i, batch: (i, tf.gather(x, batch), tf.gather(y, batch)))
+    if augment:
+        seed_of = lambda i: tf.stack([tf.constant(seed, tf.int64), i + AUGMENT_SEED_OFFSET])  # noqa: E731
+        ds = ds.map(lambda i, xb, yb: (i, augment_batch(xb, seed_of(i)), yb), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
+    return ds.map(lambda i, xb, yb: (xb, yb))
+
+
+def training_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
+                    augment: bool = False, start_step: int = 0) -> tf.data.Dataset:
+    """The endless stream of training batches of a run with ``seed``, from batch ``start_step``.
+
+    Pass p over the split is the permutation ``stateless_shuffle(seed, p)``; the passes follow
+    each other (``steps_per_pass`` batches each, the last one short), and batch i of the
+    stream is augmented with ``(seed, i)``. So batch i is a function of (seed, i) alone: two
+    runs with one seed see the same batches, and a run resumed after optimizer step s starts
+    at ``start_step=s`` and continues the uninterrupted run's stream exactly. What flows
+    through tf.data are index batches, gathered from the in-memory split (no per-image work
+    unless augmenting), so a 60,000-image pass starts at once.
     """
     x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
-    ds = tf.data.Dataset.range(len(labels))
-    if shuffle:
-        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda i: (tf.gather(x, i), tf.gather(y, i)))
-    if augment:
-        layers = augmenter(seed)
-        ds = ds.map(lambda xb, yb: (layers(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
-    if repeat:
-        ds = ds.repeat()
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _stream(x, y, batch_size, seed, augment, start_step).prefetch(tf.data.AUTOTUNE)
+
+
+def endless(source: str, batch_size: int, seed: int = 0) -> tf.data.Dataset:
+    """The training stream of a ``--data`` source's whole training split (no validation
+    held out): for timing training steps (the bench), where epochs do not matter."""
+    (images, labels), _, _ = load_arrays(source)
+    return training_stream(images, labels, batch_size, seed=seed)
+
+
+def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps: int, position: tf.Variable,
+                  seed: int = 0, augment: bool = False) -> tf.data.Dataset:
+    """What ``model.fit`` iterates each epoch: ``steps`` batches of the training stream from
+    batch ``position`` -- a variable read when the epoch's iterator starts, which the trainer
+    sets to the optimizer's step count at the start of every epoch (``train.StreamPosition``).
+    A finite dataset per epoch (Keras makes a new iterator each epoch), so a last call of
+    ``steps_per_execution`` that finds fewer batches ends the epoch instead of running into
+    the next one's."""
+    x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+    epoch = tf.data.Dataset.range(1).flat_map(
+        lambda _: _stream(x, y, batch_size, seed, augment, position.read_value()).take(steps))
+    return epoch.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
 
 
 def validation_size(spec: str, num_train: int) -> int:
@@ -285,19 +335,20 @@ def split_validation(images: np.ndarray, labels: np.ndarray, count: int) -> tupl
 def load(
     source: str = "auto",
     batch_size: int = 50,
-    seed: int | None = 0,
+    seed: int = 0,
     data_dir: str | None = None,
-    repeat: bool = False,
     augment: bool = False,
     test_source: str | None = None,
     validation: str = "auto",
+    steps_per_epoch: int | None = None,
 ) -> Datasets:
     """Train, validation and test pipelines for a source.
 
     ``validation`` (``--validation-split``) holds out a stratified part of the training
     digits (see ``validation_size``); with "0" the test split stands in for it.
-    ``repeat`` makes the train set endless (for a fixed ``steps_per_epoch``);
-    ``augment`` adds random rotations/shifts/zooms to training batches;
+    The train set is an epoch of the ``training_stream``: ``steps_per_epoch`` batches
+    (default: one pass, ``steps_per_pass``) from ``Datasets.position``, the step the epoch
+    starts at; ``augment`` adds random rotations, shifts and zooms to its batches;
     ``test_source`` takes the test split from another IDX folder (e.g. the official
     MNIST test set) -- the sample then trains on all of its 5,000 digits.
     """
@@ -309,14 +360,18 @@ def load(
     name = info.source if test_source is None else f"{info.source}, tested on {test_source}"
     eval_batch = max(batch_size, EVAL_BATCH)
     test = pipeline(x_test, y_test, eval_batch)
+    position = tf.Variable(0, dtype=tf.int64, trainable=False, name="stream_position")
     count = validation_size(validation, len(y_train))
     if count:
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, count)
     return Datasets(
-        train=pipeline(x_train, y_train, batch_size, shuffle=True, seed=seed, repeat=repeat, augment=augment),
+        train=epoch_batches(x_train, y_train, batch_size, steps_per_epoch or steps_per_pass(len(y_train), batch_size),
+                            position, seed=seed, augment=augment),
+        position=position,
         validation=pipeline(x_val, y_val, eval_batch) if count else test,
         test=test,
         info=DataInfo(name, len(y_train), len(y_test), count),
+        steps_per_pass=steps_per_pass(len(y_train), batch_size),
         preview=(to_float(x_train[:25]), y_train[:25]),
     )
 

@@ -16,7 +16,6 @@ Keras' internal key names -- to check that every weight was loaded.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import warnings
@@ -40,6 +39,18 @@ CONFIG_BOUNDS = {
     "num_classes": (2, 1000),
 }
 MAX_CONFIG_BYTES = 1 << 20
+# At most 50 M parameters (200 MB of float32; the tutorial's CNN has 3.3 M): checked from the
+# config before Keras allocates anything, as the weights file's size is before it is read.
+MAX_PARAMETERS = 50_000_000
+WEIGHTS_SLACK_BYTES = 1 << 20  # HDF5's own structures around the arrays
+
+
+def parameter_count(config: dict) -> int:
+    """The CNN's weights for a (bounds-checked) config: two convolutions and two dense layers."""
+    c = config
+    k, f1, f2 = c.get("kernel_size", 5), c.get("filters1", 32), c.get("filters2", 64)
+    units, classes = c.get("dense_units", 1024), c.get("num_classes", 10)
+    return (k * k * f1 + f1) + (k * k * f1 * f2 + f2) + (7 * 7 * f2 * units + units) + (units * classes + classes)
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -89,10 +100,12 @@ def read_config(path: Path) -> dict:
     """The model config inside a ``.keras`` zip, checked to be a CNN of sane size."""
     try:
         with zipfile.ZipFile(path) as archive:
-            info = archive.getinfo("config.json")
-            if info.file_size > MAX_CONFIG_BYTES:
-                raise ModelFileError(f"{path}: config.json is {info.file_size:,} bytes; not a CNN's config")
-            saved = json.loads(archive.read(info))
+            with archive.open("config.json") as f:  # the bytes read count, not the size the zip header claims
+                text = f.read(MAX_CONFIG_BYTES + 1)
+            if len(text) > MAX_CONFIG_BYTES:
+                raise ModelFileError(f"{path}: config.json is over {MAX_CONFIG_BYTES:,} bytes; not a CNN's config")
+            weights = archive.getinfo("model.weights.h5") if "model.weights.h5" in archive.namelist() else None
+            saved = json.loads(text)
     except KeyError:
         raise ModelFileError(f"{path}: not a .keras model file (no config.json inside)") from None
     except (zipfile.BadZipFile, OSError, ValueError, RecursionError) as e:
@@ -116,6 +129,15 @@ def read_config(path: Path) -> dict:
         check_build_config(saved.get("build_config"))
     except (ValueError, TypeError, AttributeError) as e:
         raise ModelFileError(f"{path}: cannot load the model: {e}") from None
+    parameters = parameter_count(config)
+    if parameters > MAX_PARAMETERS:
+        raise ModelFileError(f"{path}: config.json describes a CNN of {parameters:,} parameters; "
+                             f"at most {MAX_PARAMETERS:,} are loaded")
+    # the weights are float32 (an optimizer's state in a resume checkpoint at most doubles them, twice)
+    most = 3 * 4 * parameters + WEIGHTS_SLACK_BYTES
+    if weights is not None and weights.file_size > most:
+        raise ModelFileError(f"{path}: model.weights.h5 is {weights.file_size:,} bytes; a CNN of "
+                             f"{parameters:,} parameters needs at most {most:,}")
     return saved
 
 
@@ -134,11 +156,12 @@ def _check_weights_loaded(model: keras.Model, path: Path) -> None:
     weights must never pass."""
     weights = [np.asarray(w) for w in model.get_weights()]
     try:
-        with zipfile.ZipFile(path) as archive, archive.open("model.weights.h5") as f:
-            store = h5py.File(io.BytesIO(f.read()), "r")
-    except (KeyError, OSError, ValueError) as e:
+        archive = zipfile.ZipFile(path)
+        member = archive.open("model.weights.h5")  # read in place (a stored member seeks), never whole
+        store = h5py.File(member, "r")
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:
         raise ModelFileError(f"{path}: cannot read the stored weights ({e})") from None
-    with store:
+    with archive, member, store:
         unmatched = _stored_arrays(store, {w.shape for w in weights})
         for variable, value in zip(model.weights, weights, strict=True):
             match = next((i for i, item in enumerate(unmatched) if np.array_equal(item[()], value)), None)

@@ -10,6 +10,7 @@ conv 32@5x5 same relu -> maxpool 2 -> conv 64@5x5 same relu -> maxpool 2
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from mnist_cnn.errors import BackendError
@@ -255,3 +256,27 @@ def check_build_config(config) -> None:
             raise ValueError(f"build_config input shape {shape!r} is not the CNN's (None, 28, 28, 1)")
     if config:
         raise ValueError(f"build_config has unknown entries {sorted(config)}")
+
+
+def _random_generators(model: keras.Model) -> dict:
+    """The model's variables that are not weights, in order, keyed ``<position>:<name>`` (their
+    paths carry a per-process counter, so they differ between two CNNs of one process)."""
+    weights = {id(v) for v in model.weights}
+    others = [v for v in model.variables if id(v) not in weights]
+    return {f"{i}:{v.name}": v for i, v in enumerate(others)}
+
+
+def random_state(model: keras.Model) -> dict[str, list[int]]:
+    """The states of the model's random generators (dropout's ``SeedGenerator``): variables
+    of the model that are not weights, which ``model.save`` does not keep. Part of the
+    resume state, so that a resumed run draws the dropout masks the killed one would have."""
+    return {name: [int(n) for n in keras.ops.convert_to_numpy(v)] for name, v in _random_generators(model).items()}
+
+
+def restore_random_state(model: keras.Model, saved: dict[str, list[int]]) -> None:
+    """Set the generators ``random_state`` recorded; ValueError if they are not this model's."""
+    current = _random_generators(model)
+    if set(saved) != set(current):
+        raise ValueError(f"random generator states {sorted(saved)} do not fit the model's {sorted(current)}")
+    for name, value in saved.items():
+        current[name].assign(np.asarray(value, dtype=current[name].dtype))

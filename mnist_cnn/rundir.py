@@ -27,6 +27,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -86,6 +87,28 @@ def write_json(path: str | os.PathLike, payload) -> Path:
     return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
+MAX_RUN_FILE = 16 << 20  # bytes of a run's JSON file (history.json of 10,000 epochs is ~2 MB)
+
+
+def read_json(path: Path, what: str):
+    """A run file's JSON, or a one-line ``UsageError`` naming it (unreadable, too large,
+    not JSON, nested too deep for Python's parser)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(MAX_RUN_FILE + 1)
+        if len(text) > MAX_RUN_FILE:
+            raise UsageError(f"{path}: over {MAX_RUN_FILE:,} bytes; not a {what}")
+        return json.loads(text)
+    except OSError as e:
+        raise UsageError(f"{path}: unreadable {what} ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise UsageError(f"{path}: not a {what} ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def _is_int(value) -> bool:
+    return type(value) is int
+
+
 @dataclass(frozen=True)
 class ResumeState:
     """What the last finished epoch left: the run resumes from here."""
@@ -94,6 +117,35 @@ class ResumeState:
     steps: int  # the optimizer's step count after them
     checkpoint: str  # relative to the run folder
     exported: bool = False  # the --export SavedModel was written
+    random: dict = dataclasses.field(default_factory=dict)  # the model's random generators' states
+
+    @classmethod
+    def from_json(cls, raw, path: Path, max_epochs: int | None = None) -> ResumeState:
+        """``resume.json``'s content, checked field by field before it steers anything."""
+        def bad(problem):
+            return UsageError(f"{path}: {problem}")
+
+        if not isinstance(raw, dict):
+            raise bad(f"expected a JSON object, got {type(raw).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        if raw.keys() - names or not {"epochs", "steps", "checkpoint"} <= raw.keys():
+            raise bad(f"expected the keys {sorted(names)}, got {sorted(raw)}")
+        epochs, steps = raw["epochs"], raw["steps"]
+        if not _is_int(epochs) or epochs < 1 or (max_epochs is not None and epochs > max_epochs):
+            most = max_epochs if max_epochs is not None else "--epochs"
+            raise bad(f"epochs must be a whole number from 1 to {most}, got {epochs!r}")
+        if not _is_int(steps) or steps < epochs:
+            raise bad(f"steps must be a whole number of at least one per epoch, got {steps!r}")
+        if raw["checkpoint"] != f"checkpoints/resume-{epochs:02d}.keras":
+            raise bad(f"checkpoint must be checkpoints/resume-{epochs:02d}.keras, got {str(raw['checkpoint'])[:80]!r}")
+        if type(raw.get("exported", False)) is not bool:
+            raise bad(f"exported must be true or false, got {raw['exported']!r}")
+        random = raw.get("random", {})
+        if not isinstance(random, dict) or not all(
+                isinstance(k, str) and isinstance(v, list) and len(v) == 2 and all(map(_is_int, v))
+                for k, v in random.items()):
+            raise bad("random must map generator names to two whole numbers")
+        return cls(**raw)
 
 
 class RunDir:
@@ -214,14 +266,13 @@ class RunDir:
             self._lock_fd = None
 
     def sweep(self) -> list[Path]:
-        """Delete temporary files a killed process left (only under the lock)."""
+        """Delete temporary files a killed process left, in the run folder and every folder
+        under it (``train/``, ``validation/``, ``checkpoints/``, ...; only under the lock)."""
         swept = []
-        for folder in (self.path, self.checkpoints):
-            if folder.is_dir():
-                for p in folder.iterdir():
-                    if _TEMP.match(p.name) and p.is_file():
-                        p.unlink()
-                        swept.append(p)
+        for p in self.path.rglob(".*.tmp-*"):
+            if _TEMP.match(p.name) and p.is_file():
+                p.unlink()
+                swept.append(p)
         if swept:
             log.info("Removed %d temporary file(s) left by a killed process", len(swept))
         return swept
@@ -238,37 +289,47 @@ class RunDir:
     # -- history -------------------------------------------------------------------
 
     def read_history(self) -> list[dict]:
-        return json.loads(self.history.read_text()) if self.history.exists() else []
+        """``history.json``: one entry per finished epoch, checked (a list of objects with
+        ``epoch`` 0, 1, 2, ... and finite numbers) before it steers a resume."""
+        if not self.history.exists():
+            return []
+        entries = read_json(self.history, "history file")
+        if not isinstance(entries, list):
+            raise UsageError(f"{self.history}: expected a list of epochs, got {type(entries).__name__}")
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or entry.get("epoch") != i or type(entry["epoch"]) is not int:
+                raise UsageError(f"{self.history}: entry {i} is not epoch {i}'s record")
+            if not all(isinstance(v, (int, float)) and type(v) is not bool and math.isfinite(v)
+                       for v in entry.values()):
+                raise UsageError(f"{self.history}: entry {i} holds a value that is not a finite number")
+        return entries
 
     def write_history(self, entries: list[dict]) -> None:
         write_json(self.history, entries)
 
     # -- resume state --------------------------------------------------------------
 
-    def read_resume_state(self) -> ResumeState | None:
-        """The last committed epoch, or None when no epoch finished."""
+    def read_resume_state(self, max_epochs: int | None = None) -> ResumeState | None:
+        """The last committed epoch (checked: at most ``max_epochs``), or None when no epoch finished."""
         if not self.resume_file.exists():
             return None
-        try:
-            state = ResumeState(**json.loads(self.resume_file.read_text()))
-        except (OSError, ValueError, TypeError) as e:
-            raise UsageError(f"{self.resume_file}: unreadable resume state ({e})") from None
+        state = ResumeState.from_json(read_json(self.resume_file, "resume state"), self.resume_file, max_epochs)
         if not (self.path / state.checkpoint).is_file():
             raise UsageError(f"{self.resume_file}: its checkpoint {state.checkpoint} is missing")
         return state
 
-    def commit_epoch(self, epochs: int, steps: int, keep: int) -> ResumeState:
+    def commit_epoch(self, epochs: int, steps: int, keep: int, random: dict | None = None) -> ResumeState:
         """Make ``epochs`` finished epochs the state a resume starts from (its resume
-        checkpoint); then drop older resume checkpoints and the epoch checkpoints beyond
-        the newest ``keep``."""
+        checkpoint, and the model's ``random`` generator states); then drop older resume
+        checkpoints and the epoch checkpoints beyond the newest ``keep``."""
         checkpoint = self.resume_checkpoint(epochs)
-        state = ResumeState(epochs, steps, str(checkpoint.relative_to(self.path)))
+        state = ResumeState(epochs, steps, str(checkpoint.relative_to(self.path)), random=random or {})
         write_json(self.resume_file, dataclasses.asdict(state))
         for old in self.resume_checkpoints():
             if old != checkpoint:
                 old.unlink()
         kept = self.epoch_checkpoints()
-        for old in kept[: len(kept) - keep]:
+        for old in kept[: max(0, len(kept) - keep)]:  # (keep may exceed what there is)
             old.unlink()
         return state
 
@@ -317,11 +378,19 @@ def _drop_events(path: Path, epochs: int, steps: int) -> None:
         dropped += 1
     if not dropped:
         return
-    tmp = temp_name(path)
-    with tf.io.TFRecordWriter(str(tmp)) as writer:
-        for raw in kept:
-            writer.write(raw)
-    os.replace(tmp, path)
+    tmp = temp_name(path)  # TFRecordWriter frames the records; write_atomic puts them in place
+    try:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for raw in kept:
+                writer.write(raw)
+        payload = tmp.read_bytes()
+    except (OSError, tf.errors.OpError) as e:
+        message = e.strerror if isinstance(e, OSError) else e.message.replace(str(tmp), "")
+        reason = " ".join(str(message).split()).strip("; ")[:200]
+        raise StorageError(f"cannot write {path}: {reason}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_atomic(path, payload)
 
 
 def _keep(event, epochs: int, steps: int) -> bool:

@@ -27,9 +27,9 @@ from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_p
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.evaluate import score
-from mnist_cnn.export import check_export_dir, export_savedmodel
+from mnist_cnn.export import check_export_dir, export_savedmodel, serving_command
 from mnist_cnn.keras_file import load_cnn, load_weights_strict, save_model
-from mnist_cnn.model import CNN, require_tensorflow
+from mnist_cnn.model import CNN, require_tensorflow, restore_random_state
 from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.rundir import ResumeState, RunDir, write_json
 
@@ -131,7 +131,7 @@ def open_run_dir(config: TrainConfig, resume: bool, chief: bool = True) -> tuple
 
 
 def restore(model: CNN, run_dir: RunDir, state: ResumeState) -> None:
-    """Load the committed epoch's weights and optimizer state into ``model``."""
+    """Load the committed epoch's weights, optimizer state and random generator states into ``model``."""
     model.optimizer.build(model.trainable_variables)
     path = run_dir.path / state.checkpoint
     load_weights_strict(model, path)
@@ -140,6 +140,23 @@ def restore(model: CNN, run_dir: RunDir, state: ResumeState) -> None:
         raise ModelFileError(
             f"{path}: holds the optimizer state of step {steps}, {run_dir.resume_file} says {state.steps}"
         )
+    try:
+        restore_random_state(model, state.random)
+    except ValueError as e:
+        raise ModelFileError(f"{run_dir.resume_file}: {e}") from None
+
+
+class StreamPosition(keras.callbacks.Callback):
+    """Points the training stream at the optimizer's step count when an epoch starts, so that
+    epoch k trains on batches of the stream that depend on (seed, step) alone -- the same
+    after a resume as in an uninterrupted run (``data.epoch_batches``)."""
+
+    def __init__(self, position: tf.Variable):
+        super().__init__()
+        self.position = position
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.position.assign(int(self.model.optimizer.iterations.numpy()))
 
 
 def train_epochs(
@@ -160,10 +177,12 @@ def train_epochs(
             datasets.train,
             epochs=config.epochs,
             initial_epoch=initial_epoch,
-            steps_per_epoch=config.steps_per_epoch,
+            # one epoch of the training stream each time (data.epoch_batches), from the step it starts at
+            steps_per_epoch=None,
             validation_data=datasets.validation,
             shuffle=False,  # the pipeline shuffles, seeded
             callbacks=[
+                StreamPosition(datasets.position),
                 *make_callbacks(
                     run_dir,
                     epoch_lines=epoch_lines,
@@ -206,6 +225,7 @@ def finish_run(
     state = run_dir.read_resume_state()
     if config.export and not (state and state.exported):
         log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))
+        log.info("serve it with: %s", serving_command(config.export))
         if state:
             run_dir.mark_exported(state)
     epochs = run_dir.read_history()
@@ -245,14 +265,13 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
         batch_size=global_batch,
         seed=config.seed,
         data_dir=config.tfds_dir,
-        repeat=config.steps_per_epoch is not None,
         augment=config.augment,
+        steps_per_epoch=config.steps_per_epoch,
         test_source=config.test_data,
         validation=config.validation_split,
     )
-    datasets.train, datasets.validation, datasets.test = (
-        distribute.shard_by_data(d) for d in (datasets.train, datasets.validation, datasets.test)
-    )
+    datasets.validation, datasets.test = (distribute.shard_by_data(d) for d in (datasets.validation, datasets.test))
+    datasets.train = distribute.shard_by_data(datasets.train)
     if not datasets.info.num_validation:
         log.warning("--validation-split 0: per-epoch scores and the best checkpoint use the test split")
     return datasets
@@ -261,7 +280,7 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
 def resume_from(model: CNN, run_dir: RunDir, config: TrainConfig) -> int:
     """Restore a resumed run's last finished epoch into ``model``, roll the folder back
     to it, and return the epoch to continue from (0 for a new run)."""
-    state = run_dir.read_resume_state()
+    state = run_dir.read_resume_state(max_epochs=config.epochs)
     if config.export and not (state and state.exported):
         check_export_dir(config.export)
     if state is None:

@@ -11,6 +11,7 @@ import re
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import zipfile
 
@@ -106,6 +107,67 @@ def test_a_tampered_model_file_is_refused(saved, kind, tmp_path, capsys):
     assert fit_cli.main(argv) == 2
     assert one_line_error(capsys).split(": error: ")[1] == err.split(": error: ")[1]  # the same reason
     assert not (tmp_path / "l").exists()
+
+
+def peak_of(call) -> int:
+    """Bytes Python (and NumPy) allocated at the peak of ``call()``, which must raise ModelFileError."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelFileError) as raised:
+            call()
+        return tracemalloc.get_traced_memory()[1], str(raised.value)
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_config_json_larger_than_its_zip_header_says_is_refused_without_reading_it(saved, tmp_path):
+    path = tmp_path / "lying.keras"
+    with zipfile.ZipFile(saved / "good.keras") as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            payload = zin.read(name)
+            if name == "config.json":
+                payload = payload[:-1] + b" " * (200 << 20) + payload[-1:]  # 200 MB of spaces: valid JSON
+            zout.writestr(name, payload)
+    data = bytearray(path.read_bytes())  # the header then claims 2,000 bytes
+    for header in (b"PK\x03\x04", b"PK\x01\x02"):
+        at = data.find(header + b"", 0)
+        while at != -1:
+            name_at = at + (30 if header == b"PK\x03\x04" else 46)
+            if data[name_at:name_at + 11] == b"config.json":
+                size_at = at + (22 if header == b"PK\x03\x04" else 24)
+                data[size_at:size_at + 4] = struct.pack("<I", 2000)
+            at = data.find(header, at + 4)
+    path.write_bytes(bytes(data))
+    peak, message = peak_of(lambda: load_cnn(path))
+    assert "cannot read the model file" in message or "over 1,048,576 bytes" in message, message
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
+
+
+def test_weights_padded_past_what_the_config_needs_are_refused_before_reading(saved, tmp_path):
+    path = tmp_path / "padded.keras"
+    with zipfile.ZipFile(saved / "good.keras") as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            if name != "model.weights.h5":
+                zout.writestr(name, zin.read(name))
+                continue
+            with zout.open(name, "w", force_zip64=True) as f:
+                f.write(zin.read(name))
+                for _ in range(300):  # 300 MiB of zeros: a few hundred KB in the zip
+                    f.write(bytes(1 << 20))
+    with zipfile.ZipFile(path) as archive:  # 300 MiB more inside than on disk
+        assert archive.getinfo("model.weights.h5").file_size - path.stat().st_size > 250 << 20
+    peak, message = peak_of(lambda: load_cnn(path))
+    assert "model.weights.h5 is 3" in message and "needs at most" in message, message
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
+
+
+def test_a_config_inside_the_bounds_but_too_big_in_total_is_refused_before_allocating(saved, tmp_path):
+    path = rewrite(saved / "good.keras", tmp_path / "huge.keras",
+                   edit_config=lambda c: c["config"].update(filters2=1024, dense_units=16384))
+    peak, message = peak_of(lambda: load_cnn(path))
+    assert "describes a CNN of 823,084,874 parameters" in message, message
+    assert "at most 50,000,000 are loaded" in message
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
 
 
 def test_the_untouched_model_file_loads_with_its_own_weights(saved):
@@ -255,6 +317,57 @@ def test_a_broken_config_json_is_one_line_on_resume(unfinished_run, edit, messag
     assert snapshot(unfinished_run) == before  # not even an event file
 
 
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.fixture
+def one_epoch_run(tmp_path_factory):
+    """A run of 3 epochs killed after its first: its real history.json and resume.json."""
+    from mnist_cnn.errors import Interrupted
+
+    class StopAfterOne(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt
+
+    logdir = tmp_path_factory.mktemp("killed")
+    config = train.TrainConfig(data="sample", epochs=3, steps_per_epoch=2, logdir=str(logdir), run_name="r")
+    with pytest.raises(Interrupted):
+        train.fit(config, verbose=0, callbacks=[StopAfterOne()])
+    return logdir / "r"
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("history.json", "", "history.json: not a history file (JSONDecodeError"),
+        ("history.json", "garbage", "history.json: not a history file"),
+        ("history.json", "{}", "history.json: expected a list of epochs, got dict"),
+        ("history.json", '[{"loss": 1.0}]', "history.json: entry 0 is not epoch 0's record"),
+        ("history.json", '[{"epoch": 0, "loss": "x"}]', "entry 0 holds a value that is not a finite number"),
+        ("history.json", DEEP, "history.json: not a history file (RecursionError"),
+        ("resume.json", '{"epochs": "1", "steps": 2, "checkpoint": "checkpoints/resume-01.keras"}',
+         "epochs must be a whole number from 1 to 3, got '1'"),
+        ("resume.json", '{"epochs": -1, "steps": 2, "checkpoint": "checkpoints/resume-01.keras"}',
+         "epochs must be a whole number from 1 to 3, got -1"),
+        ("resume.json", '{"epochs": 99, "steps": 2, "checkpoint": "checkpoints/resume-01.keras"}',
+         "epochs must be a whole number from 1 to 3, got 99"),
+        ("resume.json", '{"epochs": 1, "steps": 0, "checkpoint": "checkpoints/resume-01.keras"}',
+         "steps must be a whole number of at least one per epoch"),
+        ("resume.json", '{"epochs": 1, "steps": 2, "checkpoint": "../../etc/passwd"}',
+         "checkpoint must be checkpoints/resume-01.keras"),
+        ("resume.json", DEEP, "resume.json: not a resume state (RecursionError"),
+        ("resume.json", "[]", "resume.json: expected a JSON object, got list"),
+        ("config.json", DEEP, "unreadable config.json"),
+    ],
+)
+def test_a_broken_run_file_is_one_line_and_changes_nothing(one_epoch_run, name, content, message, capsys):
+    (one_epoch_run / name).write_text(content)
+    before = snapshot(one_epoch_run)
+    assert fit_cli.main(["--resume", str(one_epoch_run)]) == 2
+    assert message in one_line_error(capsys)
+    assert snapshot(one_epoch_run) == before
+
+
 def test_config_json_that_is_a_folder_is_one_line(unfinished_run, capsys):
     (unfinished_run / "config.json").unlink()
     (unfinished_run / "config.json").mkdir()
@@ -296,16 +409,17 @@ def test_export_script_refuses_a_name_too_long(saved, tmp_path, capsys):
 
 
 def test_export_has_the_usual_permissions_and_clears_a_killed_attempt(saved, tmp_path):
-    target = tmp_path / "served"
-    partial = tmp_path / ".served.partial"
-    partial.mkdir()
+    base = tmp_path / "served"
+    partial = base / ".export-0123.partial"  # left by an export killed a day ago
+    partial.mkdir(parents=True)
     (partial / "junk").write_bytes(b"left by a killed export")
+    os.utime(partial, (time.time() - 2 * 86400,) * 2)
     old = os.umask(0o022)
     try:
-        export.export_savedmodel(load_cnn(saved / "good.keras"), target)
+        target = export.export_savedmodel(load_cnn(saved / "good.keras"), base)
     finally:
         os.umask(old)
-    assert not partial.exists()
+    assert target == base / "1" and not partial.exists()
     assert oct(target.stat().st_mode & 0o777) == oct(0o755)
     assert oct((target / "saved_model.pb").stat().st_mode & 0o777) == oct(0o644)
     assert all(p.stat().st_mode & 0o004 for p in target.rglob("*"))  # others can read everything

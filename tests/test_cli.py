@@ -97,6 +97,9 @@ def test_the_readme_lists_exactly_the_flags_of_fit_help():
         ({"epochs": 0}, "--epochs must be positive, got 0"),
         ({"learning_rate": 0.0}, "--learning-rate must be positive, got 0.0"),
         ({"seed": 2**32}, "--seed must be in [0, 4294967295], got 4294967296"),
+        ({"learning_rate": float("nan")}, "--learning-rate must be a finite number, got nan"),
+        ({"learning_rate": float("inf")}, "--learning-rate must be a finite number, got inf"),
+        ({"dropout": float("nan")}, "--dropout must be a finite number, got nan"),
     ],
 )
 def test_validate_refuses_what_the_flags_refuse(overrides, message):
@@ -187,3 +190,15 @@ def test_a_closed_pipe_ends_quietly():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) in (0, 141), err
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
+@pytest.mark.parametrize("argv", [["--learning-rate", "nan"], ["--learning-rate", "inf"], ["--dropout", "nan"]])
+def test_non_finite_numbers_are_refused_before_a_run_folder_exists(argv, tmp_path, capsys):
+    assert fit_cli.main([*argv, "--data", "sample", "--logdir", str(tmp_path / "logs")]) == 2
+    assert "must be a finite number" in capsys.readouterr().err
+    assert not (tmp_path / "logs").exists()
+
+
+def test_evaluate_top_must_be_a_count(capsys):
+    assert evaluate_cli.main(["m.keras", "--top", "-3"]) == 2
+    assert "argument --top: expected a whole number from 0, got '-3'" in capsys.readouterr().err

@@ -51,8 +51,11 @@ def test_pipelines_scale_batch_and_shuffle_only_the_train_part(tmp_path):
     assert next(iter(datasets.test))[0].shape[0] == 7  # evaluation batches: up to data.EVAL_BATCH
 
     def two_epochs(seed):
-        train = data.load(str(tmp_path), batch_size=4, seed=seed, validation="0").train
-        return [np.concatenate([y.numpy() for _, y in train]) for _ in range(2)]
+        loaded = data.load(str(tmp_path), batch_size=4, seed=seed, validation="0")
+        assert loaded.steps_per_pass == 8  # 30 digits: 7 batches of 4 and one of 2
+        first = np.concatenate([y.numpy() for _, y in loaded.train])  # an epoch: from position 0
+        loaded.position.assign(8)  # as the trainer does when epoch 2 starts
+        return first, np.concatenate([y.numpy() for _, y in loaded.train])
 
     epoch1, epoch2 = two_epochs(seed=3)
     assert sorted(epoch1) == sorted(written["train"][1])  # each epoch sees every digit once
@@ -64,10 +67,11 @@ def test_pipelines_scale_batch_and_shuffle_only_the_train_part(tmp_path):
     assert not np.array_equal(two_epochs(seed=4)[0], epoch1)
 
 
-def test_repeat_makes_the_train_part_endless(tmp_path):
+def test_an_epoch_is_steps_per_epoch_batches_of_the_stream(tmp_path):
     write_folder(tmp_path, n_train=8, n_test=2)
-    datasets = data.load(str(tmp_path), batch_size=4, repeat=True)
-    assert len(list(datasets.train.take(10))) == 10
+    datasets = data.load(str(tmp_path), batch_size=4, validation="0", steps_per_epoch=5)  # past one pass
+    assert len(list(datasets.train)) == 5 and int(datasets.train.cardinality()) == 5
+    assert len(list(data.endless(str(tmp_path), 4).take(10))) == 10
 
 
 def test_tfds_source_on_mock_data():
@@ -130,8 +134,9 @@ def test_the_validation_split_is_stratified_disjoint_and_the_same_every_run():
     datasets = data.load("sample", batch_size=50, seed=0)
     assert datasets.info == data.DataInfo("sample", 3500, 1000, 500)
     assert np.bincount(labels_of(datasets.validation)).tolist() == [50] * 10  # stratified
-    assert np.bincount(labels_of(datasets.train)).tolist() == [350] * 10
-    validation, train, test = rows_of(datasets.validation), rows_of(datasets.train), rows_of(datasets.test)
+    one_pass = datasets.train
+    assert np.bincount(labels_of(one_pass)).tolist() == [350] * 10
+    validation, train, test = rows_of(datasets.validation), rows_of(one_pass), rows_of(datasets.test)
     assert len(validation) == 500 and not validation & train and not validation & test and not train & test
     assert len(validation) + len(train) + len(test) == 5000  # the three partition the sample
     other_seed = data.load("sample", batch_size=50, seed=9)  # another training seed, or a resume

@@ -18,7 +18,7 @@ from mnist_cnn.cli import fit as fit_cli
 
 
 def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path):
-    run = train.fit(quick(tmp_path, epochs=3, steps_per_epoch=4), verbose=0)
+    run = train.fit(quick(tmp_path, epochs=3, steps_per_epoch=4, keep_checkpoints=3), verbose=0)
     val = run.history["val_accuracy"]
     best_epoch = int(np.argmax(val)) + 1  # the first epoch with the highest validation accuracy
     best = keras.saving.load_model(run.run_dir / "checkpoints" / "best.keras")
@@ -44,9 +44,9 @@ def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch
             seen.append(("history", len(entries)))
             super().write_history(entries)
 
-        def commit_epoch(self, epochs, steps, keep):
+        def commit_epoch(self, epochs, steps, keep, random=None):
             seen.append(("commit", epochs))
-            super().commit_epoch(epochs, steps, keep)
+            super().commit_epoch(epochs, steps, keep, random)
 
     write_atomic = callbacks.write_atomic
     monkeypatch.setattr(callbacks, "write_atomic", lambda path, payload: seen.append(("file", path.name))

@@ -108,8 +108,8 @@ def test_kill_after_the_last_epoch_resumes_without_training(tmp_path, sig):
     assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" not in resumed.stdout
     assert "test accuracy: " in resumed.stdout
     assert check_complete(run_dir, epochs=2, steps=10) == history_before  # nothing retrained
-    assert (export / "saved_model.pb").is_file()  # the export was finished too
-    assert not list(tmp_path.glob(".served*"))
+    assert (export / "1" / "saved_model.pb").is_file()  # the export was finished too, once
+    assert [p.name for p in export.iterdir()] == ["1"]
 
 
 @pytest.mark.parametrize("epoch", [1, 2])
@@ -202,6 +202,23 @@ def test_disk_full_mid_training_stops_cleanly_and_resumes_once_space_is_back(sma
 
     subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
     resume_completes(run_dir, after=1, epochs=3, steps=5)
+
+
+def test_a_resume_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(small_disk):
+    run_dir = small_disk / "run"
+    proc = start_fit(*run_args(small_disk, 3, 5))
+    wait_for_epochs(proc, run_dir, epochs=1)
+    kill(proc)
+    subprocess.run(["dd", "if=/dev/zero", f"of={small_disk / 'filler'}", "bs=1M"], capture_output=True)  # to ENOSPC
+    resumed = resume(run_dir)
+    assert resumed.returncode == 1, resumed.stderr[-3000:]
+    last = last_line(resumed.stderr)
+    assert last.startswith("fit.py: stopped: cannot write ") and "No space left on device" in last, resumed.stderr
+    assert "Traceback" not in resumed.stderr
+    assert not list(run_dir.rglob(".*.tmp-*"))  # nothing TensorBoard would read as an event file
+    (small_disk / "filler").unlink()
+    subprocess.run(["mount", "-o", "remount,size=400m", str(small_disk)], check=True)
+    resume_completes(run_dir, after=committed_epochs(run_dir), epochs=3, steps=5)
 
 
 def test_file_size_limit_is_one_line_and_leaves_no_partial_file(tmp_path):

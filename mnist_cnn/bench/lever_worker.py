@@ -34,7 +34,7 @@ def build(lever: Lever):
 
 def dataset(lever: Lever, batch_size: int):
     if lever.pipeline == "fit":
-        return data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
+        return data.endless("sample", batch_size)
     (images, labels), _ = data.sample_arrays()
     x, y = tf.constant(data.to_float(images)), tf.constant(labels.astype("int32"))
     if lever.pipeline == "fixed":

@@ -137,7 +137,7 @@ def training_throughput(batch_size: int, rounds: int, window: int, log, contende
     notebook's eager loop (the first contender)."""
     keras.utils.set_random_seed(0)
     loader = tutorial.MNISTLoader("sample", seed=0)
-    pipeline = data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
+    pipeline = data.endless("sample", batch_size)
     runs = {row_key(*c): _window(*c, loader, pipeline, batch_size) for c in contenders}
     for run in runs.values():  # warm-up: tracing, XLA compilation, cache fill
         run(3)
@@ -198,21 +198,22 @@ def pipeline_overhead(steps: int, log) -> dict | None:
         log(f"  skipped: {FASHION_MNIST} not found (apt-get install dataset-fashion-mnist, or set FASHION_MNIST_DIR)")
         return None
     start = time.perf_counter()
-    full = data.load(str(FASHION_MNIST), batch_size=50, seed=0)
+    (train_images, train_labels), (test_images, test_labels), _ = data.load_arrays(str(FASHION_MNIST))
     read_seconds = time.perf_counter() - start
-    x, y = next(iter(full.test))
-    in_memory = tf.data.Dataset.from_tensors((x[:50], y[:50])).repeat()  # one training-size batch
+    stream = data.training_stream(train_images, train_labels, 50)
+    x, y = next(iter(data.pipeline(test_images[:50], test_labels[:50], 50)))
+    in_memory = tf.data.Dataset.from_tensors((x, y)).repeat()  # one training-size batch
     model = compiled_cnn()
     results = {}
     fit_window(model, in_memory)(3)  # trace once, outside the timing
-    for name, dataset in (("in-memory batch", in_memory), ("IDX pipeline, first epoch", full.train)):
+    for name, dataset in (("in-memory batch", in_memory), ("IDX pipeline, first epoch", stream)):
         clock = StepClock()
         begin = time.perf_counter()
         model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[clock], shuffle=False)
         results[name] = clock.times[-1] - begin  # includes the wait for the first batch
     log(f"  {steps} full-size steps done")
     return {
-        "train_images": full.info.num_train,
+        "train_images": len(train_labels),
         "steps": steps,
         "read_idx_seconds": read_seconds,
         "seconds": results,
@@ -270,7 +271,7 @@ def run_overhead(config: train.TrainConfig, log, label: str) -> dict:
     whole = time.perf_counter() - start
     steps = result.history and len(result.history["loss"]) * (
         config.steps_per_epoch or math.ceil(result.data_info.num_train / config.batch_size))
-    pipeline = data.load(config.data, batch_size=config.batch_size, seed=0, repeat=True).train
+    pipeline = data.endless(config.data, config.batch_size)
     window = fit_window(compiled_cnn(), pipeline)
     window(3)  # tracing
     bare = statistics.median(window(50) / 50 for _ in range(3))

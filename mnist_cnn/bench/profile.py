@@ -95,7 +95,7 @@ def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
     than the wall time. ``ProfileUnavailable`` when this TensorFlow has no converter."""
     convert = op_stats_converter()
     model = train.build_model(train.TrainConfig(jit_compile="off"), steps_per_epoch=1)  # as fit() builds it
-    pipeline = data.load("sample", batch_size=batch_size, seed=0, repeat=True).train
+    pipeline = data.endless("sample", batch_size)
     model.fit(pipeline, epochs=1, steps_per_epoch=5, verbose=0)  # tracing outside the profile
     with tempfile.TemporaryDirectory() as folder:
         tf.profiler.experimental.start(folder)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict
 
 from mnist_cnn.cli.common import Parser, command_name, main_with
+
+
+def count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0, got {text!r}")
+    return int(text)
 
 
 def parser() -> Parser:
@@ -13,7 +20,7 @@ def parser() -> Parser:
     p.add_argument("model", metavar="MODEL.keras")
     p.add_argument("--data", default="auto", metavar="{auto,tfds,sample,PATH}",
                    help="test set: the split of a source, or an IDX folder with t10k files")
-    p.add_argument("--top", type=int, default=10, help="how many confident mistakes to list")
+    p.add_argument("--top", type=count, default=10, help="how many confident mistakes to list (default: 10)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return p
 
