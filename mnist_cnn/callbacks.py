@@ -182,9 +182,10 @@ class EndOfEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
         self.write_history(epoch, logs)
-        model_file = self.write_checkpoints(epoch)
+        user_model = inference_copy(self.model)  # the weights a user gets (the moving average with --ema)
+        model_file = self.write_checkpoints(epoch, user_model)
         self.keep_if_best(logs, model_file)
-        self.draw_pictures(epoch)
+        self.draw_pictures(epoch, user_model)
         self.run_dir.commit_epoch(epoch + 1, int(self.model.optimizer.iterations.numpy()), self.keep,
                                   random=random_state(self.model))
 
@@ -195,11 +196,11 @@ class EndOfEpoch(keras.callbacks.Callback):
         self.history.append({"epoch": epoch, **logs})
         self.run_dir.write_history(self.history)
 
-    def write_checkpoints(self, epoch: int) -> bytes:
+    def write_checkpoints(self, epoch: int, user_model) -> bytes:
         """Both checkpoints of the epoch; returns the model file's bytes."""
         self.run_dir.checkpoints.mkdir(exist_ok=True)
         resume = model_bytes(self.model, self.run_dir.resume_checkpoint(epoch + 1))
-        model_file = model_bytes(inference_copy(self.model), self.run_dir.epoch_checkpoint(epoch + 1))
+        model_file = model_bytes(user_model, self.run_dir.epoch_checkpoint(epoch + 1))
         write_atomic(self.run_dir.epoch_checkpoint(epoch + 1), model_file)
         write_atomic(self.run_dir.resume_checkpoint(epoch + 1), resume)
         return model_file
@@ -210,10 +211,10 @@ class EndOfEpoch(keras.callbacks.Callback):
             write_atomic(self.run_dir.best_checkpoint, model_file)
             self.best = value
 
-    def draw_pictures(self, epoch: int) -> None:
+    def draw_pictures(self, epoch: int, user_model) -> None:
         if self.batches is None:  # read the split once, not every epoch
             self.batches = [(x.numpy(), y.numpy()) for x, y in self.dataset]
-        write_split_pictures(self.writer, self.split, score(self.model, self.batches), epoch, self.shown)
+        write_split_pictures(self.writer, self.split, score(user_model, self.batches), epoch, self.shown)
 
 
 class HParams(keras.callbacks.Callback):

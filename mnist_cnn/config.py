@@ -86,6 +86,11 @@ class TrainConfig:
                                    "checkpoint: auto (an eighth, at most 5,000), a count, or a fraction; "
                                    "0 = score on the test split as the notebook did", metavar="{auto,N,FRACTION}")
     augment: bool = option(False, "random ±10° rotation, ±10% shift and zoom of training batches")
+    elastic: bool = option(False, "elastic distortions of training batches (Simard et al. 2003: a random "
+                           "displacement field smoothed by a Gaussian of 4 px, scaled by 34 px)")
+    ema: float | None = option(None, "keep an exponential moving average of the weights with this momentum "
+                               "(e.g. 0.99): validation, the best and final models and the test score use it",
+                               low=0.0, high=1.0, open_low=True, open_high=True, metavar="MOMENTUM")
     lr_schedule: str = option("constant", "constant, or cosine decay to 0 over the run", choices=LR_SCHEDULES)
     dropout: float = option(0.0, "dropout before the last dense layer (0 = the tutorial's CNN)",
                             low=0.0, high=1.0, open_high=True)

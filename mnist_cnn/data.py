@@ -229,6 +229,50 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return keras.ops.image.affine_transform(images, transforms, interpolation="bilinear", fill_mode="constant")
 
 
+def _gaussian_kernel(sigma: float) -> tf.Tensor:
+    radius = int(round(3 * sigma))
+    x = np.arange(-radius, radius + 1, dtype=np.float32)
+    g = np.exp(-(x ** 2) / (2 * sigma ** 2))
+    g /= g.sum()
+    return tf.constant(np.outer(g, g)[:, :, None, None], tf.float32)
+
+
+def elastic_batch(images: tf.Tensor, seed: tf.Tensor, alpha: float = 34.0, sigma: float = 4.0) -> tf.Tensor:
+    """Simard et al.'s elastic distortion per image: a random displacement field (uniform in
+    [-1, 1] per pixel), smoothed by a Gaussian of ``sigma`` pixels and scaled by ``alpha``,
+    then bilinear resampling; zero outside the image. Stateless in ``seed``."""
+    shape = tf.shape(images)
+    count, height, width = shape[0], shape[1], shape[2]
+    noise = tf.random.stateless_uniform(tf.stack([count * 2, height, width, 1]), seed=seed, minval=-1.0, maxval=1.0)
+    field = tf.nn.conv2d(noise, _gaussian_kernel(sigma), strides=1, padding="SAME") * alpha
+    dy, dx = tf.split(tf.reshape(field, tf.stack([count, 2, height, width])), 2, axis=1)
+    rows = tf.cast(tf.range(height), tf.float32)[None, :, None] + dy[:, 0]
+    cols = tf.cast(tf.range(width), tf.float32)[None, None, :] + dx[:, 0]
+    return _bilinear(images, rows, cols)
+
+
+def _bilinear(images, rows, cols):
+    """images [B, H, W, C] sampled at (rows, cols) [B, H, W], zero outside."""
+    shape = tf.shape(images)
+    height, width = shape[1], shape[2]
+    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]])  # a zero border for samples outside
+    r = tf.clip_by_value(rows + 1.0, 0.0, tf.cast(height, tf.float32) + 1.0)
+    c = tf.clip_by_value(cols + 1.0, 0.0, tf.cast(width, tf.float32) + 1.0)
+    r0, c0 = tf.floor(r), tf.floor(c)
+    wr, wc = (r - r0)[..., None], (c - c0)[..., None]
+    r0 = tf.cast(r0, tf.int32)
+    c0 = tf.cast(c0, tf.int32)
+    r1 = tf.minimum(r0 + 1, height + 1)
+    c1 = tf.minimum(c0 + 1, width + 1)
+
+    def at(rr, cc):
+        return tf.gather_nd(padded, tf.stack([rr, cc], axis=-1), batch_dims=1)
+
+    top = at(r0, c0) * (1 - wc) + at(r0, c1) * wc
+    bottom = at(r1, c0) * (1 - wc) + at(r1, c1) * wc
+    return top * (1 - wr) + bottom * wr
+
+
 def steps_per_pass(num_images: int, batch_size: int) -> int:
     return -(-num_images // batch_size)
 
@@ -241,7 +285,8 @@ def pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data
     return ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(tf.data.AUTOTUNE)
 
 
-def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: bool, start_step) -> tf.data.Dataset:
+def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: bool, start_step,
+            elastic: bool = False) -> tf.data.Dataset:
     """The training stream from batch ``start_step`` (a Python int or an int64 tensor)."""
     count = int(y.shape[0])
     per_pass = steps_per_pass(count, batch_size)
@@ -259,11 +304,15 @@ def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: boo
         seed_of = lambda i: tf.stack([tf.constant(seed, tf.int64), i + AUGMENT_SEED_OFFSET])  # noqa: E731
         ds = ds.map(lambda i, xb, yb: (i, augment_batch(xb, seed_of(i)), yb), num_parallel_calls=tf.data.AUTOTUNE,
                     deterministic=True)
+    if elastic:
+        elastic_seed = lambda i: tf.stack([tf.constant(seed, tf.int64), i + 2 * AUGMENT_SEED_OFFSET])  # noqa: E731
+        ds = ds.map(lambda i, xb, yb: (i, elastic_batch(xb, elastic_seed(i)), yb),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.map(lambda i, xb, yb: (xb, yb))
 
 
 def training_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
-                    augment: bool = False, start_step: int = 0) -> tf.data.Dataset:
+                    augment: bool = False, start_step: int = 0, elastic: bool = False) -> tf.data.Dataset:
     """The endless stream of training batches of a run with ``seed``, from batch ``start_step``.
 
     Pass p over the split is the permutation ``stateless_shuffle(seed, p)``; the passes follow
@@ -275,7 +324,7 @@ def training_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, see
     unless augmenting), so a 60,000-image pass starts at once.
     """
     x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
-    return _stream(x, y, batch_size, seed, augment, start_step).prefetch(tf.data.AUTOTUNE)
+    return _stream(x, y, batch_size, seed, augment, start_step, elastic).prefetch(tf.data.AUTOTUNE)
 
 
 def endless(source: str, batch_size: int, seed: int = 0) -> tf.data.Dataset:
@@ -286,7 +335,7 @@ def endless(source: str, batch_size: int, seed: int = 0) -> tf.data.Dataset:
 
 
 def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps: int, position: tf.Variable,
-                  seed: int = 0, augment: bool = False) -> tf.data.Dataset:
+                  seed: int = 0, augment: bool = False, elastic: bool = False) -> tf.data.Dataset:
     """What ``model.fit`` iterates each epoch: ``steps`` batches of the training stream from
     batch ``position`` -- a variable read when the epoch's iterator starts, which the trainer
     sets to the optimizer's step count at the start of every epoch (``train.StreamPosition``).
@@ -295,7 +344,7 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps
     the next one's."""
     x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
     epoch = tf.data.Dataset.range(1).flat_map(
-        lambda _: _stream(x, y, batch_size, seed, augment, position.read_value()).take(steps))
+        lambda _: _stream(x, y, batch_size, seed, augment, position.read_value(), elastic).take(steps))
     return epoch.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -338,6 +387,7 @@ def load(
     seed: int = 0,
     data_dir: str | None = None,
     augment: bool = False,
+    elastic: bool = False,
     test_source: str | None = None,
     validation: str = "auto",
     steps_per_epoch: int | None = None,
@@ -366,7 +416,7 @@ def load(
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, count)
     return Datasets(
         train=epoch_batches(x_train, y_train, batch_size, steps_per_epoch or steps_per_pass(len(y_train), batch_size),
-                            position, seed=seed, augment=augment),
+                            position, seed=seed, augment=augment, elastic=elastic),
         position=position,
         validation=pipeline(x_val, y_val, eval_batch) if count else test,
         test=test,

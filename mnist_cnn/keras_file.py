@@ -79,12 +79,20 @@ def model_bytes(model: keras.Model, beside: str | os.PathLike) -> bytes:
 
 
 def inference_copy(model: CNN) -> CNN:
-    """A new, uncompiled CNN of ``model``'s config with its weights: what it saves is the
-    model without the optimizer's state (``keras.saving.load_model`` opens it as an
-    uncompiled model, without warnings)."""
+    """A new, uncompiled CNN of ``model``'s config with the weights a user gets: the optimizer's
+    moving average when it keeps one (``use_ema``), else the model's own. What it saves is the
+    model without the optimizer's state (``keras.saving.load_model`` opens it as an uncompiled
+    model, without warnings). ``model`` itself is left as it was."""
     copy = CNN.from_config(model.get_config())
     copy.build()
-    copy.set_weights(model.get_weights())
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is not None and optimizer.use_ema and optimizer.built:
+        raw = model.get_weights()
+        optimizer.finalize_variable_values(model.trainable_variables)  # the average, into the model ...
+        copy.set_weights(model.get_weights())
+        model.set_weights(raw)  # ... and back
+    else:
+        copy.set_weights(model.get_weights())
     return copy
 
 

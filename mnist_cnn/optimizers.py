@@ -9,7 +9,8 @@ the same update with one ``ResourceApplyAdam`` kernel per variable:
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     w <- w - lr sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)
 
-which is Keras' Adam formula (without amsgrad, weight decay or EMA, which it refuses).
+which is Keras' Adam formula (without amsgrad or weight decay, which it refuses). The moving
+average of the weights (``use_ema``) is Keras' own, applied after the update as for any optimizer.
 It is a ``keras.optimizers.Adam`` in everything else: state, schedules, loss scaling,
 serialization (registered, so resume checkpoints load it back).
 """
@@ -30,8 +31,8 @@ class FusedAdam(keras.optimizers.Adam):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.amsgrad or self.weight_decay or self.use_ema:
-            raise ValueError("FusedAdam computes plain Adam: no amsgrad, weight_decay or use_ema")
+        if self.amsgrad or self.weight_decay:
+            raise ValueError("FusedAdam computes plain Adam: no amsgrad or weight_decay")
 
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype

@@ -85,7 +85,8 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int,
     """``model`` compiled with the config's optimizer, loss, metric, XLA and steps per call
     (``optimizer``: FusedAdam, Keras' Adam in one kernel per update; bench.py also times Keras' Adam)."""
     model.compile(
-        optimizer=optimizer(learning_rate(config, steps_per_epoch)),
+        optimizer=optimizer(learning_rate(config, steps_per_epoch), use_ema=config.ema is not None,
+                            ema_momentum=config.ema or 0.99),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],
@@ -183,6 +184,8 @@ def train_epochs(
             shuffle=False,  # the pipeline shuffles, seeded
             callbacks=[
                 StreamPosition(datasets.position),
+                # validation scores the moving average, as the saved models are
+                *([keras.callbacks.SwapEMAWeights()] if model.optimizer.use_ema else []),
                 *make_callbacks(
                     run_dir,
                     epoch_lines=epoch_lines,
@@ -220,6 +223,8 @@ def finish_run(
     """After the last epoch: score the test split (once), write model.keras, the export
     (if asked) and, last, metrics.json -- the mark of a finished run. Until then the
     resume state stays, so a run killed in here resumes at this step, not from scratch."""
+    if model.optimizer.use_ema:  # (fit already did, unless this resume had no epoch left to train)
+        model.optimizer.finalize_variable_values(model.trainable_variables)
     test_loss, test_accuracy = score_test(model, datasets, run_dir, step=config.epochs)
     save_model(run_dir.model, model)
     state = run_dir.read_resume_state()
@@ -266,6 +271,7 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
         seed=config.seed,
         data_dir=config.tfds_dir,
         augment=config.augment,
+        elastic=config.elastic,
         steps_per_epoch=config.steps_per_epoch,
         test_source=config.test_data,
         validation=config.validation_split,
