@@ -143,6 +143,15 @@ def test_a_config_json_larger_than_its_zip_header_says_is_refused_without_readin
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
 
 
+def test_a_config_json_nested_too_deep_is_one_line(saved, tmp_path):
+    path = tmp_path / "deep.keras"
+    with zipfile.ZipFile(saved / "good.keras") as zin, zipfile.ZipFile(path, "w") as zout:
+        for name in zin.namelist():
+            zout.writestr(name, ("[" * 100_000 + "]" * 100_000).encode() if name == "config.json" else zin.read(name))
+    with pytest.raises(ModelFileError, match="cannot read the model file \\(RecursionError"):
+        load_cnn(path)
+
+
 def test_weights_padded_past_what_the_config_needs_are_refused_before_reading(saved, tmp_path):
     path = tmp_path / "padded.keras"
     with zipfile.ZipFile(saved / "good.keras") as zin, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zout:
