@@ -276,8 +276,9 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
         test_source=config.test_data,
         validation=config.validation_split,
     )
-    datasets.validation, datasets.test = (distribute.shard_by_data(d) for d in (datasets.validation, datasets.test))
-    datasets.train = distribute.shard_by_data(datasets.train)
+    datasets.train, datasets.validation, datasets.test = (
+        distribute.shard_by_data(d) for d in (datasets.train, datasets.validation, datasets.test)
+    )
     if not datasets.info.num_validation:
         log.warning("--validation-split 0: per-epoch scores and the best checkpoint use the test split")
     return datasets

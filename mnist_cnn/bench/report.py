@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 from mnist_cnn.bench import levers
 
 FIT_ROW = "model.fit [FusedAdam]"  # fit()'s own step in the training table (bench.row_key)
@@ -54,9 +56,10 @@ def report(results: dict) -> str:
         lines.append(f"offline start to first training step (--data auto): {start['seconds']:.1f} s, {start['source']}")
     acc = results.get("accuracy")
     if acc:
-        lines.append(f"accuracy on {acc['test_set']}:")
+        lines.append(f"accuracy on {acc['test_set']} (round k: --seed k):")
         for recipe, runs in acc["recipes"].items():
             scores = " ".join(f"{r['test_accuracy']:.4f}" for r in runs)
+            scores += f", median {statistics.median(r['test_accuracy'] for r in runs):.4f}"
             times = " ".join(f"{r['seconds']:.0f}" for r in runs)
             precision = ", mixed precision" if runs[0]["mixed_precision"] else ""
             lines.append(f"  --recipe {recipe:<8} {scores}  ({runs[0]['epochs']} epochs on "
