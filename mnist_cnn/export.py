@@ -22,7 +22,9 @@ quantized (``dynamic`` range, or full ``int8`` calibrated on training digits).
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import os
 import shutil
 import tempfile
@@ -57,9 +59,16 @@ def tflite_bytes(model: keras.Model, quantize: str = "none", representative=None
         input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.float32, name="images")],
     )
     with tempfile.TemporaryDirectory() as folder:
-        archive.write_out(folder, verbose=False)
+        _write_quietly(archive, folder)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=["serving_default"])
         return _convert(converter, quantize, representative)
+
+
+def _write_quietly(archive: keras.export.ExportArchive, folder: str) -> None:
+    """``archive.write_out`` without its printout: Keras 3.6 prints "Saved artifact at …" (naming
+    our staging folder) even with ``verbose=False``; later versions honour it."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        archive.write_out(folder, verbose=False)
 
 
 def _convert(converter, quantize: str, representative) -> bytes:
@@ -165,7 +174,7 @@ def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int 
     try:
         base.mkdir(parents=True, exist_ok=True)
         _clear_stale_staging(base)
-        archive.write_out(str(staging), verbose=False)
+        _write_quietly(archive, str(staging))
         _usual_permissions(staging)
         return _publish(staging, base, version)
     except OSError as e:
