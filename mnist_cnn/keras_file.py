@@ -16,6 +16,7 @@ Keras' internal key names -- to check that every weight was loaded.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import warnings
@@ -46,10 +47,13 @@ WEIGHTS_SLACK_BYTES = 1 << 20  # HDF5's own structures around the arrays
 
 
 def parameter_count(config: dict) -> int:
-    """The CNN's weights for a (bounds-checked) config: two convolutions and two dense layers."""
-    c = config
-    k, f1, f2 = c.get("kernel_size", 5), c.get("filters1", 32), c.get("filters2", 64)
-    units, classes = c.get("dense_units", 1024), c.get("num_classes", 10)
+    """The CNN's weights for a (bounds-checked) config: two convolutions and two dense layers;
+    a field the config leaves out takes ``CNN``'s own default."""
+    defaults = {name: p.default for name, p in inspect.signature(CNN.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    c = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    k, f1, f2, units, classes = (c[name] for name in ("kernel_size", "filters1", "filters2", "dense_units",
+                                                      "num_classes"))
     return (k * k * f1 + f1) + (k * k * f1 * f2 + f2) + (7 * 7 * f2 * units + units) + (units * classes + classes)
 
 
