@@ -26,6 +26,7 @@ import contextlib
 import errno
 import io
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -85,17 +86,33 @@ def _convert(converter, quantize: str, representative) -> bytes:
 STALE_STAGING_SECONDS = 86400  # a staging folder this old was left by a killed export
 
 
-def versions_in(base: Path) -> list[int]:
-    """The version numbers already used in a base folder (integer-named entries), ascending."""
+MAX_VERSION = 2**63 - 1  # TensorFlow Serving's versions are int64
+
+
+def version_folders(base: str | os.PathLike) -> dict[int, Path]:
+    """TensorFlow Serving's version folders of a base folder: {version: folder}, for every
+    folder named by a whole number 1..2^63-1 (no leading zero). Hidden staging folders and
+    anything else are not versions."""
+    base = Path(base)
     if not base.is_dir():
-        return []
-    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit())
+        return {}
+    return {int(p.name): p for p in base.iterdir()
+            if p.name.isdigit() and p.name[0] != "0" and int(p.name) <= MAX_VERSION and p.is_dir()}
 
 
-def serving_command(base: str | os.PathLike, name: str = "mnist") -> str:
-    """The TensorFlow Serving command line that serves the newest version in ``base``."""
-    return (f"tensorflow_model_server --rest_api_port=8501 --model_name={name} "
-            f"--model_base_path={Path(base).absolute()}")
+def serving_commands(base: str | os.PathLike, name: str = "mnist") -> list[str]:
+    """The command lines that serve the newest version in ``base``: this package's own
+    server (installed with it), and TensorFlow Serving's (installed separately)."""
+    path = Path(base).absolute()
+    return [shlex.join(["mnist-cnn-serve", str(path)]),
+            f"tensorflow_model_server --rest_api_port=8501 --model_name={name} "
+            f"--model_base_path={shlex.quote(str(path))}"]
+
+
+def _check_room(base: Path) -> None:
+    if max(version_folders(base), default=0) >= MAX_VERSION:
+        raise UsageError(f"{base}: version {MAX_VERSION} exists, the highest TensorFlow Serving reads; "
+                         f"export into a new folder or choose a free --version")
 
 
 def check_export_dir(base: str | os.PathLike, version: int | None = None) -> Path:
@@ -107,6 +124,11 @@ def check_export_dir(base: str | os.PathLike, version: int | None = None) -> Pat
     if base.exists() and not base.is_dir():
         raise UsageError(f"{base}: not a folder; the export goes into a base folder of numbered versions")
     check_name("--export", base.name)
+    if version is not None and not 1 <= version <= MAX_VERSION:
+        raise UsageError(f"--version must be a whole number from 1 to {MAX_VERSION} (TensorFlow Serving's int64), "
+                         f"got {version}")
+    if version is None:
+        _check_room(base)
     if version is not None and (base / str(version)).exists():
         raise UsageError(f"{base / str(version)}: version {version} exists; choose another --version or none "
                          f"(one past the highest)")
@@ -131,7 +153,9 @@ def _publish(staging: Path, base: Path, version: int | None) -> Path:
     """Rename the finished staging folder to its version: ``version``, or one past the
     highest (retried past a version another export published meanwhile)."""
     while True:
-        target = base / str(version if version is not None else max(versions_in(base), default=0) + 1)
+        if version is None:
+            _check_room(base)
+        target = base / str(version if version is not None else max(version_folders(base), default=0) + 1)
         try:
             os.rename(staging, target)  # fails on a non-empty target: a version is never overwritten
             return target

@@ -8,8 +8,6 @@ mass at the centre.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -23,6 +21,8 @@ class ImageError(InputError):
 def mnist_style(image: np.ndarray) -> np.ndarray:
     """A grayscale image (H, W), any polarity, -> float32 (28, 28) in [0, 1], MNIST-style."""
     pixels = image.astype(np.float32)
+    if not np.isfinite(pixels).all():
+        raise ImageError("has pixels that are not numbers (NaN or infinite)")
     pixels = (pixels - pixels.min()) / max(float(pixels.max() - pixels.min()), 1e-6)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 0.5:  # dark digit on a light background
@@ -54,8 +54,15 @@ def mnist_style(image: np.ndarray) -> np.ndarray:
 MAX_PIXELS = 40_000_000
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as a grayscale float array (H, W), as a person made it.
+def read_image(source, formats: tuple[str, ...] | None = None, max_side: int | None = None) -> np.ndarray:
+    """An image (a path or a binary file object) as a grayscale float array (H, W), as a
+    person made it.
+
+    ``formats``: the only Pillow decoders tried (the server allows ``("PNG", "JPEG")``,
+    chosen by the file's own bytes, never by what a client says it sent). Width and height
+    are read from the header and checked before anything is decoded: at most ``MAX_PIXELS``
+    and ``max_side`` a side; a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+    draft mode) when that brings it within bounds.
 
     16-bit and 32-bit grayscale keep their full range (no clipping to 8 bits);
     1-bit, palette, CMYK and colour images are converted to gray; transparent
@@ -63,9 +70,13 @@ def read_image(path: str | Path) -> np.ndarray:
     light ink), so a canvas export with ink on transparency keeps its digit.
     """
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{img.width}x{img.height} pixels, more than the {MAX_PIXELS:,} this reads")
+        with Image.open(source, formats=formats) as img:
+            side = max_side or max(img.size)
+            if img.format == "JPEG" and max(img.size) > side:
+                img.draft("L", (side // 4, side // 4))  # decode at a reduced scale; size is updated
+            if img.width * img.height > MAX_PIXELS or max(img.size) > side:
+                limit = f"{side} pixels a side, {MAX_PIXELS:,} in all" if max_side else f"{MAX_PIXELS:,} pixels"
+                raise ImageError(f"{img.width}x{img.height} pixels, more than the {limit} this reads")
             return _gray(img)
     except ImageError:
         raise
@@ -73,7 +84,10 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ImageError("file not found") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"refused as a decompression bomb ({e})") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except UnidentifiedImageError:
+        kinds = f"a {' or '.join(formats)} image" if formats else "a readable image"
+        raise ImageError(f"not {kinds}") from None
+    except (OSError, ValueError, SyntaxError, MemoryError) as e:
         raise ImageError(f"not a readable image ({e.__class__.__name__})") from None
 
 

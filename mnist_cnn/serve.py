@@ -1,193 +1,141 @@
 """Serving a trained CNN over HTTP: TensorFlow Serving's REST API, and a draw-a-digit page.
 
-    mnist-cnn-serve exported/                 # a base folder: its newest version (exported/<N>/)
+    mnist-cnn-serve exported/                 # a base folder: its newest version, polled for new ones
     mnist-cnn-serve exported/2                # one version folder, or a run's model.keras
     # http://127.0.0.1:8000/  -- draw a digit, watch the ten probabilities
 
 TensorFlow Serving's REST API (https://www.tensorflow.org/tfx/serving/api_rest), so that a
 client written for TensorFlow Serving runs unchanged:
 
-- ``GET /v1/models/mnist`` (and ``/versions/N``): the version's status;
-  ``GET /v1/models/mnist/metadata``: the signatures;
-- ``POST /v1/models/mnist[/versions/N]:predict`` with the row format
-  ``{"instances": [...]}`` -> ``{"predictions": [{"probabilities": [...], "digits": d}, ...]}``
-  or the columnar format ``{"inputs": ...}`` -> ``{"outputs": {"probabilities": ..., "digits": ...}}``;
-  ``"signature_name"``: ``serving_default`` (float32 images in [0, 1]) or ``serve_uint8``
-  (integers 0-255); images of shape (28, 28, 1), up to ``MAX_INSTANCES`` a request.
-  Errors are ``{"error": "..."}`` with status 400 (404 for an unknown model or version).
+- ``GET /v1/models/mnist[/versions/N]``: the version's status; ``.../metadata``: every
+  signature as TensorInfo JSON (``DT_FLOAT``, ``tensor_shape``, tensor names, ``method_name``);
+- ``POST /v1/models/mnist[/versions/N]:predict``, row format ``{"instances": [...]}`` ->
+  ``{"predictions": [{"probabilities": [...], "digits": d}, ...]}`` or columnar
+  ``{"inputs": ...}`` -> ``{"outputs": {...}}``; ``"signature_name"``: ``serving_default``
+  (float32 images) or ``serve_uint8`` (integers 0-255); images ``(28, 28, 1)``, up to
+  ``MAX_INSTANCES`` a request; ``:classify`` and ``:regress`` are answered as TensorFlow
+  Serving answers them for a predict-only model.
+- Errors are ``{"error": "..."}`` with a 4xx status (404: no such model, version or page).
 
-The page's own endpoint, ``POST /predict``, takes one image: a PNG or JPEG body
-(``Content-Type: image/png``; the page sends its canvas so), prepared the way
-``mnist-cnn-predict`` prepares files, or JSON ``{"image": [[...], ...]}`` (28x28 values in
-0..1 as they are; any other size 0..255 prepared like a file). It answers
-``{"digit": d, "probabilities": [10 floats]}``.
+``POST /predict`` (the page's) takes one image: a PNG or JPEG body (recognised by its bytes;
+the page sends its canvas so), prepared as ``mnist-cnn-predict`` prepares files, or JSON
+``{"image": [[...], ...]}`` (28x28 values in 0..1 as they are; any other size 0..255 prepared
+like a file). It answers ``{"digit": d, "probabilities": [10 floats]}``.
 
-Facing a network: every request is answered with a status line or its connection closed;
-bodies need a valid ``Content-Length`` of at most ``MAX_BODY`` bytes (no chunked bodies);
-a client silent for ``IDLE_SECONDS`` is dropped; at most ``MAX_CONNECTIONS`` connections
-are served at once (the rest wait in the listen queue) and at most ``MAX_WORKERS`` requests
-are parsed and predicted at once, which bounds memory. It binds 127.0.0.1 unless told
-otherwise; it has no TLS or authentication: put it behind a proxy that has them.
+Facing a network: the HTTP/1.1 server is uvicorn's (keep-alive, pipelining, ``100
+Continue``, IPv4 and IPv6; an idle connection costs a socket, not a thread). Each request has
+a whole-request deadline (``request_seconds`` for its headers and body together, however the
+bytes trickle in); a body over ``MAX_BODY`` is refused from its length or as it is counted;
+bodies held at once are bounded by ``BODY_BUDGET`` (503 past it); at most ``workers``
+requests parse and predict at once. Images are decoded only as PNG or JPEG, their size read
+from the header and refused before decoding. It binds 127.0.0.1 unless told otherwise; it
+has no TLS or authentication: put it behind a proxy that has them.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import io
 import json
 import logging
 import re
-import threading
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
+import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import tensorflow as tf
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mnist_cnn.errors import InputError, ModelFileError
-from mnist_cnn.keras_file import load_cnn
+from mnist_cnn.errors import InputError
+from mnist_cnn.page import PAGE
 from mnist_cnn.predict import ImageError, mnist_style, read_image
+from mnist_cnn.servables import IMAGE, MODEL_NAME, POLL_SECONDS, SIGNATURES, Model, Servable
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "mnist"
 MAX_BODY = 4 << 20  # bytes: 256 float images as JSON are about 1.6 MB
+BODY_BUDGET = 64 * MAX_BODY  # bytes of request bodies held at once, counted as they arrive
 MAX_INSTANCES = 256  # images in one :predict request
-MAX_SIDE = 2000  # pixels a side of a /predict image
-IDLE_SECONDS = 10.0  # a connection silent this long is closed
-MAX_CONNECTIONS = 64  # served at once; more wait in the listen queue
-MAX_WORKERS = 4  # requests parsed and predicted at once
-SIGNATURES = {"serving_default": np.float32, "serve_uint8": np.uint8}
-IMAGE = (28, 28, 1)
+MAX_SIDE = 2000  # pixels a side of a /predict image (a larger JPEG is decoded at a reduced scale)
+REQUEST_SECONDS = 10.0  # a request's headers and body must have arrived within this
+KEEP_ALIVE_SECONDS = 5.0  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 4096  # open at once; a request on a connection past it gets 503
+WORKERS = 4  # requests parsed and predicted at once
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+PNG, JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
 class RequestError(InputError):
-    """A request the server answers with a 4xx status and ``{"error": ...}``."""
+    """A request the server answers with a 4xx (or 503) status and ``{"error": ...}``."""
 
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
 
 
-# -- the model ----------------------------------------------------------------------------
+# -- request bodies ---------------------------------------------------------------------
 
 
-@dataclass
-class Servable:
-    """One version of the model: ``run(signature, images)`` -> its outputs as arrays."""
-
-    name: str
-    version: int
-    path: Path
-    signatures: dict  # signature name -> function(np images) -> {"probabilities", "digits"}
-    owner: object = None  # what the signatures' variables belong to (a loaded SavedModel)
-
-    def run(self, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
-        return self.signatures[signature](images)
-
-
-def versions(base: Path) -> list[int]:
-    """The integer-named version folders of a TensorFlow Serving base folder, ascending."""
-    found = [int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit() and not p.name.startswith("0")]
-    return sorted(v for v in found if (base / str(v) / "saved_model.pb").is_file())
-
-
-def resolve(path: str | Path) -> tuple[Path, int]:
-    """What ``mnist-cnn-serve PATH`` serves, and as which version: a ``.keras`` file (version
-    1), a SavedModel version folder (its number; 1 if it is not a number), or a base folder
-    of version folders (the newest, as TensorFlow Serving's default policy does)."""
-    path = Path(path)
-    if path.is_file():
-        return path, 1
-    if not path.is_dir():
-        raise ModelFileError(f"{path}: not found")
-    if (path / "saved_model.pb").is_file():
-        return path, int(path.name) if path.name.isdigit() else 1
-    found = versions(path)
-    if not found:
-        raise ModelFileError(f"{path}: neither a SavedModel nor a base folder of version folders (<N>/saved_model.pb)")
-    return path / str(found[-1]), found[-1]
-
-
-def _check_signature(path: Path, name: str, function, dtype) -> None:
-    """A signature must take ``images`` (None, 28, 28, 1) of ``dtype`` and give probabilities (None, 10)."""
-    inputs = function.structured_input_signature[1]
-    spec = inputs.get("images")
-    if set(inputs) != {"images"} or spec.dtype != tf.as_dtype(dtype) or spec.shape.as_list() != [None, *IMAGE]:
-        shown = {k: f"{v.dtype.name}{v.shape.as_list()}" for k, v in inputs.items()}
-        raise ModelFileError(f"{path}: signature {name} takes {shown}, not images {tf.as_dtype(dtype).name}"
-                             f"[None, 28, 28, 1]")
-    outputs = function.structured_outputs
-    probabilities = outputs.get("probabilities") if isinstance(outputs, dict) else None
-    if probabilities is None or probabilities.shape.as_list() != [None, 10] or set(outputs) - {"probabilities",
-                                                                                              "digits"}:
-        raise ModelFileError(f"{path}: signature {name} must give probabilities [None, 10] (and digits), "
-                             f"gives {sorted(outputs) if isinstance(outputs, dict) else outputs}")
-
-
-def load_servable(path: str | Path, name: str = MODEL_NAME) -> Servable:
-    """The model at ``path`` (see ``resolve``), its signatures checked before it serves."""
-    path, version = resolve(path)
-    if path.is_file():
-        model = load_cnn(path)
-
-        def keras_signature(scale):
-            def run(images):
-                probabilities = model.predict(images.astype(np.float32) * scale, verbose=0)
-                return {"probabilities": probabilities, "digits": probabilities.argmax(axis=1)}
-            return run
-
-        return Servable(name, version, path, {"serving_default": keras_signature(1.0),
-                                              "serve_uint8": keras_signature(1 / 255)})
-    try:
-        loaded = tf.saved_model.load(str(path))
-    except (OSError, ValueError, RuntimeError, tf.errors.OpError) as e:
-        raise ModelFileError(f"{path}: cannot load the SavedModel ({str(e).strip().splitlines()[0][:200]})") from None
-    if "serving_default" not in loaded.signatures:
-        raise ModelFileError(f"{path}: the SavedModel has no serving_default signature")
-    functions = {}
-    for signature, dtype in SIGNATURES.items():
-        if signature in loaded.signatures:
-            function = loaded.signatures[signature]
-            _check_signature(path, signature, function, dtype)
-            functions[signature] = (lambda f: lambda images: {
-                k: v.numpy() for k, v in f(images=tf.constant(images)).items()})(function)
-    return Servable(name, version, path, functions, owner=loaded)
-
-
-# -- requests -----------------------------------------------------------------------------
-
-
-def numbers(value, what: str) -> np.ndarray:
-    """A JSON array of numbers as float64, strictly: rectangular, only numbers (no strings,
-    booleans or nulls), finite. RequestError otherwise."""
-    try:
-        array = np.array(value, dtype=object)
-    except (ValueError, RecursionError):
-        raise RequestError(f"{what} must be a rectangular array of numbers") from None
-    if array.ndim == 0 or array.size == 0:
+def numbers(value, what: str, max_depth: int) -> np.ndarray:
+    """A JSON array of numbers (at most ``max_depth`` deep) as float64, strictly:
+    rectangular, numbers only (no strings, booleans or nulls), finite in float32."""
+    shape, level = [], [value]
+    while all(isinstance(v, list) for v in level):
+        if len(shape) == max_depth:
+            raise RequestError(f"{what} is nested deeper than {max_depth} levels")
+        lengths = {len(v) for v in level}
+        if len(lengths) > 1:
+            raise RequestError(f"{what} must be a rectangular array of numbers")
+        shape.append(lengths.pop())
+        if shape[-1] == 0:
+            raise RequestError(f"{what} must be a non-empty array")
+        level = [x for v in level for x in v]
+    if not shape:
         raise RequestError(f"{what} must be a non-empty array, got {type(value).__name__}")
-    kinds = {type(v) for v in array.flat}
-    if kinds - {int, float}:
-        ragged = bool(kinds & {list, dict})
-        raise RequestError(f"{what} must be a rectangular array of numbers" if ragged else
-                           f"{what} must hold numbers only, not {sorted(k.__name__ for k in kinds - {int, float})}")
+    kinds = {type(v) for v in level} - {int, float}
+    if kinds & {list, dict}:
+        raise RequestError(f"{what} must be a rectangular array of numbers")
+    if kinds:
+        raise RequestError(f"{what} must hold numbers only, not {sorted(k.__name__ for k in kinds)}")
     try:
-        array = array.astype(np.float64)
+        array = np.array(level, dtype=np.float64).reshape(shape)
     except OverflowError:
         raise RequestError(f"{what} has a number out of range") from None
-    if not np.isfinite(array).all():
-        raise RequestError(f"{what} has a number out of range")
+    if not np.isfinite(array).all() or np.abs(array).max() > FLOAT32_MAX:
+        raise RequestError(f"{what} has a number out of range (float32 holds at most {FLOAT32_MAX:.4g})")
     return array
+
+
+def parse_json(body: bytes):
+    try:
+        return json.loads(body or b"null")
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise RequestError(f"body is not JSON ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def signature_of(payload, servable: Servable) -> str:
+    signature = payload.get("signature_name", "serving_default")
+    if not isinstance(signature, str):
+        raise RequestError("'signature_name' key must be a string value")
+    if signature not in servable.signature_defs:
+        raise RequestError(f'Serving signature name: "{signature[:60]}" not found in signature def')
+    return signature
 
 
 def images_of(payload, servable: Servable) -> tuple[str, np.ndarray, bool]:
     """A TensorFlow Serving predict request: (signature name, images, row format?)."""
     if not isinstance(payload, dict):
         raise RequestError('expected a JSON object with "instances" (row format) or "inputs" (columnar format)')
-    signature = payload.get("signature_name", "serving_default")
-    if signature not in servable.signatures:
-        raise RequestError(f"no signature {str(signature)[:60]!r}; this model has {sorted(servable.signatures)}")
+    signature = signature_of(payload, servable)
+    if signature not in servable.functions:
+        raise RequestError(f"signature {signature!r} is not one this server runs; use {sorted(servable.functions)}")
     if ("instances" in payload) == ("inputs" in payload):
         raise RequestError('expected exactly one of "instances" (row format) or "inputs" (columnar format)')
     row = "instances" in payload
@@ -202,7 +150,7 @@ def images_of(payload, servable: Servable) -> tuple[str, np.ndarray, bool]:
         value = value["images"]
     if isinstance(value, list) and len(value) > MAX_INSTANCES:
         raise RequestError(f"{len(value)} images in one request; at most {MAX_INSTANCES}")
-    images = numbers(value, "images")
+    images = numbers(value, "images", max_depth=4)
     if images.shape[1:] != IMAGE:
         raise RequestError(f"images must have shape [N, 28, 28, 1], got {list(images.shape)}")
     if SIGNATURES[signature] is np.uint8:
@@ -210,6 +158,14 @@ def images_of(payload, servable: Servable) -> tuple[str, np.ndarray, bool]:
             raise RequestError(f"{signature} takes whole numbers 0..255")
         return signature, images.astype(np.uint8), row
     return signature, images.astype(np.float32), row
+
+
+def outputs_of(servable: Servable, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
+    """The model's outputs, which must be finite: a JSON answer never holds NaN."""
+    outputs = servable.run(signature, images)
+    if not all(np.isfinite(v).all() for v in outputs.values()):
+        raise RequestError("the model's outputs for these images are not finite (pixel values far outside 0..1?)")
+    return outputs
 
 
 def reply_of(outputs: dict[str, np.ndarray], row: bool) -> dict:
@@ -221,270 +177,293 @@ def reply_of(outputs: dict[str, np.ndarray], row: bool) -> dict:
 
 
 def page_image(body: bytes, content_type: str) -> np.ndarray:
-    """The one image of a ``POST /predict`` as a float32 (28, 28) MNIST digit."""
-    if content_type in ("image/png", "image/jpeg"):
+    """The one image of a ``POST /predict`` as a float32 (28, 28) MNIST digit: a PNG or JPEG
+    by its first bytes (whatever the Content-Type says), else JSON ``{"image": ...}``."""
+    if body.startswith((PNG, JPEG)):
         try:
-            image = read_image(io.BytesIO(body))
+            image = read_image(io.BytesIO(body), formats=("PNG", "JPEG"), max_side=MAX_SIDE)
         except ImageError as e:
-            raise RequestError(f"the {content_type} body is {e}") from None
+            raise RequestError(f"the image is {e}" if str(e).startswith("not") else f"the image: {e}") from None
+    elif content_type.startswith("image/"):
+        raise RequestError("the body is not a PNG or JPEG image (the only formats this server decodes)")
     else:
         payload = parse_json(body)
         if not isinstance(payload, dict) or "image" not in payload:
             raise RequestError('expected a PNG or JPEG body, or a JSON object {"image": [[...], ...]}')
-        image = numbers(payload["image"], "image")
+        image = numbers(payload["image"], "image", max_depth=2)
         if image.ndim != 2:
             raise RequestError(f"image must be a non-empty 2-D array, got shape {list(image.shape)}")
         if image.shape == (28, 28) and image.min() >= 0 and image.max() <= 1:
             return image.astype(np.float32)  # already an MNIST digit
         if image.min() < 0 or image.max() > 255:
             raise RequestError("pixel values must be 0..1 for a 28x28 digit, or 0..255 for any other size")
-    if max(image.shape) > MAX_SIDE:
-        raise RequestError(f"image must be at most {MAX_SIDE} pixels a side, got {image.shape[1]}x{image.shape[0]}")
+        if max(image.shape) > MAX_SIDE:
+            raise RequestError(f"image must be at most {MAX_SIDE} pixels a side, got {image.shape[1]}x{image.shape[0]}")
     try:
         return mnist_style(image.astype(np.float32))
     except ImageError as e:
         raise RequestError(str(e)) from None
 
 
-def parse_json(body: bytes):
-    try:
-        return json.loads(body or b"null")
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise RequestError(f"body is not JSON ({type(e).__name__}: {str(e)[:100]})") from None
+# -- the API ----------------------------------------------------------------------------
 
 
-ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?(?P<rest>:predict|/metadata)?$")
+def page_answer(servable: Servable, body: bytes, content_type: str) -> dict:
+    probabilities = outputs_of(servable, "serving_default", page_image(body, content_type)[None, ..., None])
+    p = probabilities["probabilities"][0]
+    return {"digit": int(np.argmax(p)), "probabilities": [round(float(v), 6) for v in p]}
 
 
-class ClientGone(Exception):
-    """The client stopped sending (timeout) or closed: there is no one to answer."""
+def predict_answer(servable: Servable, body: bytes) -> dict:
+    signature, images, row = images_of(parse_json(body), servable)
+    return reply_of(outputs_of(servable, signature, images), row)
 
 
-def make_handler(servable: Servable):
-    status_body = {"model_version_status": [{"version": str(servable.version), "state": "AVAILABLE",
-                                             "status": {"error_code": "OK", "error_message": ""}}]}
-
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "mnist_cnn"
-        timeout = IDLE_SECONDS  # socket timeout: a silent client is dropped
-
-        def do_GET(self):
-            if self.path in ("/", "/index.html"):
-                return self.reply(200, PAGE.encode(), "text/html; charset=utf-8")
-            try:
-                rest = self.route()
-            except RequestError as e:
-                return self.reply(e.status, {"error": str(e)})
-            if rest is None or rest == ":predict":
-                return self.reply(404, {"error": f"no page {self.path[:100]}"})
-            self.reply(200, self.metadata() if rest == "/metadata" else status_body)
-
-        def do_POST(self):
-            try:
-                if self.path != "/predict" and self.route() != ":predict":
-                    raise RequestError(f"no endpoint {self.path[:100]}", 404)
-                body = self.read_body()
-                with self.server.workers:  # bounded: parsing and predicting hold the memory
-                    if self.path == "/predict":
-                        content_type = self.headers.get_content_type()
-                        probabilities = servable.run("serving_default", page_image(body, content_type)[None, ..., None])
-                        answer = {"digit": int(np.argmax(probabilities["probabilities"][0])),
-                                  "probabilities": [round(float(p), 6) for p in probabilities["probabilities"][0]]}
-                    else:
-                        signature, images, row = images_of(parse_json(body), servable)
-                        answer = reply_of(servable.run(signature, images), row)
-            except RequestError as e:
-                return self.reply(e.status, {"error": str(e)})
-            except ClientGone:
-                self.close_connection = True
-                return None
-            except Exception as e:  # a bug of ours or the model's: a status line and one log line, never silence
-                log.error("%s %s: %s: %s", self.command, self.path[:100], type(e).__name__, str(e)[:200])
-                return self.reply(500, {"error": f"internal error ({type(e).__name__})"})
-            self.reply(200, answer)
-
-        def route(self) -> str | None:
-            """For a ``/v1/models/...`` path: what follows the model (``""``, ``":predict"``,
-            ``"/metadata"``); None for any other path; 404 for another model or version."""
-            match = ROUTE.match(self.path)
-            if match is None:
-                return None
-            if match["name"] != servable.name:
-                raise RequestError(f"Servable not found for request: Latest({match['name'][:60]})", 404)
-            if match["version"] is not None and int(match["version"]) != servable.version:
-                raise RequestError(f"Servable not found for request: Specific({servable.name}, "
-                                   f"{match['version'][:20]})", 404)
-            return match["rest"] or ""
-
-        def metadata(self) -> dict:
-            return {"model_spec": {"name": servable.name, "signature_name": "", "version": str(servable.version)},
-                    "metadata": {"signature_def": {"signature_def": {
-                        name: {"inputs": {"images": {"dtype": np.dtype(dtype).name, "shape": [-1, *IMAGE]}},
-                               "outputs": {"probabilities": {"dtype": "float32", "shape": [-1, 10]},
-                                           "digits": {"dtype": "int64", "shape": [-1]}}}
-                        for name, dtype in SIGNATURES.items() if name in servable.signatures}}}}
-
-        def read_body(self) -> bytes:
-            """The request body, after checking its length header: never an unbounded read."""
-            if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-                self.close_connection = True
-                raise RequestError("chunked bodies are not accepted: send Content-Length", 411)
-            lengths = self.headers.get_all("Content-Length") or []
-            if not lengths:
-                self.close_connection = True
-                raise RequestError("Content-Length required", 411)
-            if len(set(lengths)) > 1 or not re.fullmatch(r"[0-9]{1,15}", lengths[0].strip()):
-                self.close_connection = True
-                raise RequestError(f"Content-Length {lengths[0][:40]!r} is not a byte count", 400)
-            length = int(lengths[0])
-            if length > MAX_BODY:
-                self.discard(length)
-                raise RequestError(f"body of {length:,} bytes is over the {MAX_BODY:,}-byte limit", 413)
-            try:
-                body = self.rfile.read(length)
-            except (TimeoutError, ConnectionError):
-                raise ClientGone from None
-            if len(body) < length:
-                raise ClientGone
-            return body
-
-        def discard(self, length: int) -> None:
-            """Read and drop an over-long body (so the client reads our 413 rather than a
-            broken pipe), up to a bound; past it, close the connection."""
-            left = min(length, 4 * MAX_BODY)
-            try:
-                while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
-                    left -= len(chunk)
-            except (TimeoutError, ConnectionError):
-                pass
-            self.close_connection = True
-
-        def reply(self, status: int, body, content_type="application/json"):
-            data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-            except (TimeoutError, ConnectionError):  # the client left before its answer
-                self.close_connection = True
-
-        def log_message(self, format, *args):  # one line per request, through logging
-            log.info("%s %s", self.address_string(), format % args)
-
-    return Handler
+METHOD_NAMES = {"classify": ("classification", "tensorflow/serving/classify"),
+                "regress": ("regression", "tensorflow/serving/regress")}
 
 
-class Server(ThreadingHTTPServer):
-    """``ThreadingHTTPServer`` with bounds: ``max_connections`` handled at once (the accept
-    loop waits for a free slot; the kernel queues the rest), ``workers`` parsing and predicting."""
+def unsupported_answer(servable: Servable, body: bytes, method: str) -> dict:
+    """``:classify`` / ``:regress``: TensorFlow Serving's answer for a signature of another kind."""
+    payload = parse_json(body)
+    if not isinstance(payload, dict):
+        raise RequestError("JSON Value: not an object")
+    signature = signature_of(payload, servable)
+    kind, wanted = METHOD_NAMES[method]
+    raise RequestError(f"Expected {kind} signature method_name to be {wanted}. Was: "
+                       f"{servable.method_name(signature)}")
 
-    daemon_threads = True
-    request_queue_size = 128
 
-    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS, max_workers: int = MAX_WORKERS):
-        self.slots = threading.BoundedSemaphore(max_connections)
-        self.workers = threading.BoundedSemaphore(max_workers)
-        super().__init__(address, handler)
+ROUTE = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?"
+                   r"(?::(?P<verb>classify|regress|predict)|(?P<metadata>/metadata))?", re.IGNORECASE)
 
-    def process_request(self, request, client_address):
-        self.slots.acquire()
+
+class Budget:
+    """Bytes of request bodies held at once (read, waiting or being parsed)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+
+    @contextlib.contextmanager
+    def held(self):
+        taken = [0]
         try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
+            yield taken
         finally:
-            self.slots.release()
+            self.used -= taken[0]
+
+    def take(self, taken: list, n: int) -> None:
+        if self.used + n > self.limit:
+            raise RequestError("the server is busy (too many request bodies at once); try again", 503)
+        self.used += n
+        taken[0] += n
 
 
-def make_server(model_path: str, host: str = "127.0.0.1", port: int = 8000, name: str = MODEL_NAME) -> Server:
-    servable = load_servable(model_path, name)
+async def read_body(request: Request, budget: Budget, taken: list) -> bytes:
+    """The body, counted as it arrives: never more than ``MAX_BODY`` bytes kept, whatever the
+    headers say (uvicorn has checked their syntax; a chunked body is counted the same way).
+    An over-long body is read and dropped up to ``4 * MAX_BODY`` before the 413, so that the
+    client reads the answer rather than a reset connection; past that it is cut."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY:
+        if int(length) <= 4 * MAX_BODY and "100-continue" not in request.headers.get("expect", "").lower():
+            await _drop(request)
+        raise RequestError(f"body of {int(length):,} bytes is over the {MAX_BODY:,}-byte limit", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            await _drop(request, size)
+            raise RequestError(f"body is over the {MAX_BODY:,}-byte limit", 413)
+        budget.take(taken, len(chunk))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _drop(request: Request, size: int = 0) -> None:
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > 4 * MAX_BODY:
+            return
+
+
+def error(status: int, message: str, headers=None) -> JSONResponse:
+    return JSONResponse({"error": message}, status, headers=headers)
+
+
+
+def make_app(model: Model, workers: int = WORKERS, poll_seconds: float = POLL_SECONDS) -> Starlette:
+    """The ASGI app: routes, a bounded pool for parsing and predicting, a poller of new versions."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="mnist-cnn-predict")
+    budget = Budget(BODY_BUDGET)
+
+    def endpoint(handler):
+        """Every answer JSON: a client mistake is a 4xx, a bug of ours a 500 and one log line."""
+        @functools.wraps(handler)
+        async def run(request: Request) -> Response:
+            with budget.held() as taken:
+                try:
+                    return await handler(request, taken)
+                except RequestError as e:  # an unread body is discarded by uvicorn, within the request deadline
+                    return error(e.status, str(e))
+                except ClientDisconnect:  # the client left (or missed the request deadline)
+                    return Response(status_code=400)
+                except Exception as e:
+                    log.error("%s %s: %s: %s", request.method, request.url.path[:100], type(e).__name__, str(e)[:200])
+                    return error(500, f"internal error ({type(e).__name__})")
+        return run
+
+    async def work(function, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+    async def page(request, taken):
+        return HTMLResponse(PAGE)
+
+    @endpoint
+    async def predict_page(request, taken):
+        body = await read_body(request, budget, taken)
+        return JSONResponse(await work(page_answer, model.current(), body,
+                                       request.headers.get("content-type", "")))
+
+    @endpoint
+    async def tf_serving(request, taken):
+        path, method = request.url.path, request.method
+        match = ROUTE.fullmatch(path)
+        verb = match and match["verb"]
+        if match is None:
+            raise RequestError(f"Malformed request: {method} {path[:100]}", 404)
+        if match["name"] != model.name:
+            raise RequestError(f"Servable not found for request: Latest({match['name'][:60]})", 404)
+        version = match["version"]
+        if version is not None and int(version) >= 2**63:
+            raise RequestError(f"Failed to convert version: {version[:30]} to numeric.")
+        servable = model.get(None if version is None else int(version))
+        if servable is None:
+            raise RequestError(f"Servable not found for request: Specific({model.name}, {version[:30]})", 404)
+        if (method == "POST") != bool(verb) or method not in ("GET", "HEAD", "POST"):
+            raise RequestError(f"Malformed request: {method} {path[:100]}", 405)
+        if method != "POST":
+            return JSONResponse(model.metadata(servable) if match["metadata"] else model.status())
+        body = await read_body(request, budget, taken)
+        if verb.lower() == "predict":
+            return JSONResponse(await work(predict_answer, servable, body))
+        return JSONResponse(await work(unsupported_answer, servable, body, verb.lower()))
+
+    async def not_found(request, exc):
+        message = "Method Not Allowed" if exc.status_code == 405 else f"no page {request.url.path[:100]}"
+        return error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        loader = ThreadPoolExecutor(1, thread_name_prefix="mnist-cnn-poll")  # loads never take a predict worker
+
+        async def poll():
+            while True:
+                await asyncio.sleep(poll_seconds)
+                await asyncio.get_running_loop().run_in_executor(loader, model.poll)
+
+        task = asyncio.create_task(poll()) if model.base is not None else None
+        try:
+            yield
+        finally:
+            if task is not None:
+                task.cancel()
+            loader.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    routes = [Route("/", endpoint(page)), Route("/index.html", endpoint(page)),
+              Route("/predict", predict_page, methods=["POST"]),
+              Route("/v1/{rest:path}", tf_serving, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
+                                                                "OPTIONS"])]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+
+
+# -- the HTTP server --------------------------------------------------------------------
+
+
+class DeadlineProtocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a whole-request deadline: from the moment a
+    connection waits for a request, its headers and body must have arrived within
+    ``REQUEST_SECONDS`` (``Config.request_seconds``), however slowly the bytes trickle in;
+    otherwise the connection is closed. Once a request is whole, the answer takes what it takes."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._deadline = None
+        self._arm()
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self._arm()
+
+    def connection_lost(self, exc):
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def _arm(self):
+        if self._deadline is not None:
+            self._deadline.cancel()
+        seconds = getattr(self.config, "request_seconds", REQUEST_SECONDS)
+        self._deadline = self.loop.call_later(seconds, self._expire)
+
+    def _expire(self):
+        cycle = self.cycle
+        waiting = cycle is None or cycle.response_complete or cycle.more_body  # headers or body still due
+        if waiting and not self.transport.is_closing():
+            if cycle is not None and not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.message_event.set()
+            self.transport.close()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on ``host`` (IPv4 or IPv6) and ``port`` (0: any free one)."""
     try:
-        server = Server((host, port), make_handler(servable))
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
     except (OSError, OverflowError, UnicodeError) as e:
         raise InputError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
-    server.servable = servable
-    return server
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" takes IPv4 too
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return sock
 
 
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>mnist_cnn: draw a digit</title>
-<style>
- body { font-family: sans-serif; margin: 2em; background: #fafafa; color: #222; }
- main { display: flex; gap: 2em; align-items: flex-start; }
- canvas { background: #000; border-radius: 6px; cursor: crosshair; touch-action: none; }
- #bars { width: 320px; }
- .row { display: flex; align-items: center; gap: .5em; margin: 4px 0; }
- .label { width: 1em; font-weight: bold; }
- .track { flex: 1; background: #e4e4e4; height: 20px; border-radius: 3px; }
- .fill { background: #888; height: 100%; border-radius: 3px; width: 0; }
- .best .fill { background: #e8710a; }
- .value { width: 4em; text-align: right; font-variant-numeric: tabular-nums; }
- #digit { font-size: 64px; font-weight: bold; height: 80px; }
- button { font-size: 1em; padding: .4em 1.2em; margin-top: .8em; }
-</style></head>
-<body>
-<h1>Draw a digit</h1>
-<main>
- <div><canvas id="pad" width="280" height="280"></canvas><br><button id="clear">Clear</button></div>
- <div><div id="digit"></div><div id="bars"></div><p id="status"></p></div>
-</main>
-<script>
-const pad = document.getElementById("pad"), ctx = pad.getContext("2d");
-const bars = document.getElementById("bars");
-for (let d = 0; d < 10; d++) {
-  bars.insertAdjacentHTML("beforeend",
-    `<div class="row" id="row${d}"><span class="label">${d}</span><div class="track"><div class="fill"></div></div>` +
-    `<span class="value">0.000</span></div>`);
-}
-function clearPad() {
-  ctx.fillStyle = "#000"; ctx.fillRect(0, 0, 280, 280);
-  document.getElementById("digit").textContent = "";
-  for (let d = 0; d < 10; d++) show(d, 0, false);
-}
-function show(d, p, best) {
-  const row = document.getElementById("row" + d);
-  row.querySelector(".fill").style.width = (100 * p).toFixed(1) + "%";
-  row.querySelector(".value").textContent = p.toFixed(3);
-  row.classList.toggle("best", best);
-}
-let drawing = false, last = null, pending = false, again = false;
-function point(e) { const r = pad.getBoundingClientRect(); return [e.clientX - r.left, e.clientY - r.top]; }
-pad.addEventListener("pointerdown", e => { drawing = true; last = point(e); stroke(last); });
-pad.addEventListener("pointermove", e => { if (drawing) { stroke(point(e)); } });
-window.addEventListener("pointerup", () => { if (drawing) { drawing = false; predict(); } });
-function stroke(p) {
-  ctx.strokeStyle = "#fff"; ctx.lineWidth = 18; ctx.lineCap = "round"; ctx.lineJoin = "round";
-  ctx.beginPath(); ctx.moveTo(last[0], last[1]); ctx.lineTo(p[0], p[1]); ctx.stroke(); last = p;
-  predict();
-}
-async function predict() {
-  if (pending) { again = true; return; }
-  pending = true;
-  try {
-    const png = await new Promise(done => pad.toBlob(done, "image/png"));  // a few kB, not 0.3 MB of JSON
-    const response = await fetch("/predict", {method: "POST", headers: {"Content-Type": "image/png"}, body: png});
-    const answer = await response.json();
-    if (response.ok) {
-      answer.probabilities.forEach((p, d) => show(d, p, d === answer.digit));
-      document.getElementById("digit").textContent = answer.digit;
-      document.getElementById("status").textContent = "";
-    } else {
-      document.getElementById("status").textContent = answer.error;
-    }
-  } finally {
-    pending = false;
-    if (again) { again = false; predict(); }
-  }
-}
-document.getElementById("clear").addEventListener("click", clearPad);
-clearPad();
-</script>
-</body></html>
-"""
+class Server:
+    """``Server(model_path, host, port)`` loads the model and binds (both may raise
+    ``InputError``, before anything serves); ``run()`` serves until SIGINT/SIGTERM."""
+
+    def __init__(self, model_path, host: str = "127.0.0.1", port: int = 8000, name: str = MODEL_NAME,
+                 poll_seconds: float = POLL_SECONDS, request_seconds: float = REQUEST_SECONDS,
+                 workers: int = WORKERS):
+        self.socket = listen(host, port)  # a taken port is refused before the model loads
+        try:
+            self.model = Model(model_path, name)
+            self.model.load()
+        except BaseException:
+            self.socket.close()
+            raise
+        self.address = self.socket.getsockname()[:2]
+        self.config = uvicorn.Config(make_app(self.model, workers, poll_seconds), http=DeadlineProtocol,
+                                     log_config=None, timeout_keep_alive=KEEP_ALIVE_SECONDS,
+                                     limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=5)
+        self.config.request_seconds = request_seconds
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
+
+    def run(self) -> None:
+        try:
+            uvicorn.Server(self.config).run(sockets=[self.socket])
+        finally:
+            self.socket.close()

@@ -27,7 +27,7 @@ from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_p
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.evaluate import score
-from mnist_cnn.export import check_export_dir, export_savedmodel, serving_command
+from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
 from mnist_cnn.keras_file import load_cnn, load_weights_strict, save_model
 from mnist_cnn.model import CNN, require_tensorflow, restore_random_state
 from mnist_cnn.optimizers import FusedAdam
@@ -230,7 +230,8 @@ def finish_run(
     state = run_dir.read_resume_state()
     if config.export and not (state and state.exported):
         log.info("SavedModel for serving: %s", export_savedmodel(model, config.export))
-        log.info("serve it with: %s", serving_command(config.export))
+        for command in serving_commands(config.export):
+            log.info("serve it with: %s", command)
         if state:
             run_dir.mark_exported(state)
     epochs = run_dir.read_history()

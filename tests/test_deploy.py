@@ -113,7 +113,8 @@ def test_export_writes_numbered_versions_for_tensorflow_serving(exported, tmp_pa
         assert export_cli.main([str(run.model_path), str(base)]) == 0
         out = capsys.readouterr().out.splitlines()
         assert out[0] == f"SavedModel for serving: {base / str(version)}"
-        assert out[1] == (f"serve it with: tensorflow_model_server --rest_api_port=8501 --model_name=mnist "
+        assert out[1] == f"serve it with: mnist-cnn-serve {base.absolute()}"  # installed with the package
+        assert out[2] == (f"serve it with: tensorflow_model_server --rest_api_port=8501 --model_name=mnist "
                           f"--model_base_path={base.absolute()}")
     assert export_cli.main([str(run.model_path), str(base), "--version", "7"]) == 0
     capsys.readouterr()
@@ -121,10 +122,15 @@ def test_export_writes_numbered_versions_for_tensorflow_serving(exported, tmp_pa
     assert (base / "7" / "saved_model.pb").is_file()
     assert export_cli.main([str(run.model_path), str(base), "--version", "2"]) == 2  # taken: never overwritten
     assert "version 2 exists" in capsys.readouterr().err
-    for bad in ("0", "-1", "x", "1.5"):
+    for bad in ("0", "-1", "x", "1.5", str(2**63), "99999999999999999999"):  # TF Serving's versions: int64
         assert export_cli.main([str(run.model_path), str(base), "--version", bad]) == 2
         assert "argument --version: expected a whole number" in capsys.readouterr().err
     assert sorted(p.name for p in base.iterdir()) == ["1", "2", "7"]
+    assert export_cli.main([str(run.model_path), str(base), "--version", str(2**63 - 1)]) == 0
+    capsys.readouterr()
+    assert export_cli.main([str(run.model_path), str(base)]) == 2  # one past int64 does not exist
+    assert "the highest TensorFlow Serving reads" in capsys.readouterr().err
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2", "7", str(2**63 - 1)]
     (base / "file").write_text("x")
     assert export_cli.main([str(run.model_path), str(base / "file")]) == 2
     assert "not a folder" in capsys.readouterr().err

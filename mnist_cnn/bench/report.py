@@ -100,16 +100,20 @@ def floor_lines(floor: dict, step_gflop: float, peak: float, fit_ms: float) -> l
 
 
 def serving_lines(serving: dict) -> str:
-    """The load test's lines (``bench.serving``)."""
-    lines = ["serving load test (mnist-cnn-serve on 127.0.0.1, a SavedModel; clients x requests, "
-             "while idle connections hold slots):"]
-    for key in ("single", "batch32"):
-        r = serving[key]
-        lines.append(f"  {r['clients']} clients x {r['requests'] // r['clients']} requests of {r['batch']} image(s), "
-                     f"{r['silent_connections']} idle connections: {r['errors']} errors, "
-                     f"median {r['median_ms']:.0f} ms, "
-                     f"p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.0f} requests/s, server RSS "
-                     f"{r['rss_before_mb']:.0f} -> {r['rss_after_mb']:.0f} MB")
+    """The load and attack test's lines (``bench.serving``)."""
+    r, b = serving["single"], serving["batch"]
+    lines = [f"serving load test (mnist-cnn-serve on 127.0.0.1, a SavedModel; server RSS idle "
+             f"{serving['rss_idle_mb']:.0f} MB; peak = the server's VmHWM during the case):",
+             f"  {r['clients']} clients x {r['requests'] // r['clients']} requests of 1 image, with {r['idle']} idle "
+             f"and {r['trickling']} trickling connections open: {r['errors']} errors, median {r['median_ms']:.0f} ms, "
+             f"p99 {r['p99_ms']:.0f} ms, {r['requests_per_s']:.0f} requests/s, peak {r['peak_mb']:.0f} MB",
+             f"  {b['clients']} clients x {b['requests'] // b['clients']} requests of 256 images: "
+             f"{b['errors']} errors, median {b['median_ms']:.0f} ms, p99 {b['p99_ms']:.0f} ms, "
+             f"{b['requests_per_s']:.1f} requests/s, peak {b['peak_mb']:.0f} MB"]
+    bombs = serving["bombs"]
+    lines.append(f"  4 image bombs at once ({bombs['bytes'] / 1e3:.0f} kB PNGs of 6300x6300 16-bit RGBA): statuses "
+                 f"{bombs['statuses']}, slowest {bombs['max_ms']:.0f} ms, "
+                 f"peak memory +{max(0.0, bombs['grown_mb']):.0f} MB")
     b = serving["batching"]
     lines.append(f"  one model call on {b['images']} images: {b['batched_ms']:.1f} ms; {b['images']} calls on one: "
                  f"{b['one_by_one_ms']:.1f} ms ({b['speedup']:.1f}x)")

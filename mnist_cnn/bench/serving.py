@@ -1,11 +1,16 @@
-"""A bounded load test of ``mnist-cnn-serve`` on 127.0.0.1 (``mnist-cnn-bench --serving``).
+"""A bounded load and attack test of ``mnist-cnn-serve`` on 127.0.0.1 (``mnist-cnn-bench --serving``).
 
-The server runs as its own process (as a user runs it) on a free port; ``clients`` threads
-each send ``requests`` TensorFlow Serving predict requests of ``batch`` real digits, while
-``silent`` connections that never send a byte hold server slots. Reported: errors, median
-and p99 latency, throughput, the server's resident memory before and after. Then, in this
-process, one model call on N images against N calls on one image each: whether batching
-concurrent requests into one model call would pay.
+The server runs as its own process (as a user runs it) on a free port. Cases:
+
+- ``single``: ``clients`` threads each send ``requests`` one-image predict requests while
+  ``idle`` connections that never send a byte and ``trickling`` ones that send a byte every
+  ``trickle_every`` seconds are open (the slow clients of issue #26);
+- ``batch``: 16 clients x 50 requests of 256 real digits (the largest request);
+- ``bombs``: four 308 kB PNGs of 6300x6300 16-bit RGBA at once (2 GB each once decoded).
+
+Reported per case: errors, median and p99 latency, throughput, and the server's peak
+resident memory (VmHWM from /proc, reset before the case). Then, in this process, one model
+call on N images against N calls on one image: whether batching requests would pay.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from mnist_cnn import data, export, serve, train
+from mnist_cnn import data, export, servables, train
 from mnist_cnn.bench.measure import quiet_runs
 from mnist_cnn.keras_file import load_cnn
 
@@ -36,15 +43,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rss_mb(pid: int) -> float:
+def _memory_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def _post(url: str, body: bytes, timeout: float = 120) -> int:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+def _reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json", timeout: float = 120) -> int:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             response.read()
@@ -55,56 +66,111 @@ def _post(url: str, body: bytes, timeout: float = 120) -> int:
         return 0
 
 
-def load_test(model_dir: Path, clients: int = 8, requests: int = 100, batch: int = 1, silent: int = 50) -> dict:
-    """Latency and memory of a served model under ``clients`` x ``requests`` requests."""
-    (images, _), _ = data.sample_arrays()
-    bodies = [json.dumps({"instances": (images[i:i + batch, ..., None] / 255.0).tolist()}).encode()
-              for i in range(0, 50 * batch, batch)]
-    port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    command = "import sys; from mnist_cnn.cli.serve import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", command, str(model_dir), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
-    try:
-        proc.stdout.readline()
-        url = f"http://127.0.0.1:{port}/v1/models/mnist:predict"
-        for body in bodies[:5]:  # warm up: the first calls trace the model
-            _post(url, body)
-        rss_before = _rss_mb(proc.pid)
-        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(silent)]
-        latencies, errors, lock = [], [], threading.Lock()
+def png_bomb(width: int = 6300, height: int = 6300) -> bytes:
+    """A 16-bit RGBA PNG of zeros: a few hundred kB that would decode to width x height x 8 bytes."""
+    def chunk(kind, payload):
+        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
 
-        def client(k: int) -> None:
-            for r in range(requests):
-                start = time.perf_counter()
-                status = _post(url, bodies[(k * requests + r) % len(bodies)])
-                with lock:
-                    latencies.append(time.perf_counter() - start)
-                    if status != 200:
-                        errors.append(status)
+    packer, row = zlib.compressobj(9), b"\0" * (1 + 8 * width)
+    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 6, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
-        began = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - began
-        rss_after = _rss_mb(proc.pid)
-        for s in idle:
-            s.close()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+
+def _trickle(port: int, stop: threading.Event, every: float) -> None:
+    """A client that sends a request one byte every ``every`` seconds, again when it is cut off."""
+    head = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n" + b" " * 100000
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                for byte in head:
+                    s.sendall(bytes([byte]))
+                    if stop.wait(every):
+                        return
+        except OSError:
+            continue
+
+
+def _hammer(url: str, bodies: list[bytes], clients: int, requests: int, content_type="application/json") -> dict:
+    latencies, errors, lock = [], [], threading.Lock()
+
+    def client(k: int) -> None:
+        for r in range(requests):
+            start = time.perf_counter()
+            status = _post(url, bodies[(k * requests + r) % len(bodies)], content_type)
+            with lock:
+                latencies.append(time.perf_counter() - start)
+                if status not in (200, 400):  # a refused bomb is a 400, as it should be
+                    errors.append(status)
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
     ms = sorted(1000 * x for x in latencies)
-    return {"clients": clients, "requests": clients * requests, "batch": batch, "silent_connections": silent,
-            "errors": len(errors), "median_ms": statistics.median(ms), "p99_ms": ms[int(0.99 * (len(ms) - 1))],
-            "requests_per_s": len(ms) / seconds, "rss_before_mb": rss_before, "rss_after_mb": rss_after}
+    return {"clients": clients, "requests": len(ms), "errors": len(errors), "median_ms": statistics.median(ms),
+            "p99_ms": ms[int(0.99 * (len(ms) - 1))], "requests_per_s": len(ms) / (time.perf_counter() - began)}
+
+
+def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int = 1000, trickling: int = 70,
+              trickle_every: float = 9.0, batch_clients: int = 16, batch_requests: int = 50) -> dict:
+    """The three cases above against one server process."""
+    (images, _), _ = data.sample_arrays()
+    singles = [json.dumps({"instances": (images[i:i + 1, ..., None] / 255.0).tolist()}).encode() for i in range(50)]
+    batches = [json.dumps({"signature_name": "serve_uint8", "instances": images[i:i + 256, ..., None].tolist()}
+                          ).encode() for i in range(0, 1024, 256)]
+    port = _free_port()
+    command = "import sys; from mnist_cnn.cli.serve import main; sys.exit(main(sys.argv[1:]))"
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen([sys.executable, "-c", command, str(model_dir), "--port", str(port)],
+                                stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        stop, results = threading.Event(), {}
+        try:
+            url = f"http://127.0.0.1:{port}/v1/models/mnist:predict"
+            deadline = time.monotonic() + 120
+            while _post(url, singles[0], timeout=5) != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)  # loading, then the first calls trace the model
+            results["rss_idle_mb"] = _memory_mb(proc.pid, "VmRSS")
+            held = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
+            tricklers = [threading.Thread(target=_trickle, args=(port, stop, trickle_every)) for _ in range(trickling)]
+            for t in tricklers:
+                t.start()
+            time.sleep(1.0)
+            _reset_peak(proc.pid)
+            results["single"] = {**_hammer(url, singles, clients, requests), "batch": 1, "idle": idle,
+                                 "trickling": trickling, "peak_mb": _memory_mb(proc.pid, "VmHWM")}
+            stop.set()
+            for s in held:
+                s.close()
+            _reset_peak(proc.pid)
+            results["batch"] = {**_hammer(url, batches, batch_clients, batch_requests), "batch": 256,
+                                "peak_mb": _memory_mb(proc.pid, "VmHWM")}
+            before = _memory_mb(proc.pid, "VmRSS")
+            _reset_peak(proc.pid)
+            bomb = png_bomb()
+            with ThreadPoolExecutor(4) as pool:
+                timed = list(pool.map(lambda _: _timed_post(f"http://127.0.0.1:{port}/predict", bomb), range(4)))
+            results["bombs"] = {"bytes": len(bomb), "statuses": [s for s, _ in timed],
+                                "max_ms": max(ms for _, ms in timed),
+                                "grown_mb": _memory_mb(proc.pid, "VmHWM") - before}
+        finally:
+            stop.set()
+            proc.terminate()
+            proc.wait(timeout=30)
+    return results
+
+
+def _timed_post(url: str, body: bytes) -> tuple[int, float]:
+    start = time.perf_counter()
+    status = _post(url, body, "image/png")
+    return status, 1000 * (time.perf_counter() - start)
 
 
 def batching_gain(model_dir: Path, n: int = 8, rounds: int = 20) -> dict:
     """One model call on ``n`` images against ``n`` calls on one image (median seconds)."""
-    servable = serve.load_servable(model_dir)
+    servable = servables.Model(model_dir).load()
     (images, _), _ = data.sample_arrays()
     x = (images[:n, ..., None] / 255.0).astype(np.float32)
     servable.run("serving_default", x)  # trace
@@ -123,14 +189,13 @@ def batching_gain(model_dir: Path, n: int = 8, rounds: int = 20) -> dict:
 
 
 def measure(log, clients: int = 8, requests: int = 100) -> dict:
-    """Train a small model, export it, and load-test the export (single images and batches of 32)."""
+    """Train a small model, export it, and load-test the export."""
     with tempfile.TemporaryDirectory() as folder:
         with quiet_runs():
             run = train.fit(train.TrainConfig(data="sample", epochs=1, steps_per_epoch=20, logdir=folder), verbose=0)
         model_dir = export.export_savedmodel(load_cnn(run.model_path), Path(folder) / "served")
-        log("  load test, one image a request ...")
-        single = load_test(model_dir, clients, requests, batch=1)
-        log("  load test, 32 images a request ...")
-        batched = load_test(model_dir, clients, max(1, requests // 4), batch=32)
-        gain = batching_gain(model_dir)
-    return {"single": single, "batch32": batched, "batching": gain}
+        log("  load test: one image a request among idle and trickling clients, 256 images a request, "
+            "image bombs ...")
+        results = load_test(model_dir, clients, requests)
+        results["batching"] = batching_gain(model_dir)
+    return results

@@ -7,10 +7,12 @@ import argparse
 from mnist_cnn.cli.common import Parser, command_name, main_with
 from mnist_cnn.config import QUANTIZE
 
+MAX_VERSION = 2**63 - 1  # TensorFlow Serving's versions are int64 (export.MAX_VERSION, without TensorFlow)
+
 
 def version_number(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1, got {text!r}")
+    if not text.isdigit() or not 1 <= int(text) <= MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_VERSION}, got {text[:40]!r}")
     return int(text)
 
 
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
             export.check_tflite_file(args.tflite)
         cnn = keras_file.load_cnn(args.model)
         print(f"SavedModel for serving: {export.export_savedmodel(cnn, args.directory, args.version)}")
-        print(f"serve it with: {export.serving_command(args.directory)}")
+        for command in export.serving_commands(args.directory):
+            print(f"serve it with: {command}")
         if args.tflite is not None:
             path = export.export_tflite(cnn, args.tflite, args.quantize)
             print(f"TensorFlow Lite ({args.quantize}): {path} ({path.stat().st_size / 1e6:.1f} MB)")
