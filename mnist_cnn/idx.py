@@ -49,8 +49,11 @@ def _open(path: Path):
         raise IDXError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+MAX_PAYLOAD = 1 << 31  # bytes of data one IDX file may hold (MNIST's largest: 47 MB; EMNIST's: 0.6 GB)
+
+
 def _read_exactly(f, size: int) -> bytes:
-    """Up to ``size`` bytes, read in chunks: memory follows the data, not the header's claim."""
+    """Up to ``size`` bytes (a header's few): fewer at the end of the file."""
     parts, left = [], size
     while left > 0:
         part = f.read(min(left, CHUNK))
@@ -61,6 +64,23 @@ def _read_exactly(f, size: int) -> bytes:
     return b"".join(parts)
 
 
+def _payload_size(f, limit: int) -> int:
+    """How many bytes follow in ``f``, counted (not kept) up to ``limit`` + 1: a gzip stream's
+    true size, whatever its header says, at the cost of inflating it once."""
+    size = 0
+    while size <= limit and (part := f.read(min(CHUNK, limit + 1 - size))):
+        size += len(part)
+    return size
+
+
+def _read_into(f, expected: int) -> np.ndarray:
+    array = np.empty(expected, np.uint8)
+    view, done = memoryview(array), 0
+    while done < expected and (n := f.readinto(view[done : done + CHUNK])):
+        done += n
+    return array[:done]
+
+
 def read_idx(
     path: str | os.PathLike, ndim: int | None = None, item_shape: tuple[int, ...] | None = None
 ) -> np.ndarray:
@@ -68,29 +88,42 @@ def read_idx(
 
     ``ndim`` (when given) is the number of dimensions the caller expects, and
     ``item_shape`` the size of every item (e.g. (28, 28) for images): both are checked
-    before the payload is read. A ``.gz`` file is decompressed as a stream and never
-    past the size its header declares.
+    before the payload is read. Memory follows the bytes that are really there, never the
+    header's claim: a header declaring more than ``MAX_PAYLOAD`` bytes is refused; a raw
+    file's size is compared with its header before anything is read; a ``.gz`` file is
+    inflated once to count its bytes (kept nowhere) and read only when they match.
     """
     path = Path(path)
     try:
         with _open(path) as f:
             shape, header_size = _read_header(f, path, ndim, item_shape)
             expected = math.prod(shape)  # Python ints: no overflow
-            payload = _read_exactly(f, expected)
-            if len(payload) < expected:
+            if expected > MAX_PAYLOAD:
+                raise IDXError(f"{path}: header says shape {shape} ({expected:,} bytes of data), more than the "
+                               f"{MAX_PAYLOAD:,} bytes an IDX file may hold here")
+            if isinstance(f, gzip.GzipFile):
+                found = _payload_size(f, expected)
+            else:
+                found = os.fstat(f.fileno()).st_size - header_size
+            if found < expected:
                 raise IDXError(
                     f"{path}: truncated: header says shape {shape} ({header_size + expected} bytes), "
-                    f"file has {header_size + len(payload)} bytes"
+                    f"file has {header_size + found} bytes"
                 )
-            if f.read(1):
+            if found > expected:
                 raise IDXError(
                     f"{path}: has trailing bytes: header says shape {shape} ({header_size + expected} bytes)"
                 )
+        with _open(path) as f:
+            f.seek(header_size)
+            payload = _read_into(f, expected)
+        if payload.size < expected:  # the file changed between the two reads
+            raise IDXError(f"{path}: changed while it was read")
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise IDXError(f"{path}: not a valid gzip file ({e})") from None
     except OSError as e:
         raise IDXError(f"{path}: cannot read ({e.strerror or e})") from None
-    return np.frombuffer(payload, dtype=np.uint8).reshape(shape)
+    return payload.reshape(shape)
 
 
 def _read_header(f, path: Path, ndim: int | None, item_shape: tuple[int, ...] | None) -> tuple[tuple[int, ...], int]:

@@ -16,11 +16,11 @@ Keras' internal key names -- to check that every weight was loaded.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import h5py
@@ -28,33 +28,15 @@ import keras
 import numpy as np
 
 from mnist_cnn.errors import ModelFileError, StorageError
-from mnist_cnn.model import CNN, check_build_config
+from mnist_cnn.model import CNN, check_build_config, check_sizes, parameter_count
 from mnist_cnn.rundir import temp_name, write_atomic
 
-# Bounds for a CNN config read from a file, checked before anything is allocated.
-CONFIG_BOUNDS = {
-    "filters1": (1, 1024),
-    "filters2": (1, 1024),
-    "kernel_size": (1, 28),
-    "dense_units": (1, 16384),
-    "num_classes": (2, 1000),
-}
 MAX_CONFIG_BYTES = 1 << 20
-# At most 50 M parameters (200 MB of float32; the tutorial's CNN has 3.3 M): checked from the
-# config before Keras allocates anything, as the weights file's size is before it is read.
-MAX_PARAMETERS = 50_000_000
+MAX_METADATA_BYTES = 1 << 16
 WEIGHTS_SLACK_BYTES = 1 << 20  # HDF5's own structures around the arrays
-
-
-def parameter_count(config: dict) -> int:
-    """The CNN's weights for a (bounds-checked) config: two convolutions and two dense layers;
-    a field the config leaves out takes ``CNN``'s own default."""
-    defaults = {name: p.default for name, p in inspect.signature(CNN.__init__).parameters.items()
-                if p.default is not inspect.Parameter.empty}
-    c = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
-    k, f1, f2, units, classes = (c[name] for name in ("kernel_size", "filters1", "filters2", "dense_units",
-                                                      "num_classes"))
-    return (k * k * f1 + f1) + (k * k * f1 * f2 + f2) + (7 * 7 * f2 * units + units) + (units * classes + classes)
+# what model.save writes into a .keras zip; an archive with anything else is refused before Keras
+# unpacks it (Keras extracts every member)
+MEMBERS = ("config.json", "metadata.json", "model.weights.h5")
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -108,20 +90,53 @@ def save_model(path: str | os.PathLike, model: CNN) -> Path:
 # -- reading ------------------------------------------------------------------------------
 
 
+def _member(archive: zipfile.ZipFile, name: str, limit: int, path: Path, keep: bool = True) -> bytes:
+    """A member of the archive, inflated in small pieces and counted as it inflates: refused
+    past ``limit`` bytes whatever its zip header says (and on a wrong CRC, which zipfile checks
+    at the end). Not kept unless ``keep``: a check costs a piece, not the member."""
+    size = archive.getinfo(name).file_size
+    if size > limit:
+        raise ModelFileError(f"{path}: {name} is {size:,} bytes; at most {limit:,} are read")
+    parts, count = [], 0
+    with archive.open(name) as f:
+        while part := f.read(1 << 20):  # zipfile inflates at most what is asked for
+            count += len(part)
+            if count > limit:
+                raise ModelFileError(f"{path}: {name} inflates past {limit:,} bytes; at most {limit:,} are read")
+            if keep:
+                parts.append(part)
+    return b"".join(parts)
+
+
 def read_config(path: Path) -> dict:
-    """The model config inside a ``.keras`` zip, checked to be a CNN of sane size."""
+    """The model config inside a ``.keras`` zip, checked to be a CNN of sane size, and the
+    whole archive checked before Keras unpacks it: only the members ``model.save`` writes,
+    each inflated (and counted) within the size the config allows."""
     try:
         with zipfile.ZipFile(path) as archive:
-            with archive.open("config.json") as f:  # the bytes read count, not the size the zip header claims
-                text = f.read(MAX_CONFIG_BYTES + 1)
-            if len(text) > MAX_CONFIG_BYTES:
-                raise ModelFileError(f"{path}: config.json is over {MAX_CONFIG_BYTES:,} bytes; not a CNN's config")
-            weights = archive.getinfo("model.weights.h5") if "model.weights.h5" in archive.namelist() else None
-            saved = json.loads(text)
+            names = archive.namelist()
+            unexpected = sorted(set(names) - set(MEMBERS))
+            if unexpected or len(names) != len(set(names)):
+                shown = ", ".join(n[:60] for n in unexpected[:3]) or "a member twice"
+                raise ModelFileError(f"{path}: the archive holds {shown}{' ...' if len(unexpected) > 3 else ''}; "
+                                     f"a .keras model file holds only {', '.join(MEMBERS)}")
+            saved = json.loads(_member(archive, "config.json", MAX_CONFIG_BYTES, path))
+            most = _check_config(saved, path)
+            if "metadata.json" in names:
+                _member(archive, "metadata.json", MAX_METADATA_BYTES, path, keep=False)
+            if "model.weights.h5" in names:
+                _member(archive, "model.weights.h5", most, path, keep=False)
+    except ModelFileError:
+        raise
     except KeyError:
         raise ModelFileError(f"{path}: not a .keras model file (no config.json inside)") from None
-    except (zipfile.BadZipFile, OSError, ValueError, RecursionError) as e:
+    except (zipfile.BadZipFile, OSError, ValueError, RecursionError, EOFError, zlib.error) as e:
         raise ModelFileError(f"{path}: cannot read the model file ({type(e).__name__}: {e})"[:300]) from None
+    return saved
+
+
+def _check_config(saved, path: Path) -> int:
+    """``saved`` (config.json) must be a CNN within the size bounds: the bytes its weights may take."""
     if not isinstance(saved, dict):
         raise ModelFileError(f"{path}: config.json is not a model config")
     name = saved.get("class_name")
@@ -130,27 +145,13 @@ def read_config(path: Path) -> dict:
             raise ModelFileError(f"{path}: it contains Python code (a Lambda layer), refused in safe mode")
         raise ModelFileError(f"{path}: holds a {name}, not a mnist_cnn CNN")
     config = saved.get("config") if isinstance(saved.get("config"), dict) else {}
-    for key, (low, high) in CONFIG_BOUNDS.items():
-        value = config.get(key)
-        if value is not None and (type(value) is not int or not low <= value <= high):
-            raise ModelFileError(f"{path}: config.json: {key}={value!r} is outside {low}-{high}")
-    dropout = config.get("dropout", 0.0)
-    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
-        raise ModelFileError(f"{path}: config.json: dropout={dropout!r} is outside [0, 1)")
     try:
+        check_sizes(config)
         check_build_config(saved.get("build_config"))
     except (ValueError, TypeError, AttributeError) as e:
-        raise ModelFileError(f"{path}: cannot load the model: {e}") from None
-    parameters = parameter_count(config)
-    if parameters > MAX_PARAMETERS:
-        raise ModelFileError(f"{path}: config.json describes a CNN of {parameters:,} parameters; "
-                             f"at most {MAX_PARAMETERS:,} are loaded")
+        raise ModelFileError(f"{path}: config.json: {e}") from None
     # the weights are float32 (an optimizer's state in a resume checkpoint at most doubles them, twice)
-    most = 3 * 4 * parameters + WEIGHTS_SLACK_BYTES
-    if weights is not None and weights.file_size > most:
-        raise ModelFileError(f"{path}: model.weights.h5 is {weights.file_size:,} bytes; a CNN of "
-                             f"{parameters:,} parameters needs at most {most:,}")
-    return saved
+    return 3 * 4 * parameter_count(config) + WEIGHTS_SLACK_BYTES
 
 
 def _stored_arrays(store: h5py.File, shapes: set[tuple]) -> list:

@@ -9,6 +9,8 @@ conv 32@5x5 same relu -> maxpool 2 -> conv 64@5x5 same relu -> maxpool 2
 
 from __future__ import annotations
 
+import inspect
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -26,6 +28,18 @@ def require_tensorflow(what: str) -> None:
                            "inference works under any backend")
 
 INPUT_SHAPE = (None, *IMAGE_SHAPE)
+
+# A CNN's sizes, checked whenever one is built from a config (a file's, through Keras'
+# load_model too) before anything is allocated: at most 50 M parameters (200 MB of float32;
+# the tutorial's CNN has 3.3 M).
+SIZE_BOUNDS = {
+    "filters1": (1, 1024),
+    "filters2": (1, 1024),
+    "kernel_size": (1, 28),
+    "dense_units": (1, 16384),
+    "num_classes": (2, 1000),
+}
+MAX_PARAMETERS = 50_000_000
 
 
 @keras.saving.register_keras_serializable(package="mnist_cnn")
@@ -168,6 +182,13 @@ class CNN(keras.Model):
             raise ValueError(f"CNN takes images of shape (N, 28, 28) or (N, 28, 28, 1); got input of shape {shape}")
         return inputs if len(shape) == 4 else keras.ops.expand_dims(inputs, -1)
 
+    @classmethod
+    def from_config(cls, config):
+        """Keras' ``from_config``, after ``check_sizes``: a file's config cannot make
+        ``keras.saving.load_model`` allocate more than ``MAX_PARAMETERS`` weights."""
+        check_sizes(config)
+        return super().from_config(config)
+
     def get_config(self):
         config = super().get_config()
         config.update(
@@ -243,6 +264,32 @@ def _reducible(logs: dict) -> dict:
     if isinstance(tf.distribute.get_strategy(), tf.distribute.MultiWorkerMirroredStrategy):
         return {name: tf.reshape(value, [1]) for name, value in logs.items()}
     return logs
+
+
+def parameter_count(config: dict) -> int:
+    """The CNN's weights for a config: two convolutions and two dense layers; a field the
+    config leaves out takes ``CNN``'s own default."""
+    defaults = {name: p.default for name, p in inspect.signature(CNN.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    c = {**defaults, **{k: v for k, v in config.items() if k in defaults}}
+    k, f1, f2, units, classes = (c[name] for name in ("kernel_size", "filters1", "filters2", "dense_units",
+                                                      "num_classes"))
+    return (k * k * f1 + f1) + (k * k * f1 * f2 + f2) + (7 * 7 * f2 * units + units) + (units * classes + classes)
+
+
+def check_sizes(config: dict) -> None:
+    """ValueError unless ``config``'s sizes are whole numbers within ``SIZE_BOUNDS``, dropout in
+    [0, 1), and the whole at most ``MAX_PARAMETERS`` weights."""
+    for key, (low, high) in SIZE_BOUNDS.items():
+        value = config.get(key)
+        if value is not None and (type(value) is not int or not low <= value <= high):
+            raise ValueError(f"{key}={value!r} is outside {low}-{high}")
+    dropout = config.get("dropout", 0.0)
+    if type(dropout) not in (int, float) or not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout!r} is outside [0, 1)")
+    parameters = parameter_count(config)
+    if parameters > MAX_PARAMETERS:
+        raise ValueError(f"a CNN of {parameters:,} parameters; at most {MAX_PARAMETERS:,} are built")
 
 
 def check_build_config(config) -> None:

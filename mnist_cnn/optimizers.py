@@ -34,6 +34,20 @@ class FusedAdam(keras.optimizers.Adam):
         if self.amsgrad or self.weight_decay:
             raise ValueError("FusedAdam computes plain Adam: no amsgrad or weight_decay")
 
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Keras' ``from_config``, after checking that a file's hyperparameters are numbers
+        Adam can use (a resume checkpoint's optimizer is built from them)."""
+        bounds = {"beta_1": (0, 1), "beta_2": (0, 1), "epsilon": (0, 1), "learning_rate": (0, 1e3),
+                  "ema_momentum": (0, 1)}
+        for key, (low, high) in bounds.items():
+            value = config.get(key)
+            if isinstance(value, dict) and key == "learning_rate":
+                continue  # a schedule: Keras deserializes and checks it
+            if value is not None and (type(value) not in (int, float) or not low <= value <= high):
+                raise ValueError(f"FusedAdam: {key}={value!r} is outside [{low}, {high}]")
+        return super().from_config(config, custom_objects=custom_objects)
+
     def update_step(self, gradient, variable, learning_rate):
         dtype = variable.dtype
         step = tf.cast(self.iterations + 1, dtype)

@@ -75,7 +75,7 @@ def read_image(source, formats: tuple[str, ...] | None = None, max_side: int | N
             if img.format == "JPEG" and max(img.size) > side:
                 img.draft("L", (side // 4, side // 4))  # decode at a reduced scale; size is updated
             if img.width * img.height > MAX_PIXELS or max(img.size) > side:
-                limit = f"{side} pixels a side, {MAX_PIXELS:,} in all" if max_side else f"{MAX_PIXELS:,} pixels"
+                limit = f"{side} pixels a side, {MAX_PIXELS:,} in all" if max_side else f"{MAX_PIXELS:,}"
                 raise ImageError(f"{img.width}x{img.height} pixels, more than the {limit} this reads")
             return _gray(img)
     except ImageError:

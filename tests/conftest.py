@@ -154,3 +154,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_MEASURED = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
+
+
+def run_measured(argv, timeout=300, **kwargs) -> tuple[subprocess.CompletedProcess, float]:
+    """``argv`` run to the end in a fresh process: (its result, its peak resident memory in MB).
+    The peak is the kernel's (``ru_maxrss`` of a wrapper's only child), which counts what C code
+    allocates (tracemalloc does not)."""
+    proc = subprocess.run([sys.executable, "-c", _MEASURED, *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
+    *lines, peak = proc.stderr.rstrip("\n").split("\n")
+    proc.stderr = "".join(line + "\n" for line in lines)
+    return proc, int(peak) / 1024

@@ -166,7 +166,7 @@ def test_weights_padded_past_what_the_config_needs_are_refused_before_reading(sa
     with zipfile.ZipFile(path) as archive:  # 300 MiB more inside than on disk
         assert archive.getinfo("model.weights.h5").file_size - path.stat().st_size > 250 << 20
     peak, message = peak_of(lambda: load_cnn(path))
-    assert "model.weights.h5 is 3" in message and "needs at most" in message, message
+    assert "model.weights.h5 is 3" in message and "at most" in message, message
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
 
 
@@ -174,8 +174,8 @@ def test_a_config_inside_the_bounds_but_too_big_in_total_is_refused_before_alloc
     path = rewrite(saved / "good.keras", tmp_path / "huge.keras",
                    edit_config=lambda c: c["config"].update(filters2=1024, dense_units=16384))
     peak, message = peak_of(lambda: load_cnn(path))
-    assert "describes a CNN of 823,084,874 parameters" in message, message
-    assert "at most 50,000,000 are loaded" in message
+    assert "a CNN of 823,084,874 parameters" in message, message
+    assert "at most 50,000,000 are built" in message
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
 
 
@@ -286,7 +286,7 @@ def test_a_gzip_bomb_is_refused_without_decompressing_it(tmp_path):
 def test_dimensions_whose_product_overflows_are_refused(tmp_path):
     path = tmp_path / "big"
     path.write_bytes(struct.pack(">HBB3I", 0, 8, 3, 2**32 - 1, 2**32 - 1, 2**32 - 1) + bytes(100))
-    with pytest.raises(IDXError, match="truncated: header says shape"):
+    with pytest.raises(IDXError, match="more than the 2,147,483,648 bytes an IDX file may hold"):
         idx.read_idx(path)
     with pytest.raises(IDXError, match="images are 4294967295x4294967295, expected 28x28"):
         idx.read_idx(path, ndim=3, item_shape=(28, 28))

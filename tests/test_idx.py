@@ -1,9 +1,11 @@
 import gzip
 import shutil
+import struct
+import zlib
 
 import numpy as np
 import pytest
-from conftest import SHARED_MNIST, write_folder
+from conftest import FIT, SHARED_MNIST, run_measured, write_folder
 
 from mnist_cnn import idx
 from mnist_cnn.idx import IDXError
@@ -92,3 +94,31 @@ def test_reads_the_official_mnist_test_set():
     assert np.bincount(labels).tolist()[:3] == [980, 1135, 1032]
     with gzip.open(SHARED_MNIST / "train-labels-idx1-ubyte.gz") as f:
         assert f.read(8) == bytes.fromhex("00000801" "0000ea60")  # 60,000 labels
+
+
+def gzip_bomb(path, images: int, zeros: int):
+    """An images IDX .gz whose header claims ``images`` and whose stream inflates to ``zeros`` bytes."""
+    packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # gzip framing
+    parts = [packer.compress(struct.pack(">HBBIII", 0, 8, 3, images, 28, 28))]
+    block = bytes(1 << 24)
+    parts += [packer.compress(block) for _ in range(zeros >> 24)]
+    path.write_bytes(b"".join(parts) + packer.flush())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images, zeros, message", [
+    (2**32 - 1, 64 << 20, "more than the 2,147,483,648 bytes an IDX file may hold"),  # refused from the header
+    (2_000_000, 768 << 20, "truncated: header says shape (2000000, 28, 28)"),  # within the cap: counted, not kept
+])
+def test_a_gzip_bomb_costs_what_it_holds_not_what_it_inflates_to(tmp_path, images, zeros, message):
+    """The issue's reproduction: fit.py --data on a small .gz that inflates to hundreds of MB of
+    zeros under a header claiming more: one line, exit 2, and a peak (TensorFlow's ~0.9 GB
+    included) under 1.2 GB; the old reader kept the inflated bytes twice (2.9 GB)."""
+    write_folder(tmp_path / "data", gz=True)
+    bomb = tmp_path / "data" / "train-images-idx3-ubyte.gz"
+    gzip_bomb(bomb, images, zeros)
+    assert bomb.stat().st_size < 2 << 20
+    proc, peak_mb = run_measured([*FIT, "--data", tmp_path / "data", "--logdir", tmp_path / "logs"])
+    assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], proc.stderr[-1000:]
+    assert peak_mb < 1200, f"peak {peak_mb:.0f} MB"
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
