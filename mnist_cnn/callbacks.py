@@ -17,7 +17,7 @@
                           It replaces Keras' ``BackupAndRestore``, which deletes its backup
                           when ``fit`` returns, before the run's final files exist.
 
-Every file is written atomically (``rundir.write_atomic``).
+Every file is written atomically (``files.write_atomic``).
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ from tensorboard.plugins.hparams import api as hparams_api
 
 from mnist_cnn.errors import TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
+from mnist_cnn.files import write_atomic
 from mnist_cnn.keras_file import inference_copy, model_bytes
 from mnist_cnn.model import random_state
-from mnist_cnn.rundir import RunDir, write_atomic
+from mnist_cnn.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

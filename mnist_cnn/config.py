@@ -10,7 +10,6 @@ the tutorial's numbers. To add an option: add a field here, use it in ``train.py
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from mnist_cnn import cpu
 from mnist_cnn.errors import UsageError
+from mnist_cnn.files import read_json
 
 JIT_CHOICES = {"auto": "auto", "on": True, "off": False}
 LR_SCHEDULES = ("constant", "cosine")
@@ -146,12 +146,11 @@ class TrainConfig:
         """The config a run was started with (its ``config.json``), type-checked."""
         path = Path(run_dir) / "config.json"
         try:
-            saved = json.loads(path.read_text())
+            saved = read_json(path, "run config")  # a regular file, at most 16 MB
         except FileNotFoundError:
             raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)") from None
-        except (OSError, ValueError, RecursionError) as e:
-            reason = e.strerror if isinstance(e, OSError) and e.strerror else f"{type(e).__name__}: {str(e)[:80]}"
-            raise UsageError(f"--resume {run_dir}: unreadable config.json ({reason})") from None
+        except UsageError as e:
+            raise UsageError(f"--resume {e}") from None
         return cls.from_dict(saved, f"--resume {run_dir}: config.json")
 
     def profile_range(self) -> tuple[int, int] | int:
@@ -235,5 +234,7 @@ def check_value(f: dataclasses.Field, value) -> str | None:
     if not (below or above):
         return None
     if high is None:
+        if low == 0 and not meta["open_low"]:
+            return f"must be 0 or more, got {value}"
         return f"must be positive, got {value}" if low in (0, 1) else f"must be at least {low}, got {value}"
     return f"must be in {'(' if meta['open_low'] else '['}{low}, {high}{')' if meta['open_high'] else ']'}, got {value}"

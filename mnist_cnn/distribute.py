@@ -75,7 +75,8 @@ def worker_run_dir(chief_run_dir: Path) -> Path:
     if state:
         (scratch / state.checkpoint).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(chief_run_dir / state.checkpoint, scratch / state.checkpoint)
-        shutil.copy2(chief_run_dir / "resume.json", scratch / "resume.json")
+        for name in ("resume.json", "config.json", "history.json"):  # what the resume state is checked against
+            shutil.copy2(chief_run_dir / name, scratch / name)
     return scratch
 
 

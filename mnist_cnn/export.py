@@ -39,7 +39,7 @@ import tensorflow as tf
 from mnist_cnn import data
 from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
-from mnist_cnn.rundir import write_atomic
+from mnist_cnn.files import write_atomic
 
 SERVING_SHAPE = (None, 28, 28, 1)
 
@@ -201,10 +201,21 @@ def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int 
         _write_quietly(archive, str(staging))
         _usual_permissions(staging)
         return _publish(staging, base, version)
-    except OSError as e:
-        raise StorageError(f"cannot write the SavedModel in {base}: {e.strerror or e}") from None
+    except (OSError, tf.errors.OpError) as e:  # TensorFlow's SaveV2 fails as ResourceExhaustedError on a full disk
+        raise StorageError(f"cannot write the SavedModel in {base}: {_reason(e, staging)}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _reason(e: Exception, staging: Path) -> str:
+    """One line: the OS's words where there are some, else TensorFlow's first line without our staging path."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    text = getattr(e, "message", None) or str(e)
+    for marker in ("No space left on device", "Disk quota exceeded", "Read-only file system", "Permission denied"):
+        if marker in text:
+            return marker
+    return " ".join(text.replace(str(staging), "").split())[:200]
 
 
 def _usual_permissions(folder: Path) -> None:

@@ -7,7 +7,7 @@ layout: ``config.json`` before Keras sees a file (so that an oversized or foreig
 refused before anything is allocated), and the weights file as a set of arrays -- never by
 Keras' internal key names -- to check that every weight was loaded.
 
-- ``model_bytes``: a model saved by Keras, as bytes, for ``rundir.write_atomic``;
+- ``model_bytes``: a model saved by Keras, as bytes, for ``files.write_atomic``;
 - ``inference_copy`` / ``save_model``: the model without its optimizer and compile config
   (what predicting, evaluating, exporting and fine-tuning need; 13 MB instead of 39);
 - ``load_cnn`` / ``load_weights_strict``: loading where anything that does not fit is a
@@ -28,8 +28,8 @@ import keras
 import numpy as np
 
 from mnist_cnn.errors import ModelFileError, StorageError
+from mnist_cnn.files import temp_name, write_atomic
 from mnist_cnn.model import CNN, check_build_config, check_sizes, parameter_count
-from mnist_cnn.rundir import temp_name, write_atomic
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_METADATA_BYTES = 1 << 16

@@ -25,84 +25,30 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import math
 import os
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
+from mnist_cnn.files import read_json, read_regular, temp_name, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}(\.keras)?$")  # (.keras: model_bytes' scratch copy)
+_CHECKPOINT = re.compile(r"^(?P<kind>epoch|resume)-(?P<epoch>[0-9]{2,9})\.keras$")  # any other name is not ours
+MAX_CHECKPOINT = 1 << 30  # bytes: a resume checkpoint of the largest CNN the bounds allow is ~0.6 GB
 # TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
 STEP_TAG_PREFIX = "batch_"
 # ... and the ones written once, by the run's first process only.
 ONCE_TAGS = ("train/samples", "_hparams_/session_start_info")
 SESSION_END_TAG = "_hparams_/session_end_info"
-
-
-def temp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` whole or not at all (temp file, fsync, rename).
-
-    On failure the old ``path`` is untouched, no temporary file is left, and a
-    ``StorageError`` names the file and the cause.
-    """
-    path = Path(path)
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except OSError as e:
-        raise StorageError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_json(path: str | os.PathLike, payload) -> Path:
-    return write_atomic(path, (json.dumps(payload, indent=2) + "\n").encode())
-
-
-MAX_RUN_FILE = 16 << 20  # bytes of a run's JSON file (history.json of 10,000 epochs is ~2 MB)
-
-
-def read_json(path: Path, what: str):
-    """A run file's JSON, or a one-line ``UsageError`` naming it (unreadable, too large,
-    not JSON, nested too deep for Python's parser)."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read(MAX_RUN_FILE + 1)
-        if len(text) > MAX_RUN_FILE:
-            raise UsageError(f"{path}: over {MAX_RUN_FILE:,} bytes; not a {what}")
-        return json.loads(text)
-    except OSError as e:
-        raise UsageError(f"{path}: unreadable {what} ({e.strerror or e})") from None
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise UsageError(f"{path}: not a {what} ({type(e).__name__}: {str(e)[:80]})") from None
 
 
 def _is_int(value) -> bool:
@@ -116,6 +62,9 @@ class ResumeState:
     epochs: int  # finished epochs
     steps: int  # the optimizer's step count after them
     checkpoint: str  # relative to the run folder
+    config_sha256: str  # the run's identity: config.json as it was written when the run was created ...
+    history_sha256: str  # ... its first ``epochs`` history entries (``history_digest``) ...
+    checkpoint_sha256: str  # ... and the checkpoint's bytes: all must agree before a resume steers anything
     exported: bool = False  # the --export SavedModel was written
     random: dict = dataclasses.field(default_factory=dict)  # the model's random generators' states
 
@@ -128,6 +77,8 @@ class ResumeState:
         if not isinstance(raw, dict):
             raise bad(f"expected a JSON object, got {type(raw).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING
+                    and f.default_factory is dataclasses.MISSING}
         if raw.keys() - names or not {"epochs", "steps", "checkpoint"} <= raw.keys():
             raise bad(f"expected the keys {sorted(names)}, got {sorted(raw)}")
         epochs, steps = raw["epochs"], raw["steps"]
@@ -138,6 +89,11 @@ class ResumeState:
             raise bad(f"steps must be a whole number of at least one per epoch, got {steps!r}")
         if raw["checkpoint"] != f"checkpoints/resume-{epochs:02d}.keras":
             raise bad(f"checkpoint must be checkpoints/resume-{epochs:02d}.keras, got {str(raw['checkpoint'])[:80]!r}")
+        if required - raw.keys():
+            raise bad(f"expected the keys {sorted(names)}, missing {sorted(required - raw.keys())}")
+        for key in ("config_sha256", "history_sha256", "checkpoint_sha256"):
+            if not isinstance(raw[key], str) or not re.fullmatch(r"[0-9a-f]{64}", raw[key]):
+                raise bad(f"{key} must be a SHA-256 in hex, got {str(raw[key])[:80]!r}")
         if type(raw.get("exported", False)) is not bool:
             raise bad(f"exported must be true or false, got {raw['exported']!r}")
         random = raw.get("random", {})
@@ -196,11 +152,21 @@ class RunDir:
         """The full training state after ``epoch`` epochs (model + optimizer): what --resume loads."""
         return self.checkpoints / f"resume-{epoch:02d}.keras"
 
+    def _checkpoints(self, kind: str) -> list[tuple[int, Path]]:
+        """(epoch, path) of this run's checkpoints of ``kind``, by epoch; files of other names
+        (``epoch-abc.keras``, a folder, a link) are not the run's and are left alone."""
+        found = []
+        for path in self.checkpoints.glob(f"{kind}-*.keras"):
+            match = _CHECKPOINT.match(path.name)
+            if match and match["kind"] == kind and path.is_file() and not path.is_symlink():
+                found.append((int(match["epoch"]), path))
+        return sorted(found)
+
     def epoch_checkpoints(self) -> list[Path]:
-        return sorted(self.checkpoints.glob("epoch-*.keras"))
+        return [path for _, path in self._checkpoints("epoch")]
 
     def resume_checkpoints(self) -> list[Path]:
-        return sorted(self.checkpoints.glob("resume-*.keras"))
+        return [path for _, path in self._checkpoints("resume")]
 
     @property
     def finished(self) -> bool:
@@ -291,9 +257,10 @@ class RunDir:
     def read_history(self) -> list[dict]:
         """``history.json``: one entry per finished epoch, checked (a list of objects with
         ``epoch`` 0, 1, 2, ... and finite numbers) before it steers a resume."""
-        if not self.history.exists():
+        try:
+            entries = read_json(self.history, "history file")
+        except FileNotFoundError:
             return []
-        entries = read_json(self.history, "history file")
         if not isinstance(entries, list):
             raise UsageError(f"{self.history}: expected a list of epochs, got {type(entries).__name__}")
         for i, entry in enumerate(entries):
@@ -310,20 +277,49 @@ class RunDir:
     # -- resume state --------------------------------------------------------------
 
     def read_resume_state(self, max_epochs: int | None = None) -> ResumeState | None:
-        """The last committed epoch (checked: at most ``max_epochs``), or None when no epoch finished."""
-        if not self.resume_file.exists():
+        """The last committed epoch (checked: at most ``max_epochs``), or None when no epoch
+        finished. Before it steers anything, resume.json, config.json, history.json and the
+        resume checkpoint must agree: the digests resume.json carries must be theirs."""
+        try:
+            raw = read_json(self.resume_file, "resume state")
+        except FileNotFoundError:
             return None
-        state = ResumeState.from_json(read_json(self.resume_file, "resume state"), self.resume_file, max_epochs)
-        if not (self.path / state.checkpoint).is_file():
-            raise UsageError(f"{self.resume_file}: its checkpoint {state.checkpoint} is missing")
+        state = ResumeState.from_json(raw, self.resume_file, max_epochs)
+        checkpoint = self.path / state.checkpoint
+        try:
+            checkpoint_bytes = read_regular(checkpoint, "resume checkpoint", MAX_CHECKPOINT)
+        except FileNotFoundError:
+            raise UsageError(f"{self.resume_file}: its checkpoint {state.checkpoint} is missing") from None
+        history = self.read_history()
+        if len(history) < state.epochs:
+            raise UsageError(f"{self.history}: holds {len(history)} epoch(s); {self.resume_file} says "
+                             f"{state.epochs} finished")
+        for name, digest, want in (
+                ("config.json", _sha256(self._config_bytes()), state.config_sha256),
+                ("history.json", history_digest(history[: state.epochs]), state.history_sha256),
+                (state.checkpoint, _sha256(checkpoint_bytes), state.checkpoint_sha256)):
+            if digest != want:
+                raise UsageError(f"{self.path / name}: not the one this run committed with epoch {state.epochs} "
+                                 f"({self.resume_file}); edited, or copied from another run")
         return state
+
+    def _config_bytes(self) -> bytes:
+        try:
+            return read_regular(self.config, "run config")
+        except FileNotFoundError:
+            raise UsageError(f"{self.path}: not a run folder (no config.json)") from None
 
     def commit_epoch(self, epochs: int, steps: int, keep: int, random: dict | None = None) -> ResumeState:
         """Make ``epochs`` finished epochs the state a resume starts from (its resume
-        checkpoint, and the model's ``random`` generator states); then drop older resume
+        checkpoint, and the model's ``random`` generator states), with the digests that tie
+        config.json, history.json and the checkpoint to it; then drop older resume
         checkpoints and the epoch checkpoints beyond the newest ``keep``."""
         checkpoint = self.resume_checkpoint(epochs)
-        state = ResumeState(epochs, steps, str(checkpoint.relative_to(self.path)), random=random or {})
+        state = ResumeState(epochs, steps, str(checkpoint.relative_to(self.path)),
+                            config_sha256=_sha256(self._config_bytes()),
+                            history_sha256=history_digest(self.read_history()[:epochs]),
+                            checkpoint_sha256=_sha256(read_regular(checkpoint, "resume checkpoint", MAX_CHECKPOINT)),
+                            random=random or {})
         write_json(self.resume_file, dataclasses.asdict(state))
         for old in self.resume_checkpoints():
             if old != checkpoint:
@@ -352,12 +348,21 @@ class RunDir:
         history = self.read_history()
         if len(history) != epochs or any(e["epoch"] >= epochs for e in history):
             self.write_history([e for e in history if e["epoch"] < epochs])
-        for checkpoint in self.epoch_checkpoints() + self.resume_checkpoints():
-            if int(checkpoint.stem.split("-")[1]) > epochs:
+        for epoch, checkpoint in self._checkpoints("epoch") + self._checkpoints("resume"):
+            if epoch > epochs:
                 checkpoint.unlink()
         for events in self.path.rglob("events.out.tfevents.*"):
-            if "plugins" not in events.parts:
-                _drop_events(events, epochs, steps)
+            if "plugins" not in events.parts and events.is_file() and not events.is_symlink():
+                _drop_events(events, epochs, steps)  # (a folder or link of that name is not the run's)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def history_digest(entries: list[dict]) -> str:
+    """The digest of history entries as resume.json records them (independent of formatting)."""
+    return _sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _drop_events(path: Path, epochs: int, steps: int) -> None:

@@ -28,10 +28,11 @@ from mnist_cnn.config import JIT_CHOICES, TrainConfig
 from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
+from mnist_cnn.files import write_json
 from mnist_cnn.keras_file import load_cnn, load_weights_strict, save_model
 from mnist_cnn.model import CNN, require_tensorflow, restore_random_state
 from mnist_cnn.optimizers import FusedAdam
-from mnist_cnn.rundir import ResumeState, RunDir, write_json
+from mnist_cnn.rundir import ResumeState, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ def open_run_dir(config: TrainConfig, resume: bool, chief: bool = True) -> tuple
     resume, swept of a killed process's temporary files. A non-chief worker of a
     multi-worker cluster gets a scratch folder seeded with the chief's resume state."""
     if not chief:
-        return RunDir(distribute.worker_run_dir(Path(config.logdir) / config.run_name)), config
+        run_dir = RunDir(distribute.worker_run_dir(Path(config.logdir) / config.run_name))
+        if not run_dir.config.exists():  # a new run: the worker's commits record a config of their own
+            write_json(run_dir.config, dataclasses.asdict(config))
+        return run_dir, config
     if not resume:
         run_dir = RunDir.create(config.logdir, config.run_name)
         config = dataclasses.replace(config, run_name=run_dir.path.name)
@@ -122,6 +126,7 @@ def open_run_dir(config: TrainConfig, resume: bool, chief: bool = True) -> tuple
     run_dir = RunDir(Path(config.logdir) / config.run_name).lock()
     try:
         if run_dir.finished:
+            run_dir.close_resume_state()  # a kill between metrics.json and this clean-up left it
             raise UsageError(f"--resume {run_dir.path}: this run already finished ({run_dir.metrics})")
         run_dir.check_writable()
         run_dir.sweep()

@@ -169,3 +169,14 @@ def run_measured(argv, timeout=300, **kwargs) -> tuple[subprocess.CompletedProce
     *lines, peak = proc.stderr.rstrip("\n").split("\n")
     proc.stderr = "".join(line + "\n" for line in lines)
     return proc, int(peak) / 1024
+
+
+def mount_tmpfs(folder: Path, size: str) -> Path:
+    """A real tmpfs of ``size`` at ``folder`` (root only; the test skips and says why otherwise).
+    Unmount with ``subprocess.run(["umount", "-l", folder])``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    return folder

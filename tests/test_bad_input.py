@@ -366,7 +366,7 @@ def one_epoch_run(tmp_path_factory):
          "checkpoint must be checkpoints/resume-01.keras"),
         ("resume.json", DEEP, "resume.json: not a resume state (RecursionError"),
         ("resume.json", "[]", "resume.json: expected a JSON object, got list"),
-        ("config.json", DEEP, "unreadable config.json"),
+        ("config.json", DEEP, "config.json: not a run config (RecursionError"),
     ],
 )
 def test_a_broken_run_file_is_one_line_and_changes_nothing(one_epoch_run, name, content, message, capsys):
@@ -381,7 +381,7 @@ def test_config_json_that_is_a_folder_is_one_line(unfinished_run, capsys):
     (unfinished_run / "config.json").unlink()
     (unfinished_run / "config.json").mkdir()
     assert fit_cli.main(["--resume", str(unfinished_run)]) == 2
-    assert "unreadable config.json (Is a directory)" in one_line_error(capsys)
+    assert "config.json: a folder; a run config must be a regular file" in one_line_error(capsys)
 
 
 def test_an_unfinished_run_resumes_from_its_config_alone(unfinished_run):

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import quick
+from conftest import FIT, REPO, RESUME_HINT, mount_tmpfs, quick
 
 from mnist_cnn import export, train
 from mnist_cnn.cli import export as export_cli
@@ -174,3 +174,36 @@ def test_the_installed_export_command_prints_no_converter_lines(exported, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr == ""
     assert (tmp_path / "cnn.tflite").stat().st_size > 1_000_000
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MB tmpfs: a SavedModel of the CNN (13 MB of variables) cannot fit."""
+    disk = mount_tmpfs(tmp_path / "disk", "2m")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_export_on_a_full_disk_is_one_stopped_line_and_leaves_no_staging(exported, tiny_disk):
+    run, _ = exported
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "export.py"), str(run.model_path),
+                           str(tiny_disk / "models")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (f"export.py: stopped: cannot write the SavedModel in "
+                                            f"{tiny_disk / 'models'}: No space left on device"), proc.stderr[-3000:]
+    assert list((tiny_disk / "models").iterdir()) == []  # the staging folder is gone, no version published
+
+
+def test_fit_export_on_a_full_disk_stops_resumably_and_the_resume_exports(tmp_path, tiny_disk):
+    args = ["--data", "sample", "--epochs", "1", "--steps-per-epoch", "2", "--logdir", str(tmp_path / "logs"),
+            "--run-name", "r", "--export", str(tiny_disk / "models")]
+    proc = subprocess.run([*FIT, *args], capture_output=True, text=True, timeout=300)
+    run_dir = tmp_path / "logs" / "r"
+    last = proc.stderr.splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("fit.py: stopped: cannot write the SavedModel in "), proc.stderr
+    assert "No space left on device" in last and last.endswith(f"{RESUME_HINT} {run_dir}")
+    assert not (run_dir / "metrics.json").exists() and (run_dir / "resume.json").is_file()
+    subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_disk)], check=True)
+    proc = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tiny_disk / "models" / "1" / "saved_model.pb").is_file() and (run_dir / "metrics.json").is_file()

@@ -55,6 +55,7 @@ def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch
                         seen.append(("pictures", split, len(scores.labels))))
     run_dir = Recorder(tmp_path / "run")
     run_dir.path.mkdir()
+    (run_dir.path / "config.json").write_text("{}")  # the commit records its digest
     (images, labels), _ = data.sample_arrays()
     split = data.pipeline(images[:20], labels[:20], batch_size=10)
     end = callbacks.EndOfEpoch(run_dir, "validation", split, (images[:5], labels[:5]), keep=2)

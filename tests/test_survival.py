@@ -18,6 +18,7 @@ from conftest import (
     FIT,
     RESUME_HINT,
     committed_epochs,
+    mount_tmpfs,
     read_events,
     read_summaries,
     snapshot,
@@ -177,12 +178,7 @@ def test_temporary_files_of_a_killed_process_are_swept(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A real tmpfs of 100 MB (root only; the test says why it skips otherwise)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.strip()}")
+    mount = mount_tmpfs(tmp_path / "disk", "100m")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 

@@ -85,6 +85,7 @@ def test_run_folders_never_collide(tmp_path):
     [
         (["--epochs", "0"], "argument --epochs: must be positive, got 0"),
         (["--batch-size", "-5"], "argument --batch-size: must be positive, got -5"),
+        (["--keep-checkpoints", "-1"], "argument --keep-checkpoints: must be 0 or more, got -1"),  # 0 is allowed
         (["--learning-rate", "abc"], "argument --learning-rate: expected a positive number, got 'abc'"),
         (["--jit-compile", "maybe"], "argument --jit-compile: invalid choice"),
         (["--bogus"], "unrecognized arguments: --bogus"),
