@@ -22,6 +22,7 @@ Every file is written atomically (``files.write_atomic``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -33,12 +34,12 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from mnist_cnn.errors import TrainingDiverged
+from mnist_cnn.errors import Interrupted, StorageError, TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
 from mnist_cnn.files import write_atomic
 from mnist_cnn.keras_file import inference_copy, model_bytes
 from mnist_cnn.model import random_state
-from mnist_cnn.rundir import RunDir
+from mnist_cnn.rundir import SAMPLES_TAG, STEP_TAG_PREFIX, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class StepScalars(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         with self.writer.as_default():
             for name, value in (logs or {}).items():
-                tf.summary.scalar(f"batch_{name}", value, step=step)
+                tf.summary.scalar(f"{STEP_TAG_PREFIX}{name}", value, step=step)
 
     def on_train_end(self, logs=None):
         self.writer.close()
@@ -178,7 +179,7 @@ class EndOfEpoch(keras.callbacks.Callback):
             images, labels = self.preview
             figure = digit_grid(images[: self.shown], [f"label {y}" for y in labels[: self.shown]])
             with self.writer.as_default():
-                tf.summary.image("train/samples", figure_to_image(figure), step=0)
+                tf.summary.image(SAMPLES_TAG, figure_to_image(figure), step=0)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}
@@ -260,6 +261,25 @@ def write_session_end(run_dir: Path, status: str) -> None:
             tf.summary.experimental.write_raw_pb(pb.SerializeToString(), step=0)
     except (OSError, tf.errors.OpError):  # e.g. the disk that stopped the run is still full
         log.warning("could not record the HParams session end (%s) in %s", status, run_dir)
+
+
+@contextlib.contextmanager
+def session(run_dir: Path):
+    """The run's HParams session for the block: ``success`` when it ends, ``interrupted`` on
+    Ctrl-C (raised as ``Interrupted``, naming the run to resume), ``failure`` on a storage fault
+    (re-raised naming the run) or a diverged loss."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        write_session_end(run_dir, "interrupted")
+        raise Interrupted(run_dir) from None
+    except StorageError as e:
+        write_session_end(run_dir, "failure")
+        raise StorageError(str(e), run_dir=run_dir) from None
+    except TrainingDiverged:
+        write_session_end(run_dir, "failure")
+        raise
+    write_session_end(run_dir, "success")
 
 
 class GraphTrace(keras.callbacks.Callback):

@@ -27,7 +27,8 @@ from tensorflow_serving.apis import (
 
 from mnist_cnn.errors import InputError
 from mnist_cnn.servables import IMAGE, SIGNATURES, Model, Servable
-from mnist_cnn.serve import FLOAT32_MAX, MAX_BODY, MAX_INSTANCES, METHOD_NAMES, RequestError, outputs_of
+from mnist_cnn.serve import MAX_BODY
+from mnist_cnn.tfserving import FLOAT32_MAX, MAX_INSTANCES, METHOD_NAMES, RequestError, outputs_of
 
 DTYPES = {np.float32: tf.float32.as_datatype_enum, np.uint8: tf.uint8.as_datatype_enum}
 

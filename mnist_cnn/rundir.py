@@ -1,23 +1,11 @@
-"""The run folder: its layout, atomic writes, the lock, and the state a killed run resumes from.
+"""The run folder: its layout, the lock, and the state a killed run resumes from.
 
-``RunDir`` is the one owner of a run folder's files::
-
-    <logdir>/<run>/
-      config.json          the run's TrainConfig
-      resume.json          the last finished epoch: its number, optimizer steps and checkpoint
-                           (the commit point of an epoch; removed once metrics.json exists)
-      history.json         every finished epoch's metrics
-      checkpoints/         epoch-NN.keras and best.keras (model weights), resume-NN.keras
-                           (model + optimizer, the last finished epoch's; removed at the end)
-      train/ validation/ images/ and the root: TensorBoard event files
-      model.keras          the final model
-      metrics.json         written last: a run is finished exactly when this file exists
-      .lock                held (flock) by the one process that writes the run
-
-Every file is written whole or not at all: to a temporary name in the same folder,
-flushed to disk, then renamed over the old one. A kill leaves at worst a temporary
-file, which the next process that opens the run sweeps away. A storage failure
-(disk full, file too large, read-only) is a ``StorageError`` naming the file.
+``RunDir`` is the one owner of a run folder's files; docs/run-folder.md draws the layout and
+states the guarantees. Every file is written whole or not at all (``files.write_atomic``); a
+kill leaves at worst a temporary file, which the next process that opens the run sweeps away.
+``resume.json`` (``ResumeState``) is the commit point of an epoch and carries the run's
+identity: digests of config.json, of the committed history and of the resume checkpoint,
+checked before a resume trusts any of them.
 """
 
 from __future__ import annotations
@@ -47,8 +35,14 @@ MAX_CHECKPOINT = 1 << 30  # bytes: a resume checkpoint of the largest CNN the bo
 # TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
 STEP_TAG_PREFIX = "batch_"
 # ... and the ones written once, by the run's first process only.
-ONCE_TAGS = ("train/samples", "_hparams_/session_start_info")
+SAMPLES_TAG = "train/samples"
+ONCE_TAGS = (SAMPLES_TAG, "_hparams_/session_start_info")
 SESSION_END_TAG = "_hparams_/session_end_info"
+
+
+def resume_checkpoint_name(epochs: int) -> str:
+    """The resume checkpoint of ``epochs`` finished epochs, relative to the run folder."""
+    return f"checkpoints/resume-{epochs:02d}.keras"
 
 
 def _is_int(value) -> bool:
@@ -87,8 +81,8 @@ class ResumeState:
             raise bad(f"epochs must be a whole number from 1 to {most}, got {epochs!r}")
         if not _is_int(steps) or steps < epochs:
             raise bad(f"steps must be a whole number of at least one per epoch, got {steps!r}")
-        if raw["checkpoint"] != f"checkpoints/resume-{epochs:02d}.keras":
-            raise bad(f"checkpoint must be checkpoints/resume-{epochs:02d}.keras, got {str(raw['checkpoint'])[:80]!r}")
+        if raw["checkpoint"] != resume_checkpoint_name(epochs):
+            raise bad(f"checkpoint must be {resume_checkpoint_name(epochs)}, got {str(raw['checkpoint'])[:80]!r}")
         if required - raw.keys():
             raise bad(f"expected the keys {sorted(names)}, missing {sorted(required - raw.keys())}")
         for key in ("config_sha256", "history_sha256", "checkpoint_sha256"):
@@ -150,7 +144,7 @@ class RunDir:
 
     def resume_checkpoint(self, epoch: int) -> Path:
         """The full training state after ``epoch`` epochs (model + optimizer): what --resume loads."""
-        return self.checkpoints / f"resume-{epoch:02d}.keras"
+        return self.path / resume_checkpoint_name(epoch)
 
     def _checkpoints(self, kind: str) -> list[tuple[int, Path]]:
         """(epoch, path) of this run's checkpoints of ``kind``, by epoch; files of other names
@@ -372,7 +366,7 @@ def _drop_events(path: Path, epochs: int, steps: int) -> None:
 
     kept, dropped = [], 0
     try:
-        for record in tf.data.TFRecordDataset(str(path)):
+        for record in tf.data.TFRecordDataset(str(path), buffer_size=1 << 18):  # (unset, TF logs a line)
             raw = record.numpy()
             event = event_pb2.Event.FromString(raw)
             if event.HasField("summary") and not _keep(event, epochs, steps):

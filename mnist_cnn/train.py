@@ -23,9 +23,9 @@ import keras
 import tensorflow as tf
 
 from mnist_cnn import console, cpu, data, distribute
-from mnist_cnn.callbacks import make_callbacks, write_session_end, write_split_pictures
+from mnist_cnn.callbacks import make_callbacks, session, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
-from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, TrainingDiverged, UsageError
+from mnist_cnn.errors import ModelFileError, StorageError, TrainingDiverged, UsageError
 from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
 from mnist_cnn.files import write_json
@@ -197,7 +197,7 @@ def train_epochs(
                     split="validation" if datasets.info.num_validation else "test",
                     validation=datasets.validation,
                     preview=datasets.preview,
-                    hparams=dataclasses.asdict(config),
+                    hparams={**dataclasses.asdict(config), "data": datasets.info.source},  # what auto chose
                     keep_checkpoints=config.keep_checkpoints,
                     profile_batch=config.profile_range(),
                 ),
@@ -369,22 +369,12 @@ def _fit(config: TrainConfig, verbose, resume: bool, callbacks) -> RunResult:
         log_start(config, strategy, datasets, run_dir, global_batch)
         with strategy.scope():
             initial_epoch = resume_from(model, run_dir, config) if resume else 0
-            try:
+            with session(run_dir.path):
                 mode = progress_mode(config.progress) if verbose is None else "keras"
                 keras_verbose = {"bar": 1, "epoch": 0, "none": 0}.get(mode, verbose)
                 train_epochs(model, datasets, config, run_dir, keras_verbose, callbacks, initial_epoch,
                              epoch_lines=mode == "epoch")
                 result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
-            except KeyboardInterrupt:
-                write_session_end(run_dir.path, "interrupted")
-                raise Interrupted(run_dir.path) from None
-            except StorageError as e:
-                write_session_end(run_dir.path, "failure")
-                raise StorageError(str(e), run_dir=run_dir.path) from None
-            except TrainingDiverged:
-                write_session_end(run_dir.path, "failure")
-                raise
-            write_session_end(run_dir.path, "success")
             return result
     finally:
         run_dir.unlock()

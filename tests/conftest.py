@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +17,12 @@ from mnist_cnn import data, idx
 from mnist_cnn.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+# A suite started with SIGINT ignored (in the background of a non-interactive shell, as some CI
+# runners do) would hand that to every child: the Ctrl-C tests' processes could not be interrupted.
+# Children of a process with a handler get SIGINT's default back when they start.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # The official MNIST test set: MNIST_IDX_DIR, else the shared folder beside the checkout on developer
 # machines and in CI; the tests that read it skip where it is absent and say what to set.
 SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", REPO.parent / "shared" / "data" / "mnist"))

@@ -31,51 +31,6 @@ def test_the_best_checkpoint_is_the_best_validation_epoch(tmp_path):
     assert validation_scores["accuracy"] == pytest.approx(max(val), abs=1e-6)
 
 
-def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch):
-    """history -> both checkpoints -> best -> pictures -> commit, by one callback that reads no
-    other's state: its model file for best.keras is the one it just wrote for the epoch."""
-    from mnist_cnn import callbacks
-    from mnist_cnn.rundir import RunDir
-
-    seen = []
-
-    class Recorder(RunDir):
-        def write_history(self, entries):
-            seen.append(("history", len(entries)))
-            super().write_history(entries)
-
-        def commit_epoch(self, epochs, steps, keep, random=None):
-            seen.append(("commit", epochs))
-            super().commit_epoch(epochs, steps, keep, random)
-
-    write_atomic = callbacks.write_atomic
-    monkeypatch.setattr(callbacks, "write_atomic", lambda path, payload: seen.append(("file", path.name))
-                        or write_atomic(path, payload))
-    monkeypatch.setattr(callbacks, "write_split_pictures", lambda writer, split, scores, step, shown:
-                        seen.append(("pictures", split, len(scores.labels))))
-    run_dir = Recorder(tmp_path / "run")
-    run_dir.path.mkdir()
-    (run_dir.path / "config.json").write_text("{}")  # the commit records its digest
-    (images, labels), _ = data.sample_arrays()
-    split = data.pipeline(images[:20], labels[:20], batch_size=10)
-    end = callbacks.EndOfEpoch(run_dir, "validation", split, (images[:5], labels[:5]), keep=2)
-    model = train.build_model(train.TrainConfig(), steps_per_epoch=1)
-    end.set_model(model)
-    end.on_train_begin()
-    for epoch, score in enumerate((0.5, 0.4)):
-        end.on_epoch_end(epoch, {"loss": 1.0, "val_accuracy": score})
-    end.on_train_end()
-    assert seen == [
-        ("history", 1), ("file", "epoch-01.keras"), ("file", "resume-01.keras"), ("file", "best.keras"),
-        ("pictures", "validation", 20), ("commit", 1),
-        ("history", 2), ("file", "epoch-02.keras"), ("file", "resume-02.keras"),  # 0.4 < 0.5: no new best
-        ("pictures", "validation", 20), ("commit", 2)]
-    best, first = (keras.saving.load_model(run_dir.checkpoints / name) for name in ("best.keras", "epoch-01.keras"))
-    for a, b in zip(best.get_weights(), first.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert not best.compiled  # the model file holds no training state (resume-NN.keras does)
-
-
 def test_the_test_split_is_read_once_per_run(tmp_path, monkeypatch):
     batches_read = []
     load = data.load

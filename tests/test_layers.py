@@ -26,9 +26,9 @@ COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-ev
 # the README's Architecture table, bottom first: a module imports from its own layer and those below
 LAYERS = [
     {"errors", "files", "cpu", "quiet", "console", "config", "idx", "rundir"},
-    {"model", "optimizers", "data", "distribute"},
+    {"model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
-    {"evaluate", "callbacks", "export", "train", "predict", "servables", "page", "serve", "grpc_serve",
+    {"evaluate", "callbacks", "export", "train", "predict", "servables", "page", "tfserving", "serve", "grpc_serve",
      "tutorial"},
     {"bench", "bench.measure", "bench.levers", "bench.lever_worker", "bench.profile", "bench.report",
      "bench.serving"},

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from conftest import quick
 
-from mnist_cnn import CNN, data, train
+from mnist_cnn import CNN, augment, data, train
 from mnist_cnn.errors import Interrupted
 from mnist_cnn.keras_file import load_cnn
 from mnist_cnn.optimizers import FusedAdam
@@ -86,9 +86,9 @@ def test_elastic_distortions_change_digits_seeded_and_keep_them_digits(sample):
     (x, y), _ = sample
     images = tf.constant(x[:64, ..., None] / 255.0, tf.float32)
     seed = tf.constant([3, 1], tf.int64)
-    once, again = data.elastic_batch(images, seed), data.elastic_batch(images, seed)
+    once, again = augment.elastic_batch(images, seed), augment.elastic_batch(images, seed)
     np.testing.assert_array_equal(once.numpy(), again.numpy())  # seeded
-    assert not np.allclose(data.elastic_batch(images, tf.constant([4, 1], tf.int64)).numpy(), once.numpy())
+    assert not np.allclose(augment.elastic_batch(images, tf.constant([4, 1], tf.int64)).numpy(), once.numpy())
     moved = np.abs(once.numpy() - images.numpy()).mean(axis=(1, 2, 3))
     assert (moved > 0.02).all()  # every digit distorted
     assert 0.0 <= float(tf.reduce_min(once)) and float(tf.reduce_max(once)) <= 1.0 + 1e-6

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from conftest import quick, read_summaries, write_folder
 
-from mnist_cnn import CNN, cpu, data, train
+from mnist_cnn import CNN, augment, cpu, data, train
 from mnist_cnn.bench import measure, profile, report
 from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.config import TrainConfig
@@ -79,7 +79,7 @@ def test_augmented_digits_stay_recognisable(sample):
     x = x_train[..., None].astype("float32") / 255.0
     model.fit(x, y_train, batch_size=50, epochs=2, verbose=0)
     images = tf.convert_to_tensor(x[:500])
-    shifted = data.augment_batch(images, seed=tf.constant([3, 0], tf.int64))
+    shifted = augment.augment_batch(images, seed=tf.constant([3, 0], tf.int64))
     clean_acc = (model.predict(images, verbose=0).argmax(1) == y_train[:500]).mean()
     aug_acc = (model.predict(shifted, verbose=0).argmax(1) == y_train[:500]).mean()
     assert clean_acc > 0.9 and aug_acc > 0.6  # broken transforms (huge angles, reflections) fall near chance

@@ -695,7 +695,8 @@ def test_grpc_port_without_the_extra_says_what_to_install(tmp_path):
 
 
 def test_the_body_budget_refuses_past_its_bound_and_gives_back_what_a_request_held():
-    from mnist_cnn.serve import Budget, RequestError
+    from mnist_cnn.serve import Budget
+    from mnist_cnn.tfserving import RequestError
 
     budget = Budget(10)
     with budget.held() as first:

@@ -9,7 +9,7 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from conftest import free_port, quick
+from conftest import free_port, quick, read_summaries
 
 from mnist_cnn import train
 
@@ -116,3 +116,17 @@ def test_hparams_lists_the_run_as_finished(board):
                    "colParams": [], "startIndex": 0, "sliceSize": 10})
     sessions = {s["name"]: s for g in groups["sessionGroups"] for s in g["sessions"]}
     assert sorted(sessions) == sorted([run, "k3"]) and sessions[run]["status"] == "STATUS_SUCCESS"
+
+
+def test_hparams_name_the_data_source_auto_chose(tmp_path, monkeypatch):
+    """--data auto resolves to a source; the HParams dashboard shows that source, not "auto"."""
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from mnist_cnn import data
+
+    monkeypatch.setattr(data, "resolve", lambda source, data_dir=None: "sample")  # what auto picks offline
+    run = train.fit(quick(tmp_path, data="auto", epochs=1, steps_per_epoch=2), verbose=0)
+    assert json.loads((run.run_dir / "config.json").read_text())["data"] == "auto"
+    (_, _, value), = read_summaries(run.run_dir)["_hparams_/session_start_info"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).session_start_info
+    assert start.hparams["data"].string_value == "sample"
