@@ -7,7 +7,7 @@
 - ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
                           so a resumed run continues its curves instead of restarting them;
 - ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;
-- ``EndOfEpoch``       -- last: everything a finished epoch leaves, in one sequence in code
+- ``EpochCommit``       -- last: everything a finished epoch leaves, in one sequence in code
                           order (``on_epoch_end``): ``history.json``; the checkpoints
                           ``resume-NN.keras`` (model + optimizer) and ``epoch-NN.keras``
                           (the model); ``best.keras`` when the monitored score improved;
@@ -22,7 +22,6 @@ Every file is written atomically (``files.write_atomic``).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import math
@@ -34,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
-from mnist_cnn.errors import Interrupted, StorageError, TrainingDiverged
+from mnist_cnn.errors import TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
 from mnist_cnn.files import write_atomic
 from mnist_cnn.keras_file import inference_copy, model_bytes
@@ -144,7 +143,7 @@ def write_split_pictures(writer, split: str, scores: Scores, step: int, shown: i
     writer.flush()
 
 
-class EndOfEpoch(keras.callbacks.Callback):
+class EpochCommit(keras.callbacks.Callback):
     """Everything a finished epoch leaves in the run folder, in this order (one sequence,
     one object; it runs after the other callbacks):
 
@@ -263,25 +262,6 @@ def write_session_end(run_dir: Path, status: str) -> None:
         log.warning("could not record the HParams session end (%s) in %s", status, run_dir)
 
 
-@contextlib.contextmanager
-def session(run_dir: Path):
-    """The run's HParams session for the block: ``success`` when it ends, ``interrupted`` on
-    Ctrl-C (raised as ``Interrupted``, naming the run to resume), ``failure`` on a storage fault
-    (re-raised naming the run) or a diverged loss."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        write_session_end(run_dir, "interrupted")
-        raise Interrupted(run_dir) from None
-    except StorageError as e:
-        write_session_end(run_dir, "failure")
-        raise StorageError(str(e), run_dir=run_dir) from None
-    except TrainingDiverged:
-        write_session_end(run_dir, "failure")
-        raise
-    write_session_end(run_dir, "success")
-
-
 class GraphTrace(keras.callbacks.Callback):
     """The graph of one training step in ``train/``, for TensorBoard's Graphs tab (Keras
     writes none for subclassed models): traced while the first step compiles."""
@@ -324,5 +304,5 @@ def make_callbacks(
         ),
         StepScalars(run_dir.path),
         HParams(run_dir.path, hparams),
-        EndOfEpoch(run_dir, split, validation, preview, keep=keep_checkpoints, best=best_so_far),
+        EpochCommit(run_dir, split, validation, preview, keep=keep_checkpoints, best=best_so_far),
     ]

@@ -33,7 +33,6 @@ RECIPES = {
     "fast": {"epochs": 12, "augment": True, "lr_schedule": "cosine", "dropout": 0.5, "learning_rate": 2e-3,
              "steps_per_execution": 10},
 }
-RECIPE_ALIASES = {"seed": "tutorial"}  # the old name, still in earlier runs' config.json
 # Fields that name the run: on --resume they come from the run folder's path.
 RUN_IDENTITY = ("logdir", "run_name")
 # Fields that change how a run is shown or called, not what it trains: --resume applies them.
@@ -112,7 +111,6 @@ class TrainConfig:
 
     @classmethod
     def from_recipe(cls, recipe: str = "tutorial", **overrides) -> TrainConfig:
-        recipe = RECIPE_ALIASES.get(recipe, recipe)
         if recipe not in RECIPES:
             raise UsageError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
         defaults = dict(RECIPES[recipe])
@@ -134,11 +132,6 @@ class TrainConfig:
             if not any(_has_type(value, kind) for kind in allowed):
                 expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
                 raise UsageError(f"{where}: {name} must be {expected}, got {value!r}")
-        values = {
-            "validation_split": "0",  # runs saved before the split existed scored epochs on the test split
-            **values,
-            "recipe": RECIPE_ALIASES.get(values.get("recipe"), values.get("recipe", "tutorial")),
-        }
         return cls(**values).validate()
 
     @classmethod

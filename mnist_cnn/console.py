@@ -1,6 +1,6 @@
 """Where the package's own lines go: INFO on stdout, warnings and errors on stderr, unadorned.
 
-The command line installs these handlers for the life of the process (``cli.setup_logging``);
+The command line installs these handlers for the life of the process (``cli.common.setup_logging``);
 ``train.fit`` called from Python installs them only for the length of the call, and only when
 the caller has configured no logging at all, so a notebook shows a run's lines as Keras' own
 ``fit`` shows its progress, and an application's logging is left as it is.

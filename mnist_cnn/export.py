@@ -40,8 +40,9 @@ from mnist_cnn import data
 from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.files import write_atomic
+from mnist_cnn.model import INPUT_SHAPE
 
-SERVING_SHAPE = (None, 28, 28, 1)
+SERVING_SHAPE = INPUT_SHAPE  # (None, 28, 28, 1)
 
 
 

@@ -15,9 +15,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mnist_cnn import idx
 from mnist_cnn.errors import BackendError
 
-IMAGE_SHAPE = (28, 28, 1)
+IMAGE_SHAPE = (*idx.IMAGE_SHAPE, 1)  # one channel: MNIST's digits, NHWC
 
 
 def require_tensorflow(what: str) -> None:

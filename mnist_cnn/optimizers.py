@@ -2,7 +2,7 @@
 
 Keras 3's Adam updates each variable with eight separate element-wise ops (sub, mul,
 square, sqrt, div, assign-add x2, assign-sub); on the CNN's 3.27 M weights, at batch 50
-on a 2-core CPU, the profiler (``bench.op_class_profile``) puts that at about a third
+on a 2-core CPU, the profiler (``bench.profile.op_class_profile``) puts that at about a third
 of a training step's op time -- more than every convolution. ``FusedAdam`` computes
 the same update with one ``ResourceApplyAdam`` kernel per variable:
 

@@ -32,11 +32,11 @@ from tensorflow.core.protobuf import saved_model_pb2
 from mnist_cnn.errors import ModelFileError
 from mnist_cnn.export import export_savedmodel, version_folders
 from mnist_cnn.keras_file import load_cnn
+from mnist_cnn.model import IMAGE_SHAPE as IMAGE
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "mnist"
-IMAGE = (28, 28, 1)
 SIGNATURES = {"serving_default": np.float32, "serve_uint8": np.uint8}
 MAX_GRAPH_BYTES = 64 << 20  # a saved_model.pb larger than this is not ours (ours: ~0.3 MB)
 POLL_SECONDS = 1.0  # TensorFlow Serving's --file_system_poll_wait_seconds default

@@ -23,16 +23,16 @@ import keras
 import tensorflow as tf
 
 from mnist_cnn import console, cpu, data, distribute
-from mnist_cnn.callbacks import make_callbacks, session, write_split_pictures
+from mnist_cnn.callbacks import make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig
-from mnist_cnn.errors import ModelFileError, StorageError, TrainingDiverged, UsageError
+from mnist_cnn.errors import ModelFileError, TrainingDiverged
 from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
-from mnist_cnn.files import write_json
-from mnist_cnn.keras_file import load_cnn, load_weights_strict, save_model
-from mnist_cnn.model import CNN, require_tensorflow, restore_random_state
+from mnist_cnn.keras_file import load_cnn, save_model
+from mnist_cnn.model import CNN, require_tensorflow
 from mnist_cnn.optimizers import FusedAdam
-from mnist_cnn.rundir import ResumeState, RunDir
+from mnist_cnn.rundir import RunDir
+from mnist_cnn.runstate import finish, open_run, resume_from, session
 
 log = logging.getLogger(__name__)
 
@@ -102,54 +102,6 @@ def init_weights(model: CNN, source: CNN, path: str) -> None:
         model.set_weights(source.get_weights())
     except ValueError:
         raise ModelFileError(f"{path}: a CNN of another size ({source.get_config()}); cannot start from it") from None
-
-
-def open_run_dir(config: TrainConfig, resume: bool, chief: bool = True) -> tuple[RunDir, TrainConfig]:
-    """The run folder, locked: a new one (with config.json), or the existing one to
-    resume, swept of a killed process's temporary files. A non-chief worker of a
-    multi-worker cluster gets a scratch folder seeded with the chief's resume state."""
-    if not chief:
-        run_dir = RunDir(distribute.worker_run_dir(Path(config.logdir) / config.run_name))
-        if not run_dir.config.exists():  # a new run: the worker's commits record a config of their own
-            write_json(run_dir.config, dataclasses.asdict(config))
-        return run_dir, config
-    if not resume:
-        run_dir = RunDir.create(config.logdir, config.run_name)
-        config = dataclasses.replace(config, run_name=run_dir.path.name)
-        try:
-            write_json(run_dir.config, dataclasses.asdict(config))
-        except StorageError as e:
-            run_dir.unlock()
-            shutil.rmtree(run_dir.path, ignore_errors=True)
-            raise UsageError(str(e)) from None
-        return run_dir, config
-    run_dir = RunDir(Path(config.logdir) / config.run_name).lock()
-    try:
-        if run_dir.finished:
-            run_dir.close_resume_state()  # a kill between metrics.json and this clean-up left it
-            raise UsageError(f"--resume {run_dir.path}: this run already finished ({run_dir.metrics})")
-        run_dir.check_writable()
-        run_dir.sweep()
-        return run_dir, config
-    except BaseException:
-        run_dir.unlock()
-        raise
-
-
-def restore(model: CNN, run_dir: RunDir, state: ResumeState) -> None:
-    """Load the committed epoch's weights, optimizer state and random generator states into ``model``."""
-    model.optimizer.build(model.trainable_variables)
-    path = run_dir.path / state.checkpoint
-    load_weights_strict(model, path)
-    steps = int(model.optimizer.iterations.numpy())
-    if steps != state.steps:
-        raise ModelFileError(
-            f"{path}: holds the optimizer state of step {steps}, {run_dir.resume_file} says {state.steps}"
-        )
-    try:
-        restore_random_state(model, state.random)
-    except ValueError as e:
-        raise ModelFileError(f"{run_dir.resume_file}: {e}") from None
 
 
 class StreamPosition(keras.callbacks.Callback):
@@ -249,7 +201,7 @@ def finish_run(
         data_info=datasets.info,
         seconds=time.perf_counter() - start,
     )
-    write_json(run_dir.metrics, {
+    finish(run_dir, {
         "test_loss": result.test_loss,
         "test_accuracy": result.test_accuracy,
         "validation_loss": result.history["val_loss"][-1],  # the last epoch's
@@ -265,7 +217,6 @@ def finish_run(
         "strategy": strategy,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     })
-    run_dir.close_resume_state()
     return result
 
 
@@ -288,23 +239,6 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
     if not datasets.info.num_validation:
         log.warning("--validation-split 0: per-epoch scores and the best checkpoint use the test split")
     return datasets
-
-
-def resume_from(model: CNN, run_dir: RunDir, config: TrainConfig) -> int:
-    """Restore a resumed run's last finished epoch into ``model``, roll the folder back
-    to it, and return the epoch to continue from (0 for a new run)."""
-    state = run_dir.read_resume_state(max_epochs=config.epochs)
-    if config.export and not (state and state.exported):
-        check_export_dir(config.export)
-    if state is None:
-        run_dir.rollback(0, 0)
-        log.info("Resuming %s after epoch 0 of %d (no epoch had finished)", run_dir.path, config.epochs)
-        return 0
-    restore(model, run_dir, state)
-    run_dir.rollback(state.epochs, state.steps)
-    done = ": every epoch is trained, evaluating and saving" if state.epochs >= config.epochs else ""
-    log.info("Resuming %s after epoch %d of %d%s", run_dir.path, state.epochs, config.epochs, done)
-    return state.epochs
 
 
 def progress_mode(progress: str) -> str:
@@ -364,7 +298,7 @@ def _fit(config: TrainConfig, verbose, resume: bool, callbacks) -> RunResult:
         check_export_dir(config.export)
 
     chief = distribute.is_chief(strategy)
-    run_dir, config = open_run_dir(config, resume, chief)
+    run_dir, config = open_run(config, resume, chief)
     try:
         log_start(config, strategy, datasets, run_dir, global_batch)
         with strategy.scope():

@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from mnist_cnn import callbacks, data, train
+from mnist_cnn import callbacks, data, runstate, train
 from mnist_cnn.errors import Interrupted, StorageError, TrainingDiverged
 from mnist_cnn.rundir import RunDir
 
@@ -36,7 +36,7 @@ def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch
     (run_dir.path / "config.json").write_text("{}")  # the commit records its digest
     (images, labels), _ = data.sample_arrays()
     split = data.pipeline(images[:20], labels[:20], batch_size=10)
-    end = callbacks.EndOfEpoch(run_dir, "validation", split, (images[:5], labels[:5]), keep=2)
+    end = callbacks.EpochCommit(run_dir, "validation", split, (images[:5], labels[:5]), keep=2)
     model = train.build_model(train.TrainConfig(), steps_per_epoch=1)
     end.set_model(model)
     end.on_train_begin()
@@ -60,12 +60,12 @@ def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch
     (TrainingDiverged("loss is nan"), "failure", TrainingDiverged)])
 def test_a_session_ends_with_the_status_of_what_happened(tmp_path, monkeypatch, raised, status, reraised):
     ended = []
-    monkeypatch.setattr(callbacks, "write_session_end", lambda run_dir, s: ended.append((run_dir, s)))
+    monkeypatch.setattr(runstate, "write_session_end", lambda run_dir, s: ended.append((run_dir, s)))
     if raised is None:
-        with callbacks.session(tmp_path):
+        with runstate.session(tmp_path):
             pass
     else:
-        with pytest.raises(reraised) as caught, callbacks.session(tmp_path):
+        with pytest.raises(reraised) as caught, runstate.session(tmp_path):
             raise raised
         if reraised in (Interrupted, StorageError):
             assert caught.value.run_dir == tmp_path  # the run to resume is named

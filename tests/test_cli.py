@@ -2,7 +2,6 @@
 errors and exit codes for every entry point, and a README that lists every flag."""
 
 import dataclasses
-import json
 import re
 import shlex
 import subprocess
@@ -113,15 +112,10 @@ def test_parsing_keeps_typed_flags_apart_from_defaults():
     assert fit_cli.parse_args([])[0] == TrainConfig()
 
 
-def test_the_old_recipe_name_still_works(tmp_path):
-    assert fit_cli.parse_args(["--recipe", "seed"])[0] == TrainConfig.from_recipe("tutorial") == TrainConfig()
+def test_the_recipes_are_three_and_an_unknown_one_is_one_line(capsys):
     assert set(RECIPES) == {"tutorial", "best", "fast"}
-    run = tmp_path / "old"
-    run.mkdir()
-    saved = dataclasses.asdict(TrainConfig(data="sample", logdir=str(tmp_path), run_name="old"))
-    (run / "config.json").write_text(json.dumps({**saved, "recipe": "seed"}))  # as written before the rename
-    config, resume = fit_cli.parse_args(["--resume", str(run), "--recipe", "seed"])
-    assert resume and config.recipe == "tutorial"
+    assert fit_cli.main(["--recipe", "seed"]) == 2  # a 0.1 package keeps no old names
+    assert "argument --recipe: invalid choice: 'seed'" in capsys.readouterr().err
 
 
 def test_resume_and_dry_run_do_not_mix(capsys):

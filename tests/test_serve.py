@@ -291,17 +291,29 @@ def test_a_length_over_the_limit_is_413_before_the_body_is_read(server):
         assert answer.startswith(b"HTTP/1.1 413 ") and b"over the 4,194,304-byte limit" in answer, answer[:300]
 
 
+class Responses:
+    """Whole responses (headers and their Content-Length of body) from one connection, in order;
+    bytes past one response (pipelined answers arrive together under load) are kept for the next."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.data = sock, b""
+
+    def _fill(self, until) -> None:
+        while not until():
+            self.data += self.sock.recv(65536) or pytest.fail(f"closed after {self.data!r}")
+
+    def next(self) -> bytes:
+        self._fill(lambda: b"\r\n\r\n" in self.data)
+        head, _, rest = self.data.partition(b"\r\n\r\n")
+        length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length")), b"0"))
+        self._fill(lambda: len(self.data) >= len(head) + 4 + length)
+        answer, self.data = self.data[:len(head) + 4 + length], self.data[len(head) + 4 + length:]
+        return answer
+
+
 def read_response(s: socket.socket) -> bytes:
-    """One whole response (headers and its Content-Length of body) from a connection."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += s.recv(65536) or pytest.fail(f"closed after {data!r}")
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                      if line.lower().startswith(b"content-length")))
-    while len(body) < length:
-        body += s.recv(65536) or pytest.fail(f"closed after {data!r}")
-    return head + b"\r\n\r\n" + body
+    return Responses(s).next()
 
 
 def chunked(body: bytes, size: int = 1000) -> bytes:
@@ -326,14 +338,15 @@ def test_http_1_1_keep_alive_pipelining_and_100_continue(server):
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(b"GET /v1/models/mnist HTTP/1.1\r\nHost: x\r\n\r\n" * 3)  # three requests in one send
-        answers = [read_response(s) for _ in range(3)]
+        responses = Responses(s)
+        answers = [responses.next() for _ in range(3)]
         assert all(a.startswith(b"HTTP/1.1 200 OK") and a.endswith(b'"error_message":""}}]}') for a in answers)
         body = json.dumps({"image": np.zeros((28, 28)).tolist()}).encode()  # over 1 kB: curl asks first
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
-        assert s.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n")  # sent before the body
+        assert responses.next().startswith(b"HTTP/1.1 100 Continue\r\n")  # sent before the body
         s.sendall(body)  # the same connection, kept alive
-        answer = read_response(s)
+        answer = responses.next()
         assert answer.startswith(b"HTTP/1.1 200 OK") and b'"probabilities"' in answer
 
 

@@ -4,7 +4,7 @@ The server runs as its own process (as a user runs it) on a free port. Cases:
 
 - ``single``: ``clients`` threads each send ``requests`` one-image predict requests while
   ``idle`` connections that never send a byte and ``trickling`` ones that send a byte every
-  ``trickle_every`` seconds are open (the slow clients of issue #26);
+  ``trickle_every`` seconds are open (slow clients);
 - ``batch``: 16 clients x 50 requests of 256 real digits (the largest request);
 - ``bombs``: four 308 kB PNGs of 6300x6300 16-bit RGBA at once (2 GB each once decoded).
 

@@ -10,7 +10,7 @@ import typing
 from pathlib import Path
 
 from mnist_cnn.cli.common import Parser, bounded, command_name, run
-from mnist_cnn.config import RECIPE_ALIASES, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, flag_name
+from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, flag_name
 from mnist_cnn.errors import UsageError
 
 
@@ -32,8 +32,7 @@ def parser() -> Parser:
         if kind is bool:
             p.add_argument(flag_name(f.name), action=argparse.BooleanOptionalAction, help=helptext)
         elif meta["choices"]:
-            alias = (lambda text: RECIPE_ALIASES.get(text, text)) if f.name == "recipe" else str
-            p.add_argument(flag_name(f.name), type=alias, choices=list(meta["choices"]), help=helptext)
+            p.add_argument(flag_name(f.name), choices=list(meta["choices"]), help=helptext)
         else:
             metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind)
             p.add_argument(flag_name(f.name), type=bounded(f, kind) if kind in (int, float) else str,
