@@ -3,7 +3,7 @@
 Each ``TrainConfig`` field carries its command-line help, its choices and its bounds
 (``option(...)``); the ``fit.py`` parser is built from these fields, ``validate()``
 checks the same bounds for configs made in Python or read back from ``config.json``,
-and the README's option table is tested against ``fit.py --help``. The defaults are
+and the option table in docs/options.md is tested against ``fit.py --help``. The defaults are
 the tutorial's numbers. To add an option: add a field here, use it in ``train.py``.
 """
 

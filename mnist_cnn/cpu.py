@@ -6,7 +6,7 @@ TensorFlow reads ``TF_ENABLE_ONEDNN_OPTS`` once, when it starts. Unset, it turns
 by itself on Linux only on CPUs with AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX
 (``DefaultOneDnnPolicy`` in tensorflow/core/util/port.cc); on an AVX2-only CPU it stays
 off, and ``model.fit`` of this CNN ran 2.3x slower there than with the variable set to 1
-(measured on a 2-core AMD EPYC, see the README's Performance section). So every entry
+(measured on a 2-core AMD EPYC, see docs/performance.md). So every entry
 point (``scripts/*.py``, ``mnist-cnn-*``) sets ``TF_ENABLE_ONEDNN_OPTS=1`` on x86 before
 TensorFlow loads, unless the user set the variable (their value always wins). Importing
 the package as a library changes nothing: ``fit()`` says which path it runs and how to

@@ -31,7 +31,7 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     MultiWorkerMirroredStrategy must be set up at program start."""
     if name == "multiworker":
         if "TF_CONFIG" not in os.environ:
-            raise UsageError("--strategy multiworker needs the TF_CONFIG environment variable (see README)")
+            raise UsageError("--strategy multiworker needs the TF_CONFIG environment variable (see docs/scaling.md)")
         try:
             json.loads(os.environ["TF_CONFIG"])
         except ValueError as e:

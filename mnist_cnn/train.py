@@ -5,7 +5,7 @@ epochs, final evaluation and files.
 
 The options are ``config.TrainConfig``; the command line around ``fit`` is ``cli``;
 the run folder's files are ``rundir.RunDir``'s. Each run gets its own folder
-``<logdir>/<run-name or timestamp>/`` (see the README for the layout).
+``<logdir>/<run-name or timestamp>/`` (docs/run-folder.md draws the layout).
 """
 
 from __future__ import annotations
