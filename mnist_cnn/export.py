@@ -45,6 +45,32 @@ from mnist_cnn.model import INPUT_SHAPE
 SERVING_SHAPE = INPUT_SHAPE  # (None, 28, 28, 1)
 
 
+def serving_archive(model: keras.Model, tflite: bool = False) -> keras.export.ExportArchive:
+    """The signatures a served model answers: ``serving_default`` (float32 ``images`` in [0, 1]
+    -> ``probabilities``, ``digits``) and ``serve_uint8`` (uint8 pixels 0-255, same outputs).
+    ``tflite``: ``serving_default`` alone with ``probabilities`` alone, what the TFLite file carries.
+
+    ``keras.export.ExportArchive`` is what ``model.export()`` uses underneath; it lets one
+    SavedModel carry both input types."""
+
+    def predict(images):
+        # A signature's input shape is not enforced when it is called: a (8, 784) batch
+        # reached Conv2D and aborted the whole process (a TensorFlow check failure).
+        # Check first, so a bad batch is an InvalidArgumentError and the server lives on.
+        probabilities = model(tf.ensure_shape(images, SERVING_SHAPE), training=False)
+        if tflite:
+            return {"probabilities": probabilities}
+        return {"probabilities": probabilities, "digits": tf.argmax(probabilities, axis=-1)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", predict,
+                         input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.float32, name="images")])
+    if not tflite:
+        archive.add_endpoint("serve_uint8", lambda images: predict(tf.cast(images, tf.float32) / 255.0),
+                             input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.uint8, name="images")])
+    return archive
+
 
 def tflite_bytes(model: keras.Model, quantize: str = "none", representative=None) -> bytes:
     """``model`` as a TensorFlow Lite flatbuffer with one signature: ``images`` float32
@@ -53,15 +79,8 @@ def tflite_bytes(model: keras.Model, quantize: str = "none", representative=None
 
     # Converted from a one-signature SavedModel: the converter freezes its variables
     # (from a Keras 3 model's concrete function it kept them as unreadable resources).
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default",
-        lambda images: {"probabilities": model(images, training=False)},
-        input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.float32, name="images")],
-    )
     with tempfile.TemporaryDirectory() as folder:
-        _write_quietly(archive, folder)
+        _write_quietly(serving_archive(model, tflite=True), folder)
         converter = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=["serving_default"])
         return _convert(converter, quantize, representative)
 
@@ -173,28 +192,7 @@ def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int 
     returns that folder."""
     base = check_export_dir(base, version)
 
-    def predict(images):
-        # A signature's input shape is not enforced when it is called: a (8, 784) batch
-        # reached Conv2D and aborted the whole process (a TensorFlow check failure).
-        # Check first, so a bad batch is an InvalidArgumentError and the server lives on.
-        images = tf.ensure_shape(images, SERVING_SHAPE)
-        probabilities = model(images, training=False)
-        return {"probabilities": probabilities, "digits": tf.argmax(probabilities, axis=-1)}
-
-    # keras.export.ExportArchive is what model.export() uses underneath; it lets one
-    # SavedModel carry both input types.
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default",
-        lambda images: predict(images),
-        input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.float32, name="images")],
-    )
-    archive.add_endpoint(
-        "serve_uint8",
-        lambda images: predict(tf.cast(tf.ensure_shape(images, SERVING_SHAPE), tf.float32) / 255.0),
-        input_signature=[tf.TensorSpec(SERVING_SHAPE, tf.uint8, name="images")],
-    )
+    archive = serving_archive(model)
     staging = base / f".export-{uuid.uuid4().hex}.partial"  # hidden: TensorFlow Serving ignores it
     try:
         base.mkdir(parents=True, exist_ok=True)

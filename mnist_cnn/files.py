@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -101,3 +102,12 @@ def read_json(path: str | os.PathLike, what: str, limit: int = MAX_RUN_FILE):
         return json.loads(text)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise UsageError(f"{path}: not a {what} ({type(e).__name__}: {str(e)[:80]})") from None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def json_digest(payload) -> str:
+    """The digest of a JSON value, independent of its formatting (key order, spaces)."""
+    return sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode())

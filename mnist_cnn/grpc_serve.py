@@ -65,6 +65,15 @@ def _images(request, servable: Servable, signature: str) -> np.ndarray:
     return images
 
 
+def _answering(response, model: Model, servable, signature: str = ""):
+    """``response`` with its model_spec naming the model, version and signature that answered."""
+    response.model_spec.name = model.name
+    response.model_spec.version.value = servable.version
+    if signature:
+        response.model_spec.signature_name = signature
+    return response
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, model: Model):
         self.model = model
@@ -82,10 +91,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if wanted - set(outputs):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter names {sorted(wanted - set(outputs))}, "
                           f"not outputs of {signature}")
-        response = predict_pb2.PredictResponse()
-        response.model_spec.name = self.model.name
-        response.model_spec.version.value = servable.version
-        response.model_spec.signature_name = signature
+        response = _answering(predict_pb2.PredictResponse(), self.model, servable, signature)
         for name in sorted(wanted):
             response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
         return response
@@ -113,9 +119,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         signatures = get_model_metadata_pb2.SignatureDefMap()
         for name, signature in servable.signature_defs.items():
             signatures.signature_def[name].CopyFrom(signature)
-        response = get_model_metadata_pb2.GetModelMetadataResponse()
-        response.model_spec.name = self.model.name
-        response.model_spec.version.value = servable.version
+        response = _answering(get_model_metadata_pb2.GetModelMetadataResponse(), self.model, servable)
         response.metadata["signature_def"].Pack(signatures)
         return response
 

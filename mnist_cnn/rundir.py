@@ -13,8 +13,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
-import hashlib
-import json
 import logging
 import math
 import os
@@ -25,7 +23,7 @@ from pathlib import Path
 
 from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
-from mnist_cnn.files import read_json, read_regular, temp_name, write_atomic, write_json
+from mnist_cnn.files import json_digest, read_json, read_regular, sha256, temp_name, write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ class ResumeState:
     steps: int  # the optimizer's step count after them
     checkpoint: str  # relative to the run folder
     config_sha256: str  # the run's identity: config.json as it was written when the run was created ...
-    history_sha256: str  # ... its first ``epochs`` history entries (``history_digest``) ...
+    history_sha256: str  # ... its first ``epochs`` history entries (``files.json_digest``) ...
     checkpoint_sha256: str  # ... and the checkpoint's bytes: all must agree before a resume steers anything
     exported: bool = False  # the --export SavedModel was written
     random: dict = dataclasses.field(default_factory=dict)  # the model's random generators' states
@@ -289,9 +287,9 @@ class RunDir:
             raise UsageError(f"{self.history}: holds {len(history)} epoch(s); {self.resume_file} says "
                              f"{state.epochs} finished")
         for name, digest, want in (
-                ("config.json", _sha256(self._config_bytes()), state.config_sha256),
-                ("history.json", history_digest(history[: state.epochs]), state.history_sha256),
-                (state.checkpoint, _sha256(checkpoint_bytes), state.checkpoint_sha256)):
+                ("config.json", sha256(self._config_bytes()), state.config_sha256),
+                ("history.json", json_digest(history[: state.epochs]), state.history_sha256),
+                (state.checkpoint, sha256(checkpoint_bytes), state.checkpoint_sha256)):
             if digest != want:
                 raise UsageError(f"{self.path / name}: not the one this run committed with epoch {state.epochs} "
                                  f"({self.resume_file}); edited, or copied from another run")
@@ -310,9 +308,9 @@ class RunDir:
         checkpoints and the epoch checkpoints beyond the newest ``keep``."""
         checkpoint = self.resume_checkpoint(epochs)
         state = ResumeState(epochs, steps, str(checkpoint.relative_to(self.path)),
-                            config_sha256=_sha256(self._config_bytes()),
-                            history_sha256=history_digest(self.read_history()[:epochs]),
-                            checkpoint_sha256=_sha256(read_regular(checkpoint, "resume checkpoint", MAX_CHECKPOINT)),
+                            config_sha256=sha256(self._config_bytes()),
+                            history_sha256=json_digest(self.read_history()[:epochs]),
+                            checkpoint_sha256=sha256(read_regular(checkpoint, "resume checkpoint", MAX_CHECKPOINT)),
                             random=random or {})
         write_json(self.resume_file, dataclasses.asdict(state))
         for old in self.resume_checkpoints():
@@ -348,15 +346,6 @@ class RunDir:
         for events in self.path.rglob("events.out.tfevents.*"):
             if "plugins" not in events.parts and events.is_file() and not events.is_symlink():
                 _drop_events(events, epochs, steps)  # (a folder or link of that name is not the run's)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def history_digest(entries: list[dict]) -> str:
-    """The digest of history entries as resume.json records them (independent of formatting)."""
-    return _sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _drop_events(path: Path, epochs: int, steps: int) -> None:
