@@ -6,14 +6,14 @@
 ``--help`` and a usage error answer before TensorFlow loads.
 """
 
-from mnist_cnn import cpu, quiet
+from mnist_cnn import console, cpu
 
 __all__ = ["CNN", "FusedAdam"]
 __version__ = "0.1.0"
 
-if quiet.started_as_entry_point():  # only when run as our own command, before TensorFlow loads:
+if console.started_as_entry_point():  # only when run as our own command, before TensorFlow loads:
     cpu.prefer_fast_path()  # oneDNN's CPU kernels on x86 unless the user set TF_ENABLE_ONEDNN_OPTS
-    quiet.install()  # TensorFlow's known start-up lines filtered out of stderr
+    console.filter_tensorflow_lines()  # TensorFlow's known start-up lines filtered out of stderr
 
     def __getattr__(name):  # CNN and FusedAdam on first use (PEP 562)
         if name in __all__:

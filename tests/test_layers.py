@@ -13,7 +13,7 @@ from conftest import REPO
 
 PACKAGE = REPO / "mnist_cnn"
 # what `--help`, a usage error and the entry points' start-up need: none may load TensorFlow
-LIGHT = {"config", "errors", "files", "cpu", "quiet", "console", "idx", "cli", "cli.common", "cli.fit", "cli.evaluate",
+LIGHT = {"config", "errors", "files", "cpu", "console", "idx", "cli", "cli.common", "cli.fit", "cli.evaluate",
          "cli.predict", "cli.export", "cli.serve", "cli.tutorial", "cli.bench"}
 HEAVY = ("tensorflow", "keras", "tensorflow_datasets", "h5py", "matplotlib", "jax", "PIL")
 # module in mnist_cnn.cli, its main, the installed command
@@ -25,7 +25,7 @@ COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-ev
 
 # the README's Architecture table, bottom first: a module imports from its own layer and those below
 LAYERS = [
-    {"errors", "files", "cpu", "quiet", "console", "config", "idx", "rundir"},
+    {"errors", "files", "cpu", "console", "config", "idx", "rundir"},
     {"model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
     {"evaluate", "callbacks", "export", "runstate", "train", "predict", "servables", "page", "tfserving", "serve",

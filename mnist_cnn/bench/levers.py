@@ -21,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from mnist_cnn import cpu, quiet
+from mnist_cnn import console, cpu
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Worker:
         line = self.proc.stdout.readline()
         if not line.startswith(words):
             self.stderr.seek(0)
-            said = [ln for ln in self.stderr.read().splitlines() if ln.strip() and not quiet.is_known(ln)]
+            said = [ln for ln in self.stderr.read().splitlines() if ln.strip() and not console.is_known(ln)]
             raise RuntimeError(f"lever {self.lever.name!r}: the worker failed: {' | '.join(said[-3:])}")
         return line
 

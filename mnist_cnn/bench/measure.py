@@ -8,8 +8,6 @@ time runs from the end of its first step to the end of its last, so one-off cost
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
 import statistics
@@ -24,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import cpu, data, idx, train, tutorial
+from mnist_cnn import console, cpu, data, idx, train, tutorial
 from mnist_cnn.bench import levers
 from mnist_cnn.bench.profile import (
     ProfileUnavailable,
@@ -250,18 +248,6 @@ def offline_start(log) -> dict:
     return {"seconds": float(line.split()[1]), "source": "sample (offline fallback)" if chose_sample else "tfds"}
 
 
-@contextlib.contextmanager
-def quiet_runs():
-    """The runs a benchmark makes print nothing of their own (Device:, Data: ...)."""
-    logger = logging.getLogger("mnist_cnn")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
 def run_overhead(config: train.TrainConfig, log, label: str) -> dict:
     """A whole ``fit()`` run (data, model, every callback, checkpoints, the final test
     score and files) over its steps x the bare model.fit step time on the same training
@@ -342,7 +328,7 @@ def run_all(*, quick: bool, rounds: int | None, large_batch: int, official_test:
         log("speed levers ...")
         results["levers"] = levers.measure(rounds, 10 if quick else 30, log)
     log("run overhead ...")
-    with tempfile.TemporaryDirectory() as logdir, quiet_runs():
+    with tempfile.TemporaryDirectory() as logdir, console.hidden():
         first = train.TrainConfig(data="sample", logdir=logdir, epochs=1 if quick else 5)
         overhead = [run_overhead(first, log, f"default sample run{', 1 epoch' if quick else ''}")]
         if (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() and not quick:
@@ -353,6 +339,6 @@ def run_all(*, quick: bool, rounds: int | None, large_batch: int, official_test:
     results["offline_start"] = offline_start(log)
     if accuracy_runs:
         log(f"accuracy ({len(ACCURACY_RECIPES)} recipes x {accuracy_runs} rounds) ...")
-        with quiet_runs():
+        with console.hidden():
             results["accuracy"] = accuracy(accuracy_runs, official_test, log)
     return results

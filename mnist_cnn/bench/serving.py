@@ -32,8 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_cnn import data, export, servables, train
-from mnist_cnn.bench.measure import quiet_runs
+from mnist_cnn import console, data, export, servables, train
 from mnist_cnn.keras_file import load_cnn
 
 
@@ -191,7 +190,7 @@ def batching_gain(model_dir: Path, n: int = 8, rounds: int = 20) -> dict:
 def measure(log, clients: int = 8, requests: int = 100) -> dict:
     """Train a small model, export it, and load-test the export."""
     with tempfile.TemporaryDirectory() as folder:
-        with quiet_runs():
+        with console.hidden():
             run = train.fit(train.TrainConfig(data="sample", epochs=1, steps_per_epoch=20, logdir=folder), verbose=0)
         model_dir = export.export_savedmodel(load_cnn(run.model_path), Path(folder) / "served")
         log("  load test: one image a request among idle and trickling clients, 256 images a request, "

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import logging
 import os
 import shlex
 import sys
@@ -63,10 +62,7 @@ def positive_int(text: str) -> int:
 
 def setup_logging() -> None:
     """Package INFO lines on stdout, warnings and errors on stderr, unadorned (``console``)."""
-    logger = logging.getLogger(console.LOGGER)
-    logger.setLevel(logging.INFO)
-    logger.handlers[:] = console.handlers()
-    logger.propagate = False
+    console.show()
 
 
 def command_name(script: str) -> str:

@@ -65,11 +65,8 @@ def parser() -> Parser:
 
 def _log_requests() -> None:
     """uvicorn's access log (one line a request) on stdout and its warnings on stderr, as ours."""
-    for name, level in (("uvicorn.access", logging.INFO), ("uvicorn.error", logging.WARNING)):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = console.handlers()
-        logger.setLevel(level)
-        logger.propagate = False
+    console.show("uvicorn.access", logging.INFO)
+    console.show("uvicorn.error", logging.WARNING)
 
 
 def _more_sockets() -> None:

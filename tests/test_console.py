@@ -6,7 +6,7 @@ import sys
 
 from conftest import FIT, REPO, run_python
 
-from mnist_cnn import quiet
+from mnist_cnn import console
 
 NOISE = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -34,18 +34,18 @@ NOISE = [
 
 
 def test_the_known_lines_and_only_those_are_known():
-    assert all(quiet.is_known(line) for line in NOISE)
+    assert all(console.is_known(line) for line in NOISE)
     for other in ("E0000 00:00:1.0 1 cuda_platform.cc:52] failed call to cuInit: CUDA_ERROR_NO_DEVICE",
                   "W0000 00:00:1.0 1 op_kernel.cc:1858] OP_REQUIRES failed: RESOURCE_EXHAUSTED: OOM",
                   "Traceback (most recent call last):", "fit.py: error: --epochs must be positive"):
-        assert not quiet.is_known(other), other
+        assert not console.is_known(other), other
 
 
 def test_the_filter_passes_everything_else_in_order_tracebacks_included():
     code = f"""
 import os, sys
 sys.argv[0] = "mnist-cnn-test"  # as an installed command: the filter is on before TensorFlow loads
-from mnist_cnn import quiet
+from mnist_cnn import console
 noise = {NOISE!r}
 os.write(2, ("first line\\n" + noise[0] + "\\n" + noise[5] + "\\n").encode())
 print("second line", file=sys.stderr, flush=True)
@@ -55,7 +55,7 @@ raise RuntimeError("boom")
 """
     proc = run_python(code)
     lines = proc.stderr.splitlines()
-    assert not any(quiet.is_known(line) for line in lines)
+    assert not any(console.is_known(line) for line in lines)
     assert lines[:3] == ["first line", "second line", "third line without a newline"]
     assert lines[3] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
 
@@ -85,13 +85,13 @@ def test_verbose_shows_tensorflows_lines_again(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "conv_demo.py")], capture_output=True, text=True,
                           timeout=120, cwd=tmp_path, env={**__import__("os").environ, "MNIST_CNN_VERBOSE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert any(quiet.is_known(line) for line in proc.stderr.splitlines())  # TensorFlow's own, unfiltered
+    assert any(console.is_known(line) for line in proc.stderr.splitlines())  # TensorFlow's own, unfiltered
 
 
 def test_the_installed_command_names_count_as_entry_points():
-    assert quiet.is_entry_point("/usr/local/bin/mnist-cnn-fit")
-    assert quiet.is_entry_point(str(quiet.SCRIPTS / "fit.py"))
-    assert not quiet.is_entry_point("/home/someone/fit.py") and not quiet.is_entry_point(sys.executable)
+    assert console.is_entry_point("/usr/local/bin/mnist-cnn-fit")
+    assert console.is_entry_point(str(console.SCRIPTS / "fit.py"))
+    assert not console.is_entry_point("/home/someone/fit.py") and not console.is_entry_point(sys.executable)
 
 
 def test_a_command_that_dies_at_once_still_shows_its_last_lines():
@@ -101,8 +101,8 @@ def test_a_command_that_dies_at_once_still_shows_its_last_lines():
         code = f"""
 import os, signal, sys
 sys.argv[0] = "mnist-cnn-test"
-from mnist_cnn import quiet
-assert quiet._installed
+from mnist_cnn import console
+assert console._installed
 os.write(2, b"terminate called after throwing an instance of 'dnnl::error'\\n")
 {death}
 """
@@ -115,7 +115,7 @@ def test_ctrl_c_reaches_the_command_not_the_filter():
     code = """
 import os, signal, sys, time
 sys.argv[0] = "mnist-cnn-test"
-from mnist_cnn import quiet
+from mnist_cnn import console
 try:
     os.kill(0, signal.SIGINT)  # the whole process group, as a terminal's Ctrl-C
     time.sleep(5)
