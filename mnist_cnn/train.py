@@ -256,8 +256,11 @@ def log_start(config: TrainConfig, strategy, datasets: data.Datasets, run_dir: R
         log.warning(hint)
     log.info("Strategy: %s, global batch %d", distribute.describe(strategy), global_batch)
     log.info("Data: %s", datasets.info.describe())
-    native = " (recipe fast: native on this machine)" if config.recipe == "fast" and config.mixed_precision else ""
-    log.info("Precision: %s%s", precision_policy(config.mixed_precision), native)
+    why = ""
+    if config.recipe == "fast":
+        why = " (recipe fast: native on this machine)" if config.mixed_precision else \
+            " (recipe fast: mixed precision is not native on this machine)"
+    log.info("Precision: %s%s", precision_policy(config.mixed_precision), why)
     log.info("Run folder: %s", run_dir.path)
 
 

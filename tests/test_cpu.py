@@ -45,6 +45,22 @@ def test_the_start_up_line_names_the_cpu_features_and_the_onednn_state():
     assert cpu.slow_path_hint({"TF_ENABLE_ONEDNN_OPTS": "0"}, AVX2_ONLY) is None
 
 
+@x86_only
+def test_bfloat16_is_native_only_with_onednn_bfloat16_instructions_and_no_lower_isa_cap():
+    """What picks the `fast` recipe's precision: AVX512_BF16 or AMX-BF16 that oneDNN is allowed to use."""
+    avx512_bf16 = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16"}
+    assert cpu.native_bfloat16({}, AMX) and cpu.native_bfloat16({}, avx512_bf16)
+    assert not cpu.native_bfloat16({}, AVX2_ONLY | {"avx512f", "avx512_vnni"})  # VNNI, no bfloat16: emulated
+    assert not cpu.native_bfloat16({"TF_ENABLE_ONEDNN_OPTS": "1"}, AVX2_ONLY)
+    assert not cpu.native_bfloat16({"TF_ENABLE_ONEDNN_OPTS": "0"}, AMX)  # Eigen's bfloat16 is emulated
+    for capped in ("AVX512_CORE_VNNI", "avx2", " AVX512_CORE "):  # oneDNN kept below its bfloat16 kernels
+        assert not cpu.native_bfloat16({"ONEDNN_MAX_CPU_ISA": capped}, AMX), capped
+    for allowed in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL", "DEFAULT"):
+        assert cpu.native_bfloat16({"ONEDNN_MAX_CPU_ISA": allowed}, AMX), allowed
+    assert cpu.describe_path({"ONEDNN_MAX_CPU_ISA": "AVX2"}, AMX).endswith(
+        "oneDNN on, its kernels capped at ONEDNN_MAX_CPU_ISA=AVX2")  # what the start-up line and bench say
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("value", [None, "0", "1", "FALSE"])
 def test_the_onednn_state_we_report_is_the_one_tensorflow_runs(value):
