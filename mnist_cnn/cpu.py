@@ -26,7 +26,7 @@ ONEDNN_BY_DEFAULT = ("avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_
 # /proc/cpuinfo flags of bfloat16 dot-product instructions, which oneDNN's bfloat16 kernels use
 BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 # oneDNN caps its kernels at this instruction set when the variable is set; below AVX512_CORE_BF16 its
-# bfloat16 kernels are emulated: 12 epochs of `--recipe fast` took 105 s so against 51 s in float32
+# bfloat16 kernels are emulated: 12 epochs of `--recipe fast` took 105 s against 51 s in float32
 # (a 2-core Xeon capped at AVX512_CORE_VNNI, docs/performance.md)
 MAX_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
@@ -91,7 +91,13 @@ def native_bfloat16(environ=None, flags: frozenset[str] | None = None) -> bool:
     flags = cpu_flags() if flags is None else flags
     if not onednn_enabled(environ, flags) or not any(flag in flags for flag in BFLOAT16_FLAGS):
         return False
-    return environ.get(MAX_ISA_VARIABLE, "").strip().upper() not in ISAS_WITHOUT_BFLOAT16
+    return isa_cap(environ) not in ISAS_WITHOUT_BFLOAT16
+
+
+def isa_cap(environ=None) -> str:
+    """The instruction set oneDNN is capped at (``ONEDNN_MAX_CPU_ISA`` as oneDNN reads it), or ''."""
+    environ = os.environ if environ is None else environ
+    return environ.get(MAX_ISA_VARIABLE, "").strip().upper()
 
 
 _set_here = False  # whether prefer_fast_path set the variable in this process (not the user)
@@ -116,8 +122,8 @@ def describe_path(environ=None, flags: frozenset[str] | None = None) -> str:
     state = "on" if onednn_enabled(environ, flags) else "off"
     if VARIABLE in environ and not (_set_here and environ is os.environ):  # the user's choice: say so
         state += f" ({VARIABLE}={environ[VARIABLE]})"
-    if environ.get(MAX_ISA_VARIABLE, "").strip() and state.startswith("on"):
-        state += f", its kernels capped at {MAX_ISA_VARIABLE}={environ[MAX_ISA_VARIABLE].strip()}"
+    if isa_cap(environ) and state.startswith("on"):
+        state += f", its kernels capped at {MAX_ISA_VARIABLE}={isa_cap(environ)}"
     return f"{where}, oneDNN {state}"
 
 

@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from mnist_cnn import console, cpu, data, distribute
 from mnist_cnn.callbacks import make_callbacks, write_split_pictures
-from mnist_cnn.config import JIT_CHOICES, TrainConfig
+from mnist_cnn.config import JIT_CHOICES, TrainConfig, native_mixed_precision
 from mnist_cnn.errors import ModelFileError, TrainingDiverged
 from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
@@ -257,9 +257,8 @@ def log_start(config: TrainConfig, strategy, datasets: data.Datasets, run_dir: R
     log.info("Strategy: %s, global batch %d", distribute.describe(strategy), global_batch)
     log.info("Data: %s", datasets.info.describe())
     why = ""
-    if config.recipe == "fast":
-        why = " (recipe fast: native on this machine)" if config.mixed_precision else \
-            " (recipe fast: mixed precision is not native on this machine)"
+    if config.recipe == "fast":  # what the recipe chose by, whatever a typed flag then chose
+        why = f" (recipe fast: mixed precision is {'' if native_mixed_precision() else 'not '}native on this machine)"
     log.info("Precision: %s%s", precision_policy(config.mixed_precision), why)
     log.info("Run folder: %s", run_dir.path)
 
