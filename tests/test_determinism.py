@@ -37,12 +37,10 @@ def assert_same_weights(a, b):
 
 @pytest.mark.parametrize("options", [{}, {"augment": True, "dropout": 0.5}], ids=["tutorial", "augment+dropout"])
 def test_one_seed_one_result_and_a_resume_changes_nothing(tmp_path, options):
-    runs = {}
-    for name in ("first", "second"):
-        runs[name] = train.fit(quick(tmp_path / name, epochs=3, steps_per_epoch=4, run_name="r", **options), verbose=0)
-    assert_same_weights(final_weights(runs["first"].run_dir), final_weights(runs["second"].run_dir))
-    assert runs["first"].history == runs["second"].history
-
+    """Each interrupted run is a second run of the same seed: resumed, it must end with the uninterrupted
+    run's weights, bit for bit, and its history -- which a seed that did not fix the result would fail."""
+    runs = {"first": train.fit(quick(tmp_path / "first", epochs=3, steps_per_epoch=4, run_name="r", **options),
+                               verbose=0)}
     for stop in (1, 2):
         config = quick(tmp_path / f"killed-{stop}", epochs=3, steps_per_epoch=4, run_name="r", **options)
         with pytest.raises(Interrupted):

@@ -113,17 +113,19 @@ def test_kill_after_the_last_epoch_resumes_without_training(tmp_path, sig):
     assert [p.name for p in export.iterdir()] == ["1"]
 
 
-@pytest.mark.parametrize("epoch", [1, 2])
-def test_kill_while_an_epoch_checkpoint_is_written(tmp_path, epoch):
-    """The checkpoint is half-written: the run resumes from the previous commit."""
+def test_kills_while_epoch_checkpoints_are_written_resume_from_the_commit_before(tmp_path):
+    """A checkpoint half-written: killed while epoch 1's is written, then the resume killed while
+    epoch 2's is; each time the run resumes from the commit before the kill."""
     run_dir = tmp_path / "run"
     proc = start_fit(*run_args(tmp_path, 2, 10))
-    wait_for_file(proc, run_dir / "checkpoints", f".epoch-{epoch:02d}.keras.tmp-*")
-    kill(proc)
-    assert list((run_dir / "checkpoints").glob(".epoch-*.tmp-*")), "the kill came after the write"
-    assert committed_epochs(run_dir) == epoch - 1
-
-    resume_completes(run_dir, after=epoch - 1, epochs=2, steps=10)
+    for epoch in (1, 2):
+        wait_for_file(proc, run_dir / "checkpoints", f".epoch-{epoch:02d}.keras.tmp-*")
+        kill(proc)
+        assert list((run_dir / "checkpoints").glob(f".epoch-{epoch:02d}.keras.tmp-*")), "the kill came after the write"
+        assert committed_epochs(run_dir) == epoch - 1
+        if epoch == 1:
+            proc = start_fit("--resume", run_dir)  # sweeps epoch 1's half-written file, trains on from the start
+    resume_completes(run_dir, after=1, epochs=2, steps=10)
 
 
 def test_kill_while_best_is_rewritten_keeps_the_earlier_best(tmp_path):
@@ -138,7 +140,7 @@ def test_kill_while_best_is_rewritten_keeps_the_earlier_best(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_two_processes_never_train_one_run(tmp_path, capsys):
+def test_two_processes_never_train_one_run_and_a_killed_ones_litter_is_swept(tmp_path, capsys):
     run_dir = tmp_path / "run"
     proc = start_fit(*run_args(tmp_path, 3, 10))
     wait_for_epochs(proc, run_dir, epochs=1)
@@ -154,20 +156,13 @@ def test_two_processes_never_train_one_run(tmp_path, capsys):
         assert snapshot(run_dir) == before
     finally:
         holder.unlock()
-    resume_completes(run_dir, after=1, epochs=3, steps=10)
-
-
-def test_temporary_files_of_a_killed_process_are_swept(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start_fit(*run_args(tmp_path, 2, 10))
-    wait_for_epochs(proc, run_dir, epochs=1)
-    kill(proc)
+    # what a process killed while writing leaves behind goes; a user's own file stays
     litter = [run_dir / f".model.keras.tmp-{'a' * 32}", run_dir / "checkpoints" / f".epoch-02.keras.tmp-{'b' * 32}"]
     for path in litter:
         path.write_bytes(os.urandom(1000))
     mine = run_dir / "notes.txt"
     mine.write_text("a user's file")
-    resume_completes(run_dir, after=1, epochs=2, steps=10)
+    resume_completes(run_dir, after=1, epochs=3, steps=10)
     assert not any(p.exists() for p in litter)
     assert mine.read_text() == "a user's file"
 
@@ -200,11 +195,20 @@ def test_disk_full_mid_training_stops_cleanly_and_resumes_once_space_is_back(sma
     resume_completes(run_dir, after=1, epochs=3, steps=5)
 
 
-def test_a_resume_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(small_disk):
+def test_a_resume_on_a_read_only_or_full_disk_is_one_line_and_leaves_no_temporary_file(small_disk):
     run_dir = small_disk / "run"
     proc = start_fit(*run_args(small_disk, 3, 5))
     wait_for_epochs(proc, run_dir, epochs=1)
     kill(proc)
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    before = snapshot(run_dir)
+    resumed = resume(run_dir)
+    assert resumed.returncode == 2
+    assert last_line(resumed.stderr) == f"fit.py: error: {run_dir}: cannot write the run folder (Read-only file system)"
+    assert snapshot(run_dir) == before
+
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     subprocess.run(["dd", "if=/dev/zero", f"of={small_disk / 'filler'}", "bs=1M"], capture_output=True)  # to ENOSPC
     resumed = resume(run_dir)
     assert resumed.returncode == 1, resumed.stderr[-3000:]
@@ -228,19 +232,6 @@ def test_file_size_limit_is_one_line_and_leaves_no_partial_file(tmp_path):
     assert not (run_dir / "checkpoints" / "best.keras").exists()  # never a file cut at the limit
     assert not list(run_dir.rglob(".*.tmp-*"))
     resume_completes(run_dir, after=0, epochs=2, steps=5)
-
-
-def test_resume_of_a_read_only_run_folder_is_one_line(small_disk):
-    run_dir = small_disk / "run"
-    proc = start_fit(*run_args(small_disk, 2, 5))
-    wait_for_epochs(proc, run_dir, epochs=1)
-    kill(proc)
-    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
-    before = snapshot(run_dir)
-    resumed = resume(run_dir)
-    assert resumed.returncode == 2
-    assert last_line(resumed.stderr) == f"fit.py: error: {run_dir}: cannot write the run folder (Read-only file system)"
-    assert snapshot(run_dir) == before
 
 
 def test_export_into_a_read_only_folder_is_refused_before_training(small_disk, tmp_path):

@@ -60,13 +60,11 @@ def test_saved_model_predicts_like_the_result(run, sample):
     assert (probs.argmax(1) == y_test).mean() == pytest.approx(run.test_accuracy, abs=1e-6)
 
 
-def test_same_seed_same_losses(tmp_path):
+def test_another_seed_another_result(tmp_path):
+    """(One seed, one result -- bit for bit, resumed or not -- is tests/test_determinism.py.)"""
     first = train.fit(quick(tmp_path, epochs=1), verbose=0)
-    second = train.fit(quick(tmp_path, epochs=1), verbose=0)
     other = train.fit(quick(tmp_path, epochs=1, seed=8), verbose=0)
-    assert first.run_dir != second.run_dir
-    assert first.history["loss"] == second.history["loss"]
-    assert first.history["val_loss"] == second.history["val_loss"]
+    assert first.run_dir != other.run_dir
     assert other.history["loss"] != first.history["loss"]
 
 
@@ -130,21 +128,24 @@ FROM_PYTHON = """
 import logging, sys
 from mnist_cnn import train
 from mnist_cnn.config import TrainConfig
-config = TrainConfig(data="sample", epochs=1, steps_per_epoch=2, logdir=sys.argv[1], progress="epoch")
-result = train.fit(config, verbose=int(sys.argv[2]) if len(sys.argv) > 2 else None)
-print("RESULT", result.test_accuracy, len(logging.getLogger("mnist_cnn").handlers), logging.getLogger().hasHandlers())
+for verbose in (None, 0):  # as in a notebook: a call that shows its lines, then one silenced
+    config = TrainConfig(data="sample", epochs=1, steps_per_epoch=2, logdir=sys.argv[1], progress="epoch")
+    result = train.fit(config, verbose=verbose)
+    print("RESULT", verbose, len(logging.getLogger("mnist_cnn").handlers), logging.getLogger().hasHandlers(),
+          flush=True)
 """
 
 
 def test_fit_from_python_shows_its_lines_without_logging_configured_and_leaves_logging_alone(tmp_path):
-    proc = run_python(FROM_PYTHON, tmp_path / "a")
+    proc = run_python(FROM_PYTHON, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("Device: ") for line in lines) and any(line.startswith("Run folder: ") for line in lines)
-    assert any(line.startswith("Epoch 1/1 - ") for line in lines)
-    assert lines[-1].split()[2:] == ["0", "False"]  # no handler left behind, the root logger untouched
-    quiet = run_python(FROM_PYTHON, tmp_path / "b", 0)
-    assert quiet.returncode == 0 and quiet.stdout.splitlines()[0].startswith("RESULT"), quiet.stdout
+    results = [i for i, line in enumerate(lines) if line.startswith("RESULT")]
+    shown = lines[:results[0]]
+    assert any(line.startswith("Device: ") for line in shown) and any(line.startswith("Run folder: ") for line in shown)
+    assert any(line.startswith("Epoch 1/1 - ") for line in shown)
+    # no handler left behind, the root logger untouched; verbose=0 printed nothing at all
+    assert lines[results[0]:] == ["RESULT None 0 False", "RESULT 0 0 False"], lines
 
 
 def test_a_recipe_name_without_its_settings_is_refused_with_the_call_that_applies_it():
