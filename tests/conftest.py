@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mnist_cnn import data, idx
+from mnist_cnn import data, idx, train
 from mnist_cnn.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +49,15 @@ def tiny(sample):
     """200 training digits as float32 (N, 28, 28, 1) in [0, 1] and int32 labels."""
     (x, y), _ = sample
     return (x[:200, ..., None].astype("float32") / 255.0), y[:200].astype("int32")
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """A short but real run on the sample (good enough to read most digits) and its SavedModel, written
+    by fit's --export into ``<folder>/served/1``. Shared by the modules that only read it: trained once
+    per test process."""
+    folder = tmp_path_factory.mktemp("trained")
+    return train.fit(quick(folder, epochs=2, steps_per_epoch=40, export=str(folder / "served")), verbose=0)
 
 
 def run_python(code: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:

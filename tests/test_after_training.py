@@ -20,11 +20,9 @@ from mnist_cnn.export import export_savedmodel
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A short but real run on the sample: good enough to read most digits."""
-    folder = tmp_path_factory.mktemp("trained")
-    config = quick(folder, epochs=2, steps_per_epoch=40, export=str(folder / "served"))
-    return train.fit(config, verbose=0)
+def trained(exported_run):
+    """A short but real run on the sample: good enough to read most digits (conftest.exported_run)."""
+    return exported_run
 
 
 def test_tensorboard_pictures(trained):
@@ -166,17 +164,17 @@ def test_blank_image_is_reported():
         predict.mnist_style(np.full((40, 40), 255, np.uint8))
 
 
-def test_savedmodel_serves_without_this_package(trained, sample):
+def test_savedmodel_serves_without_this_package(trained, sample, tmp_path):
     _, (x, _) = sample
     served = trained.run_dir.parent.parent / "served" / "1"
     assert (served / "saved_model.pb").exists()
-    np.save(served.parent / "x.npy", x[:16])
+    np.save(tmp_path / "x.npy", x[:16])
     expected = keras.saving.load_model(trained.model_path).predict(x[:16, ..., None] / 255.0, verbose=0)
     code = """
 import sys, numpy as np, tensorflow as tf
 assert "mnist_cnn" not in sys.modules
 folder = sys.argv[1]
-loaded = tf.saved_model.load(folder + "/1")
+loaded = tf.saved_model.load(sys.argv[2])
 x = np.load(folder + "/x.npy")
 a = loaded.signatures["serving_default"](images=tf.constant(x[..., None] / 255.0, tf.float32))
 b = loaded.signatures["serve_uint8"](images=tf.constant(x[..., None]))
@@ -184,12 +182,12 @@ np.save(folder + "/a.npy", a["probabilities"].numpy()); np.save(folder + "/b.npy
 np.save(folder + "/digits.npy", b["digits"].numpy())
 print("imported:", sorted(m for m in sys.modules if m.startswith("mnist_cnn")))
 """
-    proc = run_python(code, served.parent, cwd="/")
+    proc = run_python(code, tmp_path, served, cwd="/")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imported: []" in proc.stdout
-    np.testing.assert_allclose(np.load(served.parent / "a.npy"), expected, atol=1e-5)
-    np.testing.assert_allclose(np.load(served.parent / "b.npy"), expected, atol=1e-5)
-    np.testing.assert_array_equal(np.load(served.parent / "digits.npy"), expected.argmax(1))
+    np.testing.assert_allclose(np.load(tmp_path / "a.npy"), expected, atol=1e-5)
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), expected, atol=1e-5)
+    np.testing.assert_array_equal(np.load(tmp_path / "digits.npy"), expected.argmax(1))
 
 
 def test_export_never_overwrites(trained, tmp_path, capsys):

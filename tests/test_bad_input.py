@@ -8,12 +8,14 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
 import time
 import tracemalloc
 import zipfile
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -329,9 +331,9 @@ def test_a_broken_config_json_is_one_line_on_resume(unfinished_run, edit, messag
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
-@pytest.fixture
-def one_epoch_run(tmp_path_factory):
-    """A run of 3 epochs killed after its first: its real history.json and resume.json."""
+@pytest.fixture(scope="module")
+def killed_after_one(tmp_path_factory):
+    """A run of 3 epochs killed after its first: its real history.json and resume.json (trained once)."""
     from mnist_cnn.errors import Interrupted
 
     class StopAfterOne(keras.callbacks.Callback):
@@ -343,6 +345,12 @@ def one_epoch_run(tmp_path_factory):
     with pytest.raises(Interrupted):
         train.fit(config, verbose=0, callbacks=[StopAfterOne()])
     return logdir / "r"
+
+
+@pytest.fixture
+def one_epoch_run(killed_after_one, tmp_path):
+    """A copy of ``killed_after_one`` for a test to break."""
+    return Path(shutil.copytree(killed_after_one, tmp_path / "r"))
 
 
 @pytest.mark.parametrize(

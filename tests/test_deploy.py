@@ -11,20 +11,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FIT, REPO, RESUME_HINT, mount_tmpfs, quick
+from conftest import FIT, REPO, RESUME_HINT, mount_tmpfs
 
-from mnist_cnn import export, train
+from mnist_cnn import export
 from mnist_cnn.cli import export as export_cli
 from mnist_cnn.config import QUANTIZE
 from mnist_cnn.keras_file import load_cnn
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A short real run, its model and its SavedModel (via fit.py's --export path)."""
-    folder = tmp_path_factory.mktemp("deploy")
-    run = train.fit(quick(folder, epochs=2, steps_per_epoch=40, export=str(folder / "served")), verbose=0)
-    return run, folder / "served" / "1"  # a base folder for TensorFlow Serving: version 1
+def exported(exported_run):
+    """A short real run, its model and its SavedModel (via fit.py's --export path; conftest.exported_run)."""
+    return exported_run, exported_run.run_dir.parent.parent / "served" / "1"  # TF Serving's base folder: version 1
 
 
 @pytest.fixture(scope="module")
