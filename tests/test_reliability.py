@@ -87,8 +87,14 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert session_statuses(run_dir) == ["STATUS_SUCCESS"]  # the resumed run ended the session anew
 
 
-def test_resume_refuses_conflicting_flags_and_finished_runs(tmp_path, capsys):
-    run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=2, run_name="done"), verbose=0)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished one-epoch run (seed 7) that the resume tests only read."""
+    return train.fit(quick(tmp_path_factory.mktemp("finished"), epochs=1, steps_per_epoch=2, run_name="r"), verbose=0)
+
+
+def test_resume_refuses_conflicting_flags_and_finished_runs(finished, tmp_path, capsys):
+    run = finished
     before = snapshot(run.run_dir)
     assert fit_cli.main(["--resume", str(run.run_dir), "--epochs", "9"]) == 2
     assert "--epochs 9 conflicts with the resumed run's epochs=1" in capsys.readouterr().err
@@ -273,10 +279,10 @@ def test_two_concurrent_runs_keep_their_own_folders(tmp_path):
     }
 
 
-def test_resume_takes_the_flags_that_do_not_change_the_training(tmp_path):
+def test_resume_takes_the_flags_that_do_not_change_the_training(finished):
     """--progress and --steps-per-execution only change how a run is shown and called:
     a resume applies them (they were silently ignored); other flags must still agree."""
-    run = train.fit(quick(tmp_path, epochs=1, steps_per_epoch=2, run_name="r"), verbose=0)
+    run = finished
     config, resume = fit_cli.parse_args(["--resume", str(run.run_dir), "--progress", "none",
                                          "--steps-per-execution", "4"])
     assert resume and (config.progress, config.steps_per_execution) == ("none", 4)
