@@ -9,6 +9,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -51,6 +52,18 @@ def tiny(sample):
     return (x[:200, ..., None].astype("float32") / 255.0), y[:200].astype("int32")
 
 
+class StopAfter(keras.callbacks.Callback):
+    """Ctrl-C right after epoch ``epochs`` was committed (the run's own callbacks ran first)."""
+
+    def __init__(self, epochs: int = 1):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise KeyboardInterrupt
+
+
 @pytest.fixture(scope="session")
 def exported_run(tmp_path_factory):
     """A short but real run on the sample (good enough to read most digits) and its SavedModel, written
@@ -58,6 +71,12 @@ def exported_run(tmp_path_factory):
     per test process."""
     folder = tmp_path_factory.mktemp("trained")
     return train.fit(quick(folder, epochs=2, steps_per_epoch=40, export=str(folder / "served")), verbose=0)
+
+
+@pytest.fixture(scope="session")
+def served(exported_run):
+    """``exported_run``'s SavedModel: version 1 in TensorFlow Serving's base folder ``served``."""
+    return exported_run.run_dir.parent.parent / "served" / "1"
 
 
 def run_python(code: str, *args, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import quick
+from conftest import StopAfter, quick
 
 from mnist_cnn import CNN, augment, data, train
 from mnist_cnn.errors import Interrupted
@@ -24,11 +24,6 @@ class RawWeights(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self.raw.append(self.model.get_weights())
-
-
-class StopAfterOne(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        raise KeyboardInterrupt
 
 
 class EveryStep(keras.callbacks.Callback):
@@ -75,7 +70,7 @@ def test_ema_is_what_is_saved_and_scored_and_resume_keeps_it(tmp_path):
 
     killed = quick(tmp_path / "b", epochs=3, steps_per_epoch=6, run_name="r", ema=0.9)
     with pytest.raises(Interrupted):
-        train.fit(killed, verbose=0, callbacks=[StopAfterOne()])
+        train.fit(killed, verbose=0, callbacks=[StopAfter(1)])
     resumed = train.fit(killed, verbose=0, resume=True)
     for a, b in zip(load_cnn(resumed.model_path).get_weights(), final, strict=True):
         np.testing.assert_array_equal(a, b)  # the average is part of the resume state

@@ -164,9 +164,8 @@ def test_blank_image_is_reported():
         predict.mnist_style(np.full((40, 40), 255, np.uint8))
 
 
-def test_savedmodel_serves_without_this_package(trained, sample, tmp_path):
+def test_savedmodel_serves_without_this_package(trained, served, sample, tmp_path):
     _, (x, _) = sample
-    served = trained.run_dir.parent.parent / "served" / "1"
     assert (served / "saved_model.pb").exists()
     np.save(tmp_path / "x.npy", x[:16])
     expected = keras.saving.load_model(trained.model_path).predict(x[:16, ..., None] / 255.0, verbose=0)

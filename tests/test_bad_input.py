@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import FIT, REPO, snapshot, write_folder
+from conftest import FIT, REPO, StopAfter, snapshot, write_folder
 from PIL import Image
 
 from mnist_cnn import CNN, export, idx, predict, train
@@ -28,7 +28,7 @@ from mnist_cnn.cli import evaluate as evaluate_cli
 from mnist_cnn.cli import export as export_cli
 from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.cli import predict as predict_cli
-from mnist_cnn.errors import ModelFileError
+from mnist_cnn.errors import Interrupted, ModelFileError
 from mnist_cnn.idx import IDXError
 from mnist_cnn.keras_file import load_cnn
 
@@ -334,16 +334,10 @@ DEEP = "[" * 100_000 + "]" * 100_000
 @pytest.fixture(scope="module")
 def killed_after_one(tmp_path_factory):
     """A run of 3 epochs killed after its first: its real history.json and resume.json (trained once)."""
-    from mnist_cnn.errors import Interrupted
-
-    class StopAfterOne(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            raise KeyboardInterrupt
-
     logdir = tmp_path_factory.mktemp("killed")
     config = train.TrainConfig(data="sample", epochs=3, steps_per_epoch=2, logdir=str(logdir), run_name="r")
     with pytest.raises(Interrupted):
-        train.fit(config, verbose=0, callbacks=[StopAfterOne()])
+        train.fit(config, verbose=0, callbacks=[StopAfter(1)])
     return logdir / "r"
 
 

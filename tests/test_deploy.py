@@ -20,9 +20,9 @@ from mnist_cnn.keras_file import load_cnn
 
 
 @pytest.fixture(scope="module")
-def exported(exported_run):
+def exported(exported_run, served):
     """A short real run, its model and its SavedModel (via fit.py's --export path; conftest.exported_run)."""
-    return exported_run, exported_run.run_dir.parent.parent / "served" / "1"  # TF Serving's base folder: version 1
+    return exported_run, served
 
 
 @pytest.fixture(scope="module")

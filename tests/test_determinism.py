@@ -7,22 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import quick
+from conftest import StopAfter, quick
 
 from mnist_cnn import data, train
 from mnist_cnn.errors import Interrupted
-
-
-class StopAfter(keras.callbacks.Callback):
-    """Ctrl-C right after epoch ``epochs`` was committed (the run's own callbacks ran first)."""
-
-    def __init__(self, epochs: int):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epochs:
-            raise KeyboardInterrupt
 
 
 def final_weights(run_dir) -> list[np.ndarray]:

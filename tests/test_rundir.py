@@ -9,9 +9,8 @@ import os
 import shutil
 import subprocess
 
-import keras
 import pytest
-from conftest import FIT, run_measured, snapshot
+from conftest import FIT, StopAfter, run_measured, snapshot
 
 from mnist_cnn import train
 from mnist_cnn.cli import fit as fit_cli
@@ -24,16 +23,6 @@ def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err
-
-
-class StopAfter(keras.callbacks.Callback):
-    def __init__(self, epochs):
-        super().__init__()
-        self.epochs = epochs
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.epochs:
-            raise KeyboardInterrupt
 
 
 @pytest.fixture(scope="module")
