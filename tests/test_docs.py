@@ -1,5 +1,6 @@
 """Every ```python and ```bash block of README.md and docs/*.md runs as written: each in a fresh
-process, in an empty folder (the README's main command in the checkout, where it says to run it),
+process, in an empty folder (the README's main command in the checkout, where it says to run it;
+a block marked as running after the one above, in that block's folder),
 with this environment's interpreter and mnist-cnn-* commands first on the PATH. The README's test
 command is this suite itself (CI runs it through .ci/run); it is checked to be the one .ci/run reads."""
 
@@ -23,16 +24,27 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # the suite may run with SIGINT ignored
 
 
+AFTER = "<!-- runs after the block above, in its folder -->"
+
+
 def blocks():
+    """One param per block, or per chain: a block marked AFTER runs after the block above, in the
+    same folder (the doc says so in words too)."""
     found = []
     for path in DOCS:
         text = path.read_text()
         for n, match in enumerate(FENCE.finditer(text), 1):
-            marker = text[:match.start()].rstrip().rsplit("\n", 1)[-1]
+            marker = text[:match.start()].rstrip().rsplit("\n", 1)[-1].strip()
             if marker == "<!-- test command -->" or (marker == "<!-- main command -->" and path.name != "README.md"):
                 continue  # the suite itself (see below); the Chinese README's are the English ones (test_cli)
-            found.append(pytest.param(path, match["lang"], textwrap.dedent(match["code"]), marker,
-                                      id=f"{path.relative_to(REPO)}#{n}-{match['lang']}"))
+            step = (match["lang"], textwrap.dedent(match["code"]))
+            if marker == AFTER:
+                above = found.pop()
+                assert above.values[0] == path, f"{path.name}: its first block cannot run after another"
+                _, chain, first = above.values
+                found.append(pytest.param(path, [*chain, step], first, id=f"{above.id}+{n}-{match['lang']}"))
+            else:
+                found.append(pytest.param(path, [step], marker, id=f"{path.relative_to(REPO)}#{n}-{match['lang']}"))
     return found
 
 
@@ -50,8 +62,8 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert "python -m pytest" in ci and ci.startswith("python3 -m venv .venv")
 
 
-@pytest.mark.parametrize("path, lang, code, marker", blocks())
-def test_a_block_runs_as_written(path, lang, code, marker, tmp_path):
+@pytest.mark.parametrize("path, steps, marker", blocks())
+def test_a_block_runs_as_written(path, steps, marker, tmp_path):
     venv_bin = str(Path(sys.executable).parent)
     others = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
     if marker == "<!-- main command -->":  # a newcomer's shell in the checkout: it makes and activates .venv
@@ -59,8 +71,9 @@ def test_a_block_runs_as_written(path, lang, code, marker, tmp_path):
     else:  # a shell where the package is installed
         env, cwd = {**os.environ, "PATH": os.pathsep.join([venv_bin, *others])}, tmp_path
     env.pop("VIRTUAL_ENV", None)
-    argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-    proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
-                          preexec_fn=default_sigint)
-    assert proc.returncode == 0, f"{path.name}:\n{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n" \
-                                 f"{proc.stderr[-3000:]}"
+    for lang, code in steps:
+        argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                              preexec_fn=default_sigint)
+        assert proc.returncode == 0, f"{path.name}:\n{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n" \
+                                     f"{proc.stderr[-3000:]}"
