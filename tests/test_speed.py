@@ -29,9 +29,13 @@ def test_the_step_kernels_carry_every_flop_of_a_training_step():
     assert floor["kernels"]["Adam update (all weights)"]["gflop_per_s"] is None  # no FLOPs counted
 
 
-def test_each_lever_runs_in_its_own_process_with_its_setting_applied():
+def test_each_lever_runs_in_its_own_process_with_its_setting_applied_or_is_reported_unavailable():
+    nchw = next(lever for lever in levers.LEVERS if lever.channels_first)
+    without_onednn = dataclasses.replace(nchw, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert "NCHW" in levers.unavailable(without_onednn)
     chosen = (levers.Lever("default"), levers.Lever("one thread", intra_threads=1, inter_threads=1,
-                                                    steps_per_execution=2, env={"TF_ENABLE_ONEDNN_OPTS": "0"}))
+                                                    steps_per_execution=2, env={"TF_ENABLE_ONEDNN_OPTS": "0"}),
+              without_onednn)
     rows = levers.measure(rounds=1, steps=3, log=lambda _: None, batch_size=8, levers=chosen)  # 3 = 2 + 1
     ratio = rows["default"]["ms_per_step"] / rows["one thread"]["ms_per_step"]  # > 1: the lever is faster
     assert rows["one thread"]["vs_default"] == pytest.approx(ratio)
@@ -40,6 +44,11 @@ def test_each_lever_runs_in_its_own_process_with_its_setting_applied():
     assert applied["env"] == {"TF_ENABLE_ONEDNN_OPTS": "0"}
     assert rows["default"]["applied"]["steps_per_execution"] == 1 and rows["one thread"]["ms_per_step"] > 0
     assert rows["default"]["applied"]["data_format"] == "channels_last"
+    # a lever this CPU cannot run is a row that says why, not a failure
+    assert rows[nchw.name] == {"unavailable": levers.unavailable(without_onednn)}
+    text = "\n".join(levers.lines(rows, default_onednn=False))
+    assert f"not on this CPU: {levers.unavailable(without_onednn)}" in text
+    assert "the default runs with oneDNN off" in text
 
 
 def test_a_failing_lever_names_itself_and_the_workers_error():
@@ -83,19 +92,6 @@ def test_the_channels_first_lever_is_the_same_network_on_nchw_tensors():
     """Run where it can run: TensorFlow's CPU convolutions take NCHW only with oneDNN on."""
     proc = run_python(CHANNELS_FIRST, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
     assert proc.stdout.split() == ["NCHW", "OK"], proc.stderr[-2000:]
-
-
-def test_a_lever_this_cpu_cannot_run_is_reported_unavailable_not_failed():
-    nchw = next(lever for lever in levers.LEVERS if lever.channels_first)
-    without_onednn = dataclasses.replace(nchw, env={"TF_ENABLE_ONEDNN_OPTS": "0"})
-    assert "NCHW" in levers.unavailable(without_onednn)
-    rows = levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8,
-                          levers=(levers.Lever("default"), without_onednn))
-    assert rows[nchw.name] == {"unavailable": levers.unavailable(without_onednn)}
-    assert rows["default"]["ms_per_step"] > 0
-    text = "\n".join(levers.lines(rows, default_onednn=False))
-    assert f"not on this CPU: {levers.unavailable(without_onednn)}" in text
-    assert "the default runs with oneDNN off" in text
 
 
 def test_the_levers_measure_onednn_both_ways_whatever_the_default():
