@@ -31,6 +31,18 @@ SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", REPO.parent / "shared" / "da
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that share a trained fixture (module or session scope) run on one xdist worker
+    (``--dist loadgroup`` in setup.cfg), so it is trained once, not once per worker; the rest
+    are spread one by one."""
+    for item in items:
+        scopes = {name: defs[-1].scope for name, defs in item._fixtureinfo.name2fixturedefs.items()}
+        if scopes.get("exported_run") == "session":
+            item.add_marker(pytest.mark.xdist_group("exported_run"))
+        elif "module" in scopes.values():
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def fashion_mnist() -> Path:
     """The Fashion-MNIST IDX folder, or a skip that says how to get it."""
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
