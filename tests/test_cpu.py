@@ -73,23 +73,42 @@ def test_the_onednn_state_we_report_is_the_one_tensorflow_runs(value):
 @x86_only
 @pytest.mark.slow
 def test_an_installed_command_starts_tensorflow_on_the_fast_path_and_the_users_value_wins(tmp_path):
-    """As `mnist-cnn-*` (argv[0]) the package sets the variable before TensorFlow loads, and Keras
-    skips pandas and scikit-learn (installed with mlxtend; ~2 s of a command's start-up); the
-    user's value stands; imported by other code it changes nothing."""
+    """As `mnist-cnn-*` or `scripts/*.py` (argv[0]) the package sets the variable before TensorFlow
+    loads, and Keras and TensorFlow skip pandas, scikit-learn and jax (~2.5 s of a command's start-up);
+    the user's value stands; imported by other code it changes nothing. TensorFlow's own start-up
+    line (MNIST_CNN_VERBOSE=1 keeps it) says which path it took."""
     probe = ("import sys; sys.argv[0] = sys.argv[1]; import os, mnist_cnn; "
              "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS')); import keras; "
-             "print(sorted(m for m in ('pandas', 'sklearn') if sys.modules.get(m) is not None))")
-    for argv0, value, expected in (("/venv/bin/mnist-cnn-fit", None, ["1", "[]"]),
-                                   ("/venv/bin/mnist-cnn-fit", "0", ["0", "[]"]),
-                                   ("/home/someone/notebook.py", None, ["None", "['pandas', 'sklearn']"])):
-        proc = subprocess.run([sys.executable, "-c", probe, argv0], env=env_with(value), capture_output=True,
-                              text=True, timeout=300, cwd=tmp_path)
+             "print(sorted(m for m in ('jax', 'pandas', 'sklearn') if sys.modules.get(m) is not None))")
+    for argv0, value, expected, on in (
+            ("/venv/bin/mnist-cnn-fit", None, ["1", "[]"], True),
+            (str(REPO / "scripts" / "fit.py"), "0", ["0", "[]"], False),
+            ("/home/someone/notebook.py", None, ["None", "['jax', 'pandas', 'sklearn']"], None)):
+        proc = subprocess.run([sys.executable, "-c", probe, argv0], env={**env_with(value), "MNIST_CNN_VERBOSE": "1"},
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.splitlines() == expected, (argv0, value)
-    # and TensorFlow itself agrees, in a real script (MNIST_CNN_VERBOSE=1 keeps its start-up lines)
-    for value, on in ((None, True), ("0", False)):
-        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "conv_demo.py")],
-                              env={**env_with(value), "MNIST_CNN_VERBOSE": "1"}, capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert (TF_SAYS_ON in proc.stderr) == on, value
+        if on is not None:  # (unset, TensorFlow's own default depends on the CPU)
+            assert (TF_SAYS_ON in proc.stderr) == on, (argv0, value)
+
+
+def test_jax_is_skipped_only_where_keras_will_run_tensorflow(tmp_path, monkeypatch):
+    """Which backend a command's Keras will load, read before it loads (KERAS_BACKEND, else
+    keras.json in KERAS_HOME): jax is marked absent only when that is tensorflow."""
+    from mnist_cnn import keras_backend
+
+    home = {"KERAS_HOME": str(tmp_path)}
+    assert keras_backend(home) == "tensorflow"  # no keras.json: Keras' default
+    assert keras_backend({**home, "KERAS_BACKEND": "jax"}) == "jax"
+    (tmp_path / "keras.json").write_text('{"backend": "jax", "floatx": "float32"}')
+    assert keras_backend(home) == "jax"
+    assert keras_backend({**home, "KERAS_BACKEND": "tensorflow"}) == "tensorflow"  # the variable wins
+    (tmp_path / "keras.json").write_text('{"floatx": "float32"}')
+    assert keras_backend(home) == "tensorflow"
+    for unreadable in ("{not json", "[]"):  # not ours to guess: jax stays importable
+        (tmp_path / "keras.json").write_text(unreadable)
+        assert keras_backend(home) is None
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / ".keras").mkdir(parents=True)
+    (tmp_path / "home" / ".keras" / "keras.json").write_text('{"backend": "torch"}')
+    assert keras_backend({}) == "torch"  # no KERAS_HOME: ~/.keras
