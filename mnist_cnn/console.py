@@ -35,10 +35,28 @@ from pathlib import Path
 LOGGER = "mnist_cnn"
 
 
+class Console(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stdout`` (or ``sys.stderr``) is when a line is
+    logged, as ``print`` does: a command run from Python under ``contextlib.redirect_stdout`` (or
+    pytest's capture) sends its lines where its prints go, not to the stream of the first call."""
+
+    def __init__(self, name: str):
+        self.name_of_stream = name
+        super().__init__()
+
+    @property
+    def stream(self):
+        return getattr(sys, self.name_of_stream)
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler.__init__ sets it; the stream is looked up on each line
+        pass
+
+
 def handlers() -> list[logging.Handler]:
-    out = logging.StreamHandler(sys.stdout)
+    out = Console("stdout")
     out.addFilter(lambda record: record.levelno < logging.WARNING)
-    err = logging.StreamHandler(sys.stderr)
+    err = Console("stderr")
     err.setLevel(logging.WARNING)
     err.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
     return [out, err]

@@ -1,12 +1,16 @@
 """A clean start: our commands hide TensorFlow's known start-up lines, and only those;
 output to a file is one line per epoch without terminal escape codes."""
 
+import contextlib
+import io
+import logging
 import subprocess
 import sys
 
 from conftest import FIT, REPO, run_python
 
 from mnist_cnn import console
+from mnist_cnn.cli import common
 
 NOISE = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
@@ -126,3 +130,21 @@ except KeyboardInterrupt:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           start_new_session=True)
     assert "interrupted, and this line still passes" in proc.stderr
+
+
+def test_a_commands_lines_go_where_sys_stdout_is_when_they_are_logged():
+    """The handlers a command installs (for the life of the process) look sys.stdout/stderr up per
+    line, as print does: lines logged later, under another redirect, go there -- not to the stream
+    the command started with (closed by now, as pytest's capture closes a finished test's)."""
+    log = logging.getLogger(console.LOGGER)
+
+    def body():
+        log.info("an info line")
+        log.warning("a warning")
+
+    for call in (lambda: common.run("fit.py", body), body):  # the command, then the package used after it
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            assert call() in (0, None)
+        assert (out.getvalue(), err.getvalue()) == ("an info line\n", "WARNING: a warning\n")
+        out.close(), err.close()
