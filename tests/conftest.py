@@ -1,4 +1,6 @@
+import contextlib
 import hashlib
+import io
 import json
 import os
 import signal
@@ -102,6 +104,19 @@ def run_python(code: str, *args, cwd=None, timeout=300, env=None) -> subprocess.
 FIT = [sys.executable, str(REPO / "scripts" / "fit.py")]
 # what fit.py tells a user who ran it as FIT: the command as they typed it, ready to paste
 RESUME_HINT = f"resume with: python {REPO / 'scripts' / 'fit.py'} --resume"
+
+
+def fit_here(*args) -> subprocess.CompletedProcess:
+    """``scripts/fit.py ARGS`` run in this process, its exit code, stdout and stderr returned as a
+    child's would be: ~5 CPU-s of TensorFlow start-up less than a child, for the steps of a test
+    that are not about the process (a resume after a real kill, say). Python-level output only:
+    TensorFlow's C++ lines are not captured."""
+    from mnist_cnn.cli import fit as fit_cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = fit_cli.main([*map(str, args)])
+    return subprocess.CompletedProcess(["fit.py", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def start_fit(*args, **kwargs):

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import FIT, REPO, RESUME_HINT, mount_tmpfs
+from conftest import FIT, REPO, RESUME_HINT, fit_here, mount_tmpfs
 
 from mnist_cnn import export
 from mnist_cnn.cli import export as export_cli
@@ -202,6 +202,6 @@ def test_fit_export_on_a_full_disk_stops_resumably_and_the_resume_exports(tmp_pa
     assert "No space left on device" in last and last.endswith(f"{RESUME_HINT} {run_dir}")
     assert not (run_dir / "metrics.json").exists() and (run_dir / "resume.json").is_file()
     subprocess.run(["mount", "-o", "remount,size=64m", str(tiny_disk)], check=True)
-    proc = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    proc = fit_here("--resume", run_dir)  # in this process
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tiny_disk / "models" / "1" / "saved_model.pb").is_file() and (run_dir / "metrics.json").is_file()

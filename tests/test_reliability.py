@@ -15,6 +15,7 @@ from conftest import (
     FIT,
     RESUME_HINT,
     committed_epochs,
+    fit_here,
     quick,
     read_events,
     session_statuses,
@@ -60,7 +61,7 @@ def test_sigkill_in_epoch_2_then_resume(tmp_path):
     assert committed_epochs(run_dir) == 1, "killed too late"
     assert not (run_dir / "metrics.json").exists()
 
-    resumed = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    resumed = fit_here("--resume", run_dir)  # after the real kill: in this process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Resuming {run_dir} after epoch 1 of 2" in resumed.stdout
     assert "Epoch 1/2" not in resumed.stdout and "Epoch 2/2" in resumed.stdout  # epoch 1 not retrained
@@ -81,7 +82,7 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path):
     assert f"interrupted; {RESUME_HINT} {run_dir}" in err
     assert "Traceback" not in err
     assert session_statuses(run_dir) == ["STATUS_FAILURE"]  # not "unknown" in TensorBoard
-    resumed = subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    resumed = fit_here("--resume", run_dir)  # after the real kill: in this process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     check_resumed_run(run_dir, epochs=3, steps=40)
     assert session_statuses(run_dir) == ["STATUS_SUCCESS"]  # the resumed run ended the session anew

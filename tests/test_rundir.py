@@ -7,10 +7,9 @@ left alone; a finished run's leftover resume state is swept when it is next open
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
-from conftest import FIT, StopAfter, run_measured, snapshot
+from conftest import FIT, StopAfter, fit_here, run_measured, snapshot
 
 from mnist_cnn import train
 from mnist_cnn.cli import fit as fit_cli
@@ -129,7 +128,7 @@ def test_names_that_are_not_the_runs_are_left_alone_and_the_resume_completes(run
 def test_a_finished_runs_leftover_resume_state_is_swept_when_it_is_next_opened(run, killed, capsys):
     """A kill between metrics.json and the clean-up left resume.json and resume-0N.keras; the
     next --resume removes exactly those and says the run is finished."""
-    proc = subprocess.run([*FIT, "--resume", str(run)], capture_output=True, text=True, timeout=300)
+    proc = fit_here("--resume", run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     finished = snapshot(run)
     shutil.copy(killed / "ours" / "resume.json", run / "resume.json")

@@ -1,7 +1,8 @@
 """Runs that survive kills and storage faults: each case killed, filled or limited for real.
 
 Every test here starts a real ``scripts/fit.py`` process and interrupts it at the
-moment named by polling the run folder for the file that marks that moment.
+moment named by polling the run folder for the file that marks that moment; the resume
+that follows runs in the test's own process (``fit_here``), as the tests of resume itself do.
 """
 
 import json
@@ -18,6 +19,7 @@ from conftest import (
     FIT,
     RESUME_HINT,
     committed_epochs,
+    fit_here,
     mount_tmpfs,
     read_events,
     read_summaries,
@@ -37,8 +39,9 @@ def run_args(tmp_path, epochs, steps, *extra):
             "--logdir", tmp_path, "--run-name", "run", *extra]
 
 
-def resume(run_dir, **kwargs):
-    return subprocess.run([*FIT, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300, **kwargs)
+def resume(run_dir):
+    """``fit.py --resume RUN_DIR`` after the real kill, in this process (``fit_here``)."""
+    return fit_here("--resume", run_dir)
 
 
 def wait_for_file(proc, folder: Path, pattern: str, timeout=240) -> Path:
