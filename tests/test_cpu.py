@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from mnist_cnn import cpu
+from mnist_cnn import as_command, cpu
 
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"})  # an AMD EPYC / laptop CPU
 AMX = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
@@ -64,8 +64,8 @@ def test_bfloat16_is_native_only_with_onednn_bfloat16_instructions_and_no_lower_
 @pytest.mark.slow
 @pytest.mark.parametrize("value", [None, "0", "1", "FALSE"])
 def test_the_onednn_state_we_report_is_the_one_tensorflow_runs(value):
-    proc = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env_with(value), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", as_command("import tensorflow")], env=env_with(value),
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (TF_SAYS_ON in proc.stderr) == cpu.onednn_enabled(env_with(value))
 

@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import REPO, committed_epochs, quick, run_python, wait_for_epochs
 
-from mnist_cnn import train
+from mnist_cnn import as_command, train
 from mnist_cnn.cli import fit as fit_cli
 
 MIRRORED = """
@@ -33,7 +33,7 @@ print("RUNS", json.dumps(runs))
 
 
 def test_mirrored_two_replicas_match_one_device(tmp_path):
-    proc = run_python(MIRRORED, tmp_path)
+    proc = run_python(MIRRORED, tmp_path, lean=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(proc.stdout.split("RUNS ", 1)[1])
     assert runs["mirrored"]["strategy"] == "MirroredStrategy, 2 replicas"
@@ -111,7 +111,7 @@ def test_keras_20585_still_needs_the_workaround(tmp_path):
     below trains through it. When this starts passing, Keras has fixed the bug: delete prepare_model."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     procs = [subprocess.Popen(
-        [sys.executable, "-c", KERAS_20585], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-c", as_command(KERAS_20585)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env=dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})))
         for i in range(2)]
     outputs = finish(procs, timeout=180)

@@ -124,7 +124,7 @@ before = model.optimizer.iterations.numpy()
 model.fit(np.load(folder + "/x.npy"), np.load(folder + "/y.npy")[:20], batch_size=10, verbose=0)
 print("iterations", before, model.optimizer.iterations.numpy())
 """
-    proc = run_python(code, tmp_path)
+    proc = run_python(code, tmp_path, lean=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "pred.npy"), expected, atol=1e-6)
     # the optimizer state came back with the model, and training continues from it

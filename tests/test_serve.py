@@ -25,7 +25,7 @@ import tensorflow as tf
 from conftest import REPO, free_port, quick
 from PIL import Image
 
-from mnist_cnn import export, predict, train
+from mnist_cnn import as_command, export, predict, train
 from mnist_cnn.keras_file import load_cnn
 
 pytestmark = pytest.mark.slow
@@ -700,8 +700,8 @@ def test_grpc_predict_metadata_and_status_with_the_official_stubs(server, sample
 def test_grpc_port_without_the_extra_says_what_to_install(tmp_path):
     code = ("import sys; sys.modules['tensorflow_serving'] = None; from mnist_cnn.cli.serve import main; "
             "sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--grpc-port", "0"], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", as_command(code), str(tmp_path), "--grpc-port", "0"],
+                          capture_output=True, text=True, timeout=120)
     last = proc.stderr.splitlines()[-1]  # (python -c is not our command: TensorFlow's start-up lines come first)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert last.startswith("serve.py: error: --grpc-port needs") and "pip install 'mnist_cnn[grpc]'" in last

@@ -90,7 +90,7 @@ print("NCHW OK")
 
 def test_the_channels_first_lever_is_the_same_network_on_nchw_tensors():
     """Run where it can run: TensorFlow's CPU convolutions take NCHW only with oneDNN on."""
-    proc = run_python(CHANNELS_FIRST, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"})
+    proc = run_python(CHANNELS_FIRST, env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}, lean=True)
     assert proc.stdout.split() == ["NCHW", "OK"], proc.stderr[-2000:]
 
 

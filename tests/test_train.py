@@ -137,7 +137,7 @@ for verbose in (None, 0):  # as in a notebook: a call that shows its lines, then
 
 
 def test_fit_from_python_shows_its_lines_without_logging_configured_and_leaves_logging_alone(tmp_path):
-    proc = run_python(FROM_PYTHON, tmp_path)
+    proc = run_python(FROM_PYTHON, tmp_path, lean=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     results = [i for i, line in enumerate(lines) if line.startswith("RESULT")]

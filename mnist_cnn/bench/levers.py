@@ -21,7 +21,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
-from mnist_cnn import console, cpu
+from mnist_cnn import as_command, console, cpu
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,8 @@ class Worker:
                 "lever_worker.main(json.loads(sys.argv[1]), sys.argv[2])")
         spec = json.dumps(dataclasses.asdict(lever))
         self.lever, self.stderr = lever, stderr
-        self.proc = subprocess.Popen([sys.executable, "-c", code, spec, str(batch_size)], env=env, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        self.proc = subprocess.Popen([sys.executable, "-c", as_command(code), spec, str(batch_size)], env=env,
+                                     text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
         first = self._expect("READY", "UNAVAILABLE")
         self.unavailable = first.split(" ", 1)[1].strip() if first.startswith("UNAVAILABLE") else None
         self.applied = None if self.unavailable else json.loads(first.split(" ", 1)[1])  # what the worker runs with

@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import console, cpu, data, idx, train, tutorial
+from mnist_cnn import as_command, console, cpu, data, idx, train, tutorial
 from mnist_cnn.bench import levers
 from mnist_cnn.bench.profile import (
     ProfileUnavailable,
@@ -238,7 +238,7 @@ def offline_start(log) -> dict:
     """Seconds from process start to the first finished training step with --data auto."""
     with tempfile.TemporaryDirectory() as logdir:
         t0 = time.time()
-        proc = subprocess.run([sys.executable, "-c", FIRST_STEP_CHILD, str(t0), logdir],
+        proc = subprocess.run([sys.executable, "-c", as_command(FIRST_STEP_CHILD), str(t0), logdir],
                               capture_output=True, text=True, timeout=600)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("FIRST_STEP")), None)
     if line is None:

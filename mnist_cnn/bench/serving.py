@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_cnn import console, data, export, servables, train
+from mnist_cnn import as_command, console, data, export, servables, train
 from mnist_cnn.keras_file import load_cnn
 
 
@@ -123,7 +123,7 @@ def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int 
     port = _free_port()
     command = "import sys; from mnist_cnn.cli.serve import main; sys.exit(main(sys.argv[1:]))"
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-c", command, str(model_dir), "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-c", as_command(command), str(model_dir), "--port", str(port)],
                                 stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         stop, results = threading.Event(), {}
         try:
