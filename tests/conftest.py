@@ -33,6 +33,7 @@ SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", REPO.parent / "shared" / "da
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Tests that share a trained fixture (module or session scope) run on one xdist worker
     (``--dist loadgroup`` in setup.cfg), so it is trained once, not once per worker; the rest

@@ -62,6 +62,21 @@ def test_the_readme_test_command_is_what_ci_runs():
     assert "python -m pytest" in ci and ci.startswith("python3 -m venv .venv")
 
 
+@pytest.fixture(scope="module")
+def module_fixture():
+    return object()
+
+
+def test_tests_that_share_a_module_fixture_share_a_worker(request, module_fixture):
+    """The test command spreads tests over workers one by one, except those sharing a module or
+    session fixture (a trained run): conftest groups them, or each worker would train it again. With
+    pytest 9.2 and xdist 3.8 the grouping was silently ignored (pytest-dev/pytest-xdist#1386), and
+    without tryfirst conftest's marks came after xdist had read them."""
+    assert [m.args for m in request.node.iter_markers("xdist_group")] == [("test_docs",)]
+    if getattr(request.config.option, "loadgroup", False):  # on an xdist worker of --dist loadgroup
+        assert request.node.nodeid.endswith("@test_docs"), request.node.nodeid
+
+
 @pytest.mark.parametrize("path, steps, marker", blocks())
 def test_a_block_runs_as_written(path, steps, marker, tmp_path):
     venv_bin = str(Path(sys.executable).parent)
