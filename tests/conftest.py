@@ -33,11 +33,18 @@ SHARED_MNIST = Path(os.environ.get("MNIST_IDX_DIR", REPO.parent / "shared" / "da
 FASHION_MNIST = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 
 
+# The modules whose tests run longest (several TensorFlow processes, kills, multi-worker runs): started
+# first, so that the suite ends on short tests and no worker is left alone with a minute-long one.
+LONGEST_FIRST = ("test_distribute", "test_docs", "test_determinism", "test_survival", "test_reliability")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(items):
     """Tests that share a trained fixture (module or session scope) run on one xdist worker
     (``--dist loadgroup`` in setup.cfg), so it is trained once, not once per worker; the rest
-    are spread one by one."""
+    are spread one by one, ``LONGEST_FIRST``'s first."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: file order otherwise
     for item in items:
         scopes = {name: defs[-1].scope for name, defs in item._fixtureinfo.name2fixturedefs.items()}
         if scopes.get("exported_run") == "session":
