@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import FIT, REPO, StopAfter, snapshot, write_folder
+from conftest import REPO, StopAfter, fit_here, snapshot, write_folder
 from PIL import Image
 
 from mnist_cnn import CNN, export, idx, predict, train
@@ -387,7 +387,7 @@ def test_config_json_that_is_a_folder_is_one_line(unfinished_run, capsys):
 
 
 def test_an_unfinished_run_resumes_from_its_config_alone(unfinished_run):
-    proc = subprocess.run([*FIT, "--resume", str(unfinished_run)], capture_output=True, text=True, timeout=300)
+    proc = fit_here("--resume", unfinished_run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "after epoch 0 of 1 (no epoch had finished)" in proc.stdout
     assert (unfinished_run / "metrics.json").is_file()

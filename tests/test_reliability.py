@@ -259,9 +259,8 @@ def test_nan_loss_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, mon
 
 
 def test_divergent_learning_rate_exits_non_zero(tmp_path):
-    proc = subprocess.run([*FIT, "--data", "sample", "--epochs", "1", "--steps-per-epoch", "5",
-                           "--learning-rate", "1e9", "--logdir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = fit_here("--data", "sample", "--epochs", "1", "--steps-per-epoch", "5", "--learning-rate", "1e9",
+                    "--logdir", tmp_path)
     assert proc.returncode == 1
     assert "fit.py: stopped: the loss became nan at epoch 1" in proc.stderr and "Traceback" not in proc.stderr
 
