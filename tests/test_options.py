@@ -71,13 +71,12 @@ def test_augmentation_changes_training_images_only(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_augmented_digits_stay_recognisable(sample):
-    """The transforms are small: a model trained on clean digits still reads augmented ones."""
+def test_augmented_digits_stay_recognisable(exported_run, sample):
+    """The transforms are small: a model trained on clean digits (the shared run: 0.97 of these 500
+    clean, 0.78 augmented on 2026-12-06) still reads augmented ones."""
     (x_train, y_train), _ = sample
-    keras.utils.set_random_seed(0)
-    model = train.build_model(TrainConfig(), steps_per_epoch=80)
+    model = keras.saving.load_model(exported_run.model_path)
     x = x_train[..., None].astype("float32") / 255.0
-    model.fit(x, y_train, batch_size=50, epochs=2, verbose=0)
     images = tf.convert_to_tensor(x[:500])
     shifted = augment.augment_batch(images, seed=tf.constant([3, 0], tf.int64))
     clean_acc = (model.predict(images, verbose=0).argmax(1) == y_train[:500]).mean()
