@@ -39,10 +39,13 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
     assert runs["mirrored"]["strategy"] == "MirroredStrategy, 2 replicas"
     assert runs["one"]["strategy"] == "OneDeviceStrategy, 1 replica"
     one, two = runs["one"]["history"], runs["mirrored"]["history"]
-    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-        # same global batch, same seed: the same trajectory. The logged loss is the
-        # true mean (a step that logged the replica-scaled loss would show half).
-        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+    # same global batch, same seed: the same trajectory up to the order the replicas' halves are summed in
+    # (rounding that another CPU's kernels may grow past 1e-5). The logged loss is the true mean: a step that
+    # logged the replica-scaled loss would show half.
+    for key in ("loss", "val_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-3), key
+    for key in ("accuracy", "val_accuracy"):  # a digit of 200 or 500 may cross the line
+        assert two[key] == pytest.approx(one[key], abs=0.0051), key
     for name in ("one", "mirrored"):
         assert (tmp_path / name / "checkpoints" / "epoch-02.keras").is_file()
         assert (tmp_path / name / "checkpoints" / "best.keras").is_file()
@@ -164,7 +167,13 @@ def test_two_workers_killed_and_resumed_train_what_one_process_trains(tmp_path):
     multi = json.loads((run_dir / "metrics.json").read_text())
     assert multi["optimizer_steps"] == 3 * 20  # epoch 1 was not trained again
 
+    # Two replicas sum their halves' gradients in another order than one process sums the whole batch:
+    # over 60 Adam steps that rounding grew to a relative 1.2e-4 in epoch 3's val_loss on an AVX2-only EPYC
+    # (1e-5 held on AVX-512 machines), and may move a digit or two across the line. Another seed (5 vs 6,
+    # 7), or a resume from the wrong batch, moves val_loss by 1.3e-2 to 2e-1 relative.
     single = train.fit(quick(tmp_path / "single", epochs=3, steps_per_epoch=20, seed=5), verbose=0)
-    for key in ("loss", "val_loss", "accuracy", "val_accuracy"):
-        assert multi["history"][key] == pytest.approx(single.history[key], rel=1e-5, abs=1e-6), key
-    assert multi["test_accuracy"] == pytest.approx(single.test_accuracy, abs=1e-6)
+    for key in ("loss", "val_loss"):
+        assert multi["history"][key] == pytest.approx(single.history[key], rel=2e-3), key
+    for key in ("accuracy", "val_accuracy"):  # 1,000 training and 500 validation digits an epoch
+        assert multi["history"][key] == pytest.approx(single.history[key], abs=0.0041), key
+    assert multi["test_accuracy"] == pytest.approx(single.test_accuracy, abs=0.0021)  # 1,000 test digits
