@@ -2,8 +2,9 @@
 
 - ``StopOnNaN``        -- raises ``TrainingDiverged`` at the first NaN/inf loss, before
                           anything of that batch is saved;
-- ``TensorBoard``      -- per-epoch scalars (``train/epoch_*``, ``validation/epoch_*``)
-                          and weight histograms, steps = epoch numbers;
+- ``TensorBoard``      -- Keras' own: per-epoch scalars (``train/epoch_*``, ``validation/epoch_*``)
+                          and weight histograms, steps = epoch numbers (the histograms
+                          binned in NumPy, ``WeightHistograms``);
 - ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
                           so a resumed run continues its curves instead of restarting them;
 - ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;
@@ -31,6 +32,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import tensorflow as tf
+from tensorboard.plugins.histogram.summary_v2 import histogram_pb
 from tensorboard.plugins.hparams import api as hparams_api
 
 from mnist_cnn.errors import TrainingDiverged
@@ -56,6 +58,22 @@ class StopOnNaN(keras.callbacks.TerminateOnNaN):
 
     def on_epoch_begin(self, epoch, logs=None):
         self.epoch = epoch
+
+
+class WeightHistograms(keras.callbacks.TensorBoard):
+    """Keras' TensorBoard callback with its weight histograms binned in NumPy by TensorBoard's own
+    ``histogram_pb``: the same tags and the same buckets (checked against ``tf.summary.histogram``),
+    without the dozens of eager TensorFlow ops per weight that cost ~0.4 s an epoch (the 3.2M-weight
+    dense kernel ~1 CPU-s of the 1.3 s two histograms took, against 0.23 s binned in NumPy)."""
+
+    def _log_weights(self, epoch):  # Keras' hook, as in keras.callbacks.TensorBoard
+        with self._train_writer.as_default():
+            for layer in self.model.layers:
+                for weight in layer.weights:
+                    tag = f"{weight.path.replace(':', '_')}/histogram"
+                    proto = histogram_pb(tag, keras.ops.convert_to_numpy(weight))
+                    tf.summary.experimental.write_raw_pb(proto.SerializeToString(), step=epoch)
+            self._train_writer.flush()
 
 
 class StepScalars(keras.callbacks.Callback):
@@ -296,7 +314,7 @@ def make_callbacks(
         *([EpochLines()] if epoch_lines else []),
         *([] if history else [GraphTrace(run_dir.path)]),  # once per run: by its first process
         StopOnNaN(),
-        keras.callbacks.TensorBoard(
+        WeightHistograms(
             log_dir=str(run_dir.path), update_freq="epoch", histogram_freq=1, profile_batch=profile_batch
         ),
         StepScalars(run_dir.path),

@@ -5,7 +5,9 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 from conftest import REPO, quick, read_events, run_python
 
 from mnist_cnn import cpu, train
@@ -51,6 +53,32 @@ def test_tensorboard_has_step_and_epoch_curves_and_histograms(run):
     histograms = {t.split("/", 1)[1] for t in train_tags if t.endswith("/histogram")}  # drop "cnn_N/"
     layers = ("conv1", "conv2", "dense1", "dense2")
     assert histograms == {f"{layer}/{w}/histogram" for layer in layers for w in ("kernel", "bias")}
+
+
+def histogram_tensors(folder):
+    """{(tag, step): the histogram's (buckets, 3) array} of the event files in ``folder``."""
+    return {(value.tag, event.step): tf.make_ndarray(value.tensor)
+            for path in sorted(folder.glob("events.out.tfevents.*"))
+            for event in tf.compat.v1.train.summary_iterator(str(path)) for value in event.summary.value
+            if value.metadata.plugin_data.plugin_name == "histograms"}
+
+
+def test_the_weight_histograms_are_tensorflows_own_of_the_epochs_weights(run, tmp_path):
+    """The histograms are binned in NumPy (``WeightHistograms``): the last epoch's are what
+    ``tf.summary.histogram`` makes of the saved model's weights, bucket for bucket."""
+    written = {tag.split("/", 1)[1]: v for (tag, step), v in histogram_tensors(run.run_dir / "train").items()
+               if step == 1}  # the last epoch's, "cnn_N/" dropped
+    model = keras.saving.load_model(run.model_path)
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        for layer in ("conv1", "dense1", "dense2"):
+            for weight in getattr(model, layer).weights:
+                tf.summary.histogram(f"{layer}/{weight.name}/histogram", weight, step=0)
+    writer.close()
+    expected = {tag: v for (tag, _), v in histogram_tensors(tmp_path).items()}
+    assert len(expected) == 6
+    for tag, buckets in expected.items():
+        np.testing.assert_array_equal(written[tag], buckets, err_msg=tag)
 
 
 def test_saved_model_predicts_like_the_result(run, sample):
