@@ -2,9 +2,9 @@
 
 - ``StopOnNaN``        -- raises ``TrainingDiverged`` at the first NaN/inf loss, before
                           anything of that batch is saved;
-- ``TensorBoard``      -- Keras' own: per-epoch scalars (``train/epoch_*``, ``validation/epoch_*``)
-                          and weight histograms, steps = epoch numbers (the histograms
-                          binned in NumPy, ``WeightHistograms``);
+- ``WeightHistograms`` -- Keras' TensorBoard callback: per-epoch scalars (``train/epoch_*``,
+                          ``validation/epoch_*``) and weight histograms (binned in NumPy),
+                          steps = epoch numbers;
 - ``StepScalars``      -- per-step ``train/batch_*`` scalars at the optimizer's step count,
                           so a resumed run continues its curves instead of restarting them;
 - ``HParams``          -- the run's hyperparameters for TensorBoard's HParams table;

@@ -120,7 +120,7 @@ def served(exported_run):
 def run_python(code: str, *args, cwd=None, timeout=300, env=None, lean=False) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter; return the finished process. ``lean``: a child that is
     about TensorFlow and Keras, not about what importing them brings along, starts as our commands
-    do (``mnist_cnn.as_command``: ~2.7 CPU-s less)."""
+    do (``mnist_cnn.as_command``: without pandas, scikit-learn, pyplot and jax)."""
     return subprocess.run(
         [sys.executable, "-c", as_command(code) if lean else code, *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
@@ -134,9 +134,9 @@ RESUME_HINT = f"resume with: python {REPO / 'scripts' / 'fit.py'} --resume"
 
 def fit_here(*args) -> subprocess.CompletedProcess:
     """``scripts/fit.py ARGS`` run in this process, its exit code, stdout and stderr returned as a
-    child's would be: ~5 CPU-s of TensorFlow start-up less than a child, for the steps of a test
-    that are not about the process (a resume after a real kill, say). Python-level output only:
-    TensorFlow's C++ lines are not captured."""
+    child's would be, without a child's TensorFlow start-up (4-5 CPU-s on the 2-core EPYCs of
+    docs/performance.md), for the steps of a test that are not about the process (a resume after a
+    real kill, say). Python-level output only: TensorFlow's C++ lines are not captured."""
     from mnist_cnn.cli import fit as fit_cli
 
     out, err = io.StringIO(), io.StringIO()
