@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, free_port, quick
+from conftest import REPO, free_port
 from PIL import Image
 
-from mnist_cnn import as_command, export, predict, train
+from mnist_cnn import as_command, export, predict
 from mnist_cnn.keras_file import load_cnn
 
 pytestmark = pytest.mark.slow
@@ -60,18 +60,17 @@ def stop(proc):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A model trained well enough to read digits, exported twice (versions 1 and 2) to a
+def server(tmp_path_factory, exported_run):
+    """The session's trained model (it reads most digits), exported twice (versions 1 and 2) to a
     base folder, and that base folder served: (base url, model path, version 2's folder).
     Its whole-request deadline is REQUEST_SECONDS."""
     folder = tmp_path_factory.mktemp("serve")
-    run = train.fit(quick(folder, epochs=3, steps_per_epoch=60), verbose=0)
-    model = load_cnn(run.model_path)
+    model = load_cnn(exported_run.model_path)
     base = folder / "models"
     export.export_savedmodel(model, base)
     newest = export.export_savedmodel(model, base)
     proc, port = start_server(base, "--request-timeout", REQUEST_SECONDS, "--grpc-port", free_port())
-    yield f"http://127.0.0.1:{port}", run.model_path, newest, proc
+    yield f"http://127.0.0.1:{port}", exported_run.model_path, newest, proc
     stop(proc)
 
 
