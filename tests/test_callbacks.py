@@ -4,10 +4,25 @@ HParams session ends with the status of what happened."""
 import keras
 import numpy as np
 import pytest
+from tensorboard.plugins.histogram.summary_v2 import histogram_pb
+from tensorboard.util import tensor_util
 
 from mnist_cnn import callbacks, data, runstate, train
 from mnist_cnn.errors import Interrupted, StorageError, TrainingDiverged
 from mnist_cnn.rundir import RunDir
+
+
+@pytest.mark.parametrize("values", [
+    np.random.default_rng(0).normal(0, 0.02, (3136, 1024)).astype("float32"),  # dense1's kernel
+    np.zeros(64, "float32"),  # a fresh bias: one value, all in the last bucket
+    np.array([-1.0, 0.0, 0.0, 2.0]),  # values on the edges
+    np.linspace(-3, 3, 31, dtype="float32"),
+])
+def test_weight_histograms_are_binned_bucket_for_bucket_as_tensorboards_histogram_pb(values):
+    expected = tensor_util.make_ndarray(histogram_pb("t", values).value[0].tensor)
+    binned = callbacks.histogram_buckets(values)
+    assert binned.dtype == expected.dtype == np.float64 and binned.shape == (30, 3)
+    np.testing.assert_array_equal(binned, expected)
 
 
 def test_the_end_of_an_epoch_is_one_sequence_in_code_order(tmp_path, monkeypatch):
