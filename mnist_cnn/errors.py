@@ -23,6 +23,11 @@ class ModelFileError(InputError):
 class BackendError(UsageError):
     """Training under a Keras backend other than TensorFlow."""
 
+    @classmethod
+    def training(cls, what: str, backend: str) -> "BackendError":
+        return cls(f"{what} needs KERAS_BACKEND=tensorflow (this process runs {backend}); "
+                   "inference works under any backend")
+
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; training stopped at that batch."""

@@ -25,8 +25,7 @@ def require_tensorflow(what: str) -> None:
     """Training needs the TensorFlow backend; loading, predicting and evaluating do not."""
     backend = keras.backend.backend()
     if backend != "tensorflow":
-        raise BackendError(f"{what} needs KERAS_BACKEND=tensorflow (this process runs {backend}); "
-                           "inference works under any backend")
+        raise BackendError.training(what, backend)
 
 INPUT_SHAPE = (None, *IMAGE_SHAPE)
 

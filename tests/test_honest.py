@@ -216,9 +216,15 @@ def test_a_tensorflow_trained_model_predicts_the_same_under_jax(tmp_path, sample
 
 @pytest.mark.parametrize("script", ["fit.py", "tutorial_loop.py"])
 def test_training_scripts_refuse_another_backend_before_anything_is_made(script, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / script), "--data", "sample"],
+    """... and before Keras or that backend loads: the refusal is decided as Keras would decide."""
+    watched = ("import atexit, runpy, sys\n"  # the script, and what it has loaded when it exits
+               "atexit.register(lambda: print('loaded:', sorted({'keras', 'jax'} & set(sys.modules))))\n"
+               "sys.argv[:] = sys.argv[1:]\n"
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", watched, REPO / "scripts" / script, "--data", "sample"],
                           capture_output=True, text=True, env=jax_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
+    assert proc.stdout.strip() == "loaded: []"
     assert proc.stderr.strip().splitlines()[-1] == (
         f"{script}: error: {script} needs KERAS_BACKEND=tensorflow (this process runs jax); "
         "inference works under any backend")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mnist_cnn import console
 from mnist_cnn.config import check_value
-from mnist_cnn.errors import InputError, Interrupted, StorageError, TrainingDiverged, UsageError
+from mnist_cnn.errors import BackendError, InputError, Interrupted, StorageError, TrainingDiverged, UsageError
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 
@@ -70,6 +70,17 @@ def command_name(script: str) -> str:
     own (``fit.py``) -- for usage lines and error prefixes, as argparse names ``prog``."""
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
     return argv0 if argv0.startswith("mnist-cnn-") else script
+
+
+def require_tensorflow_backend(script: str) -> None:
+    """A training command's refusal of another Keras backend, decided as Keras decides it
+    (``mnist_cnn.keras_backend``) before Keras, TensorFlow or that backend loads: at once, not
+    after ~5 s of imports. ``model.require_tensorflow`` asks Keras itself once it is loaded."""
+    from mnist_cnn import keras_backend
+
+    backend = keras_backend()
+    if backend not in ("tensorflow", None):  # None: keras.json unreadable, Keras decides
+        raise BackendError.training(command_name(script), backend)
 
 
 def command_line(script: str, *args) -> str:

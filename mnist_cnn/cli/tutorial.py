@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int
+from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int, require_tensorflow_backend
 
 
 def conv_parser() -> Parser:
@@ -55,6 +55,7 @@ def loop_parser() -> Parser:
 
 def loop_main(argv=None) -> int:
     def body(args):
+        require_tensorflow_backend("tutorial_loop.py")
         import keras
 
         from mnist_cnn import tutorial  # after parsing: TensorFlow loads here
