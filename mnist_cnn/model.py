@@ -21,6 +21,13 @@ from mnist_cnn.errors import BackendError
 IMAGE_SHAPE = (*idx.IMAGE_SHAPE, 1)  # one channel: MNIST's digits, NHWC
 
 
+def build_optimizer(model: keras.Model) -> None:
+    """A compiled model's optimizer variables (slots, step count, EMA averages), made once: Keras'
+    LossScaleOptimizer would make a second set if built again."""
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+
+
 def require_tensorflow(what: str) -> None:
     """Training needs the TensorFlow backend; loading, predicting and evaluating do not."""
     backend = keras.backend.backend()

@@ -27,7 +27,7 @@ from mnist_cnn.errors import Interrupted, ModelFileError, StorageError, Training
 from mnist_cnn.export import check_export_dir
 from mnist_cnn.files import write_json
 from mnist_cnn.keras_file import load_weights_strict
-from mnist_cnn.model import CNN, restore_random_state
+from mnist_cnn.model import CNN, build_optimizer, restore_random_state
 from mnist_cnn.rundir import ResumeState, RunDir
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def open_run(config: TrainConfig, resume: bool, chief: bool = True) -> tuple[Run
 
 def restore(model: CNN, run_dir: RunDir, state: ResumeState) -> None:
     """Load the committed epoch's weights, optimizer state and random generator states into ``model``."""
-    model.optimizer.build(model.trainable_variables)
+    build_optimizer(model)
     path = run_dir.path / state.checkpoint
     load_weights_strict(model, path)
     steps = int(model.optimizer.iterations.numpy())

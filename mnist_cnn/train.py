@@ -29,7 +29,7 @@ from mnist_cnn.errors import ModelFileError, TrainingDiverged
 from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
 from mnist_cnn.keras_file import load_cnn, save_model
-from mnist_cnn.model import CNN, require_tensorflow
+from mnist_cnn.model import CNN, build_optimizer, require_tensorflow
 from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.rundir import RunDir
 from mnist_cnn.runstate import finish, open_run, resume_from, session
@@ -84,7 +84,9 @@ def build_model(config: TrainConfig, steps_per_epoch: int) -> CNN:
 def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int,
                   optimizer: type[keras.optimizers.Optimizer] = FusedAdam) -> keras.Model:
     """``model`` compiled with the config's optimizer, loss, metric, XLA and steps per call
-    (``optimizer``: FusedAdam, Keras' Adam in one kernel per update; bench.py also times Keras' Adam)."""
+    (``optimizer``: FusedAdam, Keras' Adam in one kernel per update; bench.py also times Keras' Adam),
+    its optimizer's variables made now: created in the first step instead, they make tf.function trace
+    the training step twice (~0.3 CPU-s a run). Call it in the strategy's scope."""
     model.compile(
         optimizer=optimizer(learning_rate(config, steps_per_epoch), use_ema=config.ema is not None,
                             ema_momentum=config.ema or 0.99),
@@ -93,6 +95,7 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int,
         jit_compile=JIT_CHOICES[config.jit_compile],
         steps_per_execution=config.steps_per_execution,
     )
+    build_optimizer(model)
     return model
 
 
