@@ -48,6 +48,9 @@ Arrays = tuple[np.ndarray, np.ndarray]
 # (any --seed, any resume) selects its model on the same digits.
 VALIDATION_SEED = 0
 VALIDATION_MAX = 5_000  # TensorFlow's MNIST tutorials: 55,000 train / 5,000 validation
+# tf.data hands every function it traces to AutoGraph first; the pipelines' functions have no Python
+# control flow on tensors for it to convert (~0.15 CPU-s of a run's start-up, measured in #28)
+plain = tf.autograph.experimental.do_not_convert
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,7 @@ def pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data
     the evaluation splits. The split is converted once and held in memory."""
     x, y = in_memory(images, labels)
     ds = tf.data.Dataset.range(len(labels)).batch(batch_size)
-    return ds.map(lambda i: (tf.gather(x, i), tf.gather(y, i))).prefetch(tf.data.AUTOTUNE)
+    return ds.map(plain(lambda i: (tf.gather(x, i), tf.gather(y, i)))).prefetch(tf.data.AUTOTUNE)
 
 
 def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: bool, start_step,
@@ -234,22 +237,23 @@ def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: boo
     indices = tf.range(count, dtype=tf.int64)
     start_step = tf.cast(start_step, tf.int64)
 
+    @plain
     def one_pass(p):
         order = tf.random.experimental.stateless_shuffle(indices, seed=tf.stack([tf.constant(seed, tf.int64), p]))
         return tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
 
     passes = tf.data.Dataset.range(start_step // per_pass, np.iinfo(np.int64).max).flat_map(one_pass)
     ds = passes.skip(start_step % per_pass).enumerate(start=start_step)
-    ds = ds.map(lambda i, batch: (i, tf.gather(x, batch), tf.gather(y, batch)))
+    ds = ds.map(plain(lambda i, batch: (i, tf.gather(x, batch), tf.gather(y, batch))))
     if augment:
         seed_of = lambda i: tf.stack([tf.constant(seed, tf.int64), i + SEED_OFFSET])  # noqa: E731
-        ds = ds.map(lambda i, xb, yb: (i, augment_batch(xb, seed_of(i)), yb), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=True)
+        ds = ds.map(plain(lambda i, xb, yb: (i, augment_batch(xb, seed_of(i)), yb)),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if elastic:
         elastic_seed = lambda i: tf.stack([tf.constant(seed, tf.int64), i + 2 * SEED_OFFSET])  # noqa: E731
-        ds = ds.map(lambda i, xb, yb: (i, elastic_batch(xb, elastic_seed(i)), yb),
+        ds = ds.map(plain(lambda i, xb, yb: (i, elastic_batch(xb, elastic_seed(i)), yb)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.map(lambda i, xb, yb: (xb, yb))
+    return ds.map(plain(lambda i, xb, yb: (xb, yb)))
 
 
 def training_stream(images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int = 0,
@@ -285,7 +289,7 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps
     the next one's."""
     x, y = in_memory(images, labels)
     epoch = tf.data.Dataset.range(1).flat_map(
-        lambda _: _stream(x, y, batch_size, seed, augment, position.read_value(), elastic).take(steps))
+        plain(lambda _: _stream(x, y, batch_size, seed, augment, position.read_value(), elastic).take(steps)))
     return epoch.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
 
 
