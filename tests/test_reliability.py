@@ -267,19 +267,6 @@ def test_divergent_learning_rate_exits_non_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_concurrent_runs_keep_their_own_folders(tmp_path):
-    procs = [start_fit("--data", "sample", "--dry-run", "--logdir", tmp_path) for _ in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
-    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
-    assert len(runs) == 2
-    for run_dir in runs:
-        assert {"config.json", "metrics.json", "model.keras", "history.json"} <= {p.name for p in run_dir.iterdir()}
-    assert {line.split()[2] for out, _ in outs for line in out.splitlines() if line.startswith("run folder:")} == {
-        str(r) for r in runs
-    }
-
-
 def test_resume_takes_the_flags_that_do_not_change_the_training(finished):
     """--progress and --steps-per-execution only change how a run is shown and called:
     a resume applies them (they were silently ignored); other flags must still agree."""

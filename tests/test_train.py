@@ -145,24 +145,32 @@ def test_cli_refuses_an_unknown_data_source_without_touching_the_logdir(tmp_path
     assert not (tmp_path / "logs").exists()
 
 
-def test_fit_script_dry_run(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}  # a user who chose nothing
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "fit.py"), "--dry-run", "--data", "sample",
-         "--logdir", str(tmp_path), "--run-name", "smoke"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    fast = "oneDNN on" if cpu.is_x86() else "oneDNN "  # the script's default on x86: the fast CPU path
-    assert any(line.startswith("Device: CPU (") and line.endswith(fast) or line.startswith("Device: GPU: ")
-               for line in lines), lines[:3]
-    assert "Data: sample (3,500 train / 500 validation / 1,000 test)" in lines
-    accuracy = [line for line in lines if line.startswith("test accuracy: ")]
-    assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(": ")[1]) <= 1.0
-    assert len(accuracy[0].split(": ")[1]) == 8  # the tutorial's %f
-    assert lines[-1].startswith(f"run folder: {tmp_path / 'smoke'}")
-    assert (tmp_path / "smoke" / "model.keras").is_file()
+def test_fit_script_dry_run_twice_at_once_in_two_run_folders(tmp_path):
+    """Two dry runs started in the same second, as a user who chose nothing (no TF_ENABLE_ONEDNN_OPTS):
+    each prints the run's lines and ends complete in its own run folder."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "fit.py"), "--dry-run", "--data", "sample",
+                               "--logdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(runs) == 2
+    folders = set()
+    for out, _ in outs:
+        lines = out.splitlines()
+        fast = "oneDNN on" if cpu.is_x86() else "oneDNN "  # the script's default on x86: the fast CPU path
+        assert any(line.startswith("Device: CPU (") and line.endswith(fast) or line.startswith("Device: GPU: ")
+                   for line in lines), lines[:3]
+        assert "Data: sample (3,500 train / 500 validation / 1,000 test)" in lines
+        accuracy = [line for line in lines if line.startswith("test accuracy: ")]
+        assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(": ")[1]) <= 1.0
+        assert len(accuracy[0].split(": ")[1]) == 8  # the tutorial's %f
+        assert lines[-1].startswith("run folder: ")
+        folders.add(lines[-1].split()[2])
+    assert folders == {str(r) for r in runs}
+    for run_dir in runs:
+        assert {"config.json", "metrics.json", "model.keras", "history.json"} <= {p.name for p in run_dir.iterdir()}
 
 
 FROM_PYTHON = """
