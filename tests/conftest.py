@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+SKIPPED_AS_IN_COMMANDS = ("pandas", "sklearn", "matplotlib.pyplot")
 
 
 def _as_our_commands_start() -> None:
@@ -20,11 +21,16 @@ def _as_our_commands_start() -> None:
     oneDNN on x86 unless whoever started the suite chose). On a CPU where TensorFlow's own default is off
     (AVX2 only) the tests' in-process runs would otherwise be 2.3x slower than the commands they stand in
     for, and differ from them in the last bits (a served model against the same model in the test).
-    cpu.py is loaded on its own: importing the package would load TensorFlow first."""
+    cpu.py is loaded on its own: importing the package would load TensorFlow first. And as in a command,
+    Keras and TensorFlow skip what they import whenever installed and the package never uses
+    (``mnist_cnn.unused_by_commands``: ~1.9 CPU-s of each of the suite's processes), except jax, which
+    a test loads to compare the backends."""
     spec = importlib.util.spec_from_file_location("mnist_cnn_cpu_alone", REPO / "mnist_cnn" / "cpu.py")
     alone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(alone)
     alone.prefer_fast_path()
+    for unused in SKIPPED_AS_IN_COMMANDS:
+        sys.modules.setdefault(unused, None)  # None: an ImportError, "not installed" to Keras
 
 
 _as_our_commands_start()

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, SKIPPED_AS_IN_COMMANDS
 
-from mnist_cnn import as_command, cpu
+from mnist_cnn import as_command, cpu, unused_by_commands
 
 AVX2_ONLY = frozenset({"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"})  # an AMD EPYC / laptop CPU
 AMX = AVX2_ONLY | {"avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"}
@@ -69,6 +69,9 @@ def test_the_suite_runs_tensorflow_on_the_path_our_commands_run():
 
     assert cpu.VARIABLE in os.environ  # set by conftest unless whoever started the suite set it
     assert _pywrap_util_port.IsMklEnabled() == cpu.onednn_enabled()
+    # and without what a command skips (jax aside: test_honest loads it)
+    assert set(SKIPPED_AS_IN_COMMANDS) == set(unused_by_commands()) - {"jax"}
+    assert [name for name in SKIPPED_AS_IN_COMMANDS if sys.modules.get(name)] == []
 
 
 @pytest.mark.slow

@@ -52,9 +52,9 @@ def test_each_lever_runs_in_its_own_process_with_its_setting_applied_or_is_repor
 
 
 def test_a_failing_lever_names_itself_and_the_workers_error():
-    bad = (levers.Lever("default"), levers.Lever("bad XLA flag", jit=True, env={"XLA_FLAGS": "--xla_no_such_flag"}))
+    bad = levers.Lever("bad XLA flag", jit=True, env={"XLA_FLAGS": "--xla_no_such_flag"})
     with pytest.raises(RuntimeError, match="lever 'bad XLA flag': the worker failed: .*xla_no_such_flag"):
-        levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8, levers=bad)
+        levers.measure(rounds=1, steps=2, log=lambda _: None, batch_size=8, levers=(bad,))
 
 
 def test_the_report_places_the_floor_against_the_ceiling_and_model_fit():
