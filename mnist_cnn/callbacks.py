@@ -23,7 +23,6 @@ Every file is written atomically (``files.write_atomic``).
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import time
@@ -37,6 +36,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.util import tensor_util
 
+from mnist_cnn import pictures
 from mnist_cnn.errors import TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
 from mnist_cnn.files import write_atomic
@@ -117,64 +117,17 @@ class StepScalars(keras.callbacks.Callback):
         self.writer.close()
 
 
-def _figure(width: float, height: float):
-    """A matplotlib figure drawn in memory (Agg, through ``savefig``): no pyplot, no window, nothing
-    to close. Its layout is fixed, not ``tight_layout``'s (which draws every text once more to
-    measure it: a third of a picture's cost, and these are drawn every epoch)."""
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height))
-
-
-def figure_to_image(figure) -> tf.Tensor:
-    """A matplotlib figure as a [1, H, W, 4] uint8 tensor for tf.summary.image."""
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=80)
-    return tf.image.decode_png(buffer.getvalue(), channels=4)[None]
-
-
-def digit_grid(images: np.ndarray, titles: list[str], columns: int = 5):
-    """Digits in a grid, each under its title: one mosaic on one axes (a subplot per digit
-    took half a second per picture)."""
-    rows = max(1, math.ceil(len(images) / columns))
-    cell_w, cell_h, top = 32, 42, 12  # a 28x28 digit with a margin, and room for its title above
-    mosaic = np.ones((rows * cell_h, columns * cell_w), np.float32) * 0.85  # light grey between digits
-    figure = _figure(columns * 1.3, rows * 1.5)
-    ax = figure.subplots()
-    for i, (image, title) in enumerate(zip(images, titles, strict=False)):
-        y, x = (i // columns) * cell_h + top, (i % columns) * cell_w + 2
-        mosaic[y : y + 28, x : x + 28] = image.reshape(28, 28)
-        ax.text(x + 14, y - 2, title, ha="center", va="bottom", fontsize=8)
-    ax.imshow(mosaic, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.axis("off")
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.99)
-    return figure
-
-
-def confusion_figure(matrix: np.ndarray):
-    figure = _figure(5.5, 5)
-    ax = figure.subplots()
-    ax.imshow(np.log1p(matrix), cmap="Blues")
-    for (row, col), count in np.ndenumerate(matrix):
-        if count:
-            ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                    color="white" if count > matrix.max() / 2 else "black")
-    ax.set(xticks=range(10), yticks=range(10), xlabel="predicted digit", ylabel="true digit")
-    figure.subplots_adjust(left=0.1, right=0.98, bottom=0.1, top=0.98)  # room for the ticks and labels
-    return figure
-
-
 def write_split_pictures(writer, split: str, scores: Scores, step: int, shown: int = 25) -> None:
     """``<split>/misclassified`` (the first ``shown`` mistakes, titled ``#index: true as
     predicted``) and ``<split>/confusion_matrix`` pictures at ``step``."""
     labels, predicted = scores.labels, scores.predicted
     wrong = np.flatnonzero(predicted != labels)[:shown]
     titles = [f"#{i}: {labels[i]} as {predicted[i]}" for i in wrong]
-    figures = {"misclassified": digit_grid(scores.images[wrong], titles), "confusion_matrix":
-               confusion_figure(scores.confusion())}
+    drawn = {"misclassified": pictures.digit_grid(scores.images[wrong], titles),
+             "confusion_matrix": pictures.confusion_matrix(scores.confusion())}
     with writer.as_default():
-        for name, figure in figures.items():
-            tf.summary.image(f"{split}/{name}", figure_to_image(figure), step=step)
+        for name, picture in drawn.items():
+            tf.summary.image(f"{split}/{name}", picture[None], step=step)
     writer.flush()
 
 
@@ -206,14 +159,14 @@ class EpochCommit(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.history = self.run_dir.read_history()
-        pictures = self.run_dir.path / "images"
-        first_time = not pictures.exists()
-        self.writer = tf.summary.create_file_writer(str(pictures))
+        folder = self.run_dir.path / "images"
+        first_time = not folder.exists()
+        self.writer = tf.summary.create_file_writer(str(folder))
         if first_time:
             images, labels = self.preview
-            figure = digit_grid(images[: self.shown], [f"label {y}" for y in labels[: self.shown]])
+            picture = pictures.digit_grid(images[: self.shown], [f"label {y}" for y in labels[: self.shown]])
             with self.writer.as_default():
-                tf.summary.image(SAMPLES_TAG, figure_to_image(figure), step=0)
+                tf.summary.image(SAMPLES_TAG, picture[None], step=0)
 
     def on_epoch_end(self, epoch, logs=None):
         logs = {k: float(v) for k, v in (logs or {}).items()}

@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SKIPPED_AS_IN_COMMANDS = ("pandas", "sklearn", "matplotlib.pyplot")
+SKIPPED_AS_IN_COMMANDS = ("pandas", "sklearn", "matplotlib")
 
 
 def _as_our_commands_start() -> None:

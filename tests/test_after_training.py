@@ -36,7 +36,7 @@ def test_tensorboard_pictures(trained):
         assert plugin == "images"
         width, height, png = tf.make_ndarray(value.tensor)[:3]
         picture = tf.image.decode_png(png).numpy()
-        assert picture.shape == (int(height), int(width), 4) and int(width) > 300
+        assert picture.shape == (int(height), int(width), 3) and int(width) > 300
         assert picture[..., :3].std() > 10  # something is drawn
 
 

@@ -87,16 +87,16 @@ def test_the_onednn_state_we_report_is_the_one_tensorflow_runs(value):
 @pytest.mark.slow
 def test_an_installed_command_starts_tensorflow_on_the_fast_path_and_the_users_value_wins(tmp_path):
     """As `mnist-cnn-*` or `scripts/*.py` (argv[0]) the package sets the variable before TensorFlow
-    loads, and Keras and TensorFlow skip pandas, scikit-learn, pyplot and jax (~3 s of a command's start-up);
+    loads, and Keras and TensorFlow skip pandas, scikit-learn, matplotlib and jax (~3 s of a command's start-up);
     the user's value stands; imported by other code it changes nothing. TensorFlow's own start-up
     line (MNIST_CNN_VERBOSE=1 keeps it) says which path it took."""
     probe = ("import sys; sys.argv[0] = sys.argv[1]; import os, mnist_cnn; "
              "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS')); import keras; "
-             "print(sorted(m for m in ('jax', 'matplotlib.pyplot', 'pandas', 'sklearn') if sys.modules.get(m)))")
+             "print(sorted(m for m in ('jax', 'matplotlib', 'pandas', 'sklearn') if sys.modules.get(m)))")
     for argv0, value, expected, on in (
             ("/venv/bin/mnist-cnn-fit", None, ["1", "[]"], True),
             (str(REPO / "scripts" / "fit.py"), "0", ["0", "[]"], False),
-            ("/home/someone/notebook.py", None, ["None", "['jax', 'matplotlib.pyplot', 'pandas', 'sklearn']"], None)):
+            ("/home/someone/notebook.py", None, ["None", "['jax', 'matplotlib', 'pandas', 'sklearn']"], None)):
         proc = subprocess.run([sys.executable, "-c", probe, argv0], env={**env_with(value), "MNIST_CNN_VERBOSE": "1"},
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-2000:]
