@@ -1,4 +1,5 @@
 import contextlib
+import gc
 import hashlib
 import importlib.util
 import io
@@ -31,6 +32,7 @@ def _as_our_commands_start() -> None:
     alone.prefer_fast_path()
     for unused in SKIPPED_AS_IN_COMMANDS:
         sys.modules.setdefault(unused, None)  # None: an ImportError, "not installed" to Keras
+    gc.disable()  # and TensorFlow loads as in a command (cli.common.loading_tensorflow): frozen after, below
 
 
 _as_our_commands_start()
@@ -42,6 +44,9 @@ import tensorflow as tf  # noqa: E402
 
 from mnist_cnn import as_command, data, idx, train  # noqa: E402
 from mnist_cnn.config import TrainConfig  # noqa: E402
+
+gc.freeze()
+gc.enable()
 
 # A suite started with SIGINT ignored (in the background of a non-interactive shell, as some CI
 # runners do) would hand that to every child: the Ctrl-C tests' processes could not be interrupted.

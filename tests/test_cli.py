@@ -2,6 +2,7 @@
 errors and exit codes for every entry point, and a README that lists every flag."""
 
 import dataclasses
+import gc
 import importlib.metadata
 import re
 import shlex
@@ -156,6 +157,23 @@ def test_tensorflow_starts_without_ml_dtypes_0_7_0():
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "ml_dtypes!=0.7.0" in dependencies
     assert importlib.metadata.version("ml_dtypes") != "0.7.0"
+
+
+def test_a_command_loads_tensorflow_with_the_garbage_collector_paused_then_freezes_what_loaded(monkeypatch):
+    """As a command starts (no TensorFlow yet): no collector passes during the import, everything it made
+    frozen after, the collector back on. Where TensorFlow is loaded already (this process): nothing changes."""
+    frozen = gc.get_freeze_count()
+    with common.loading_tensorflow():
+        assert gc.isenabled()
+    assert gc.get_freeze_count() == frozen
+
+    monkeypatch.delitem(sys.modules, "tensorflow")  # as in a command's process, before its import
+    try:
+        with common.loading_tensorflow():
+            assert not gc.isenabled()
+        assert gc.isenabled() and gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()  # this worker's objects back under the collector
 
 
 # -- installed commands: they name themselves, quote what they tell you to paste, end quietly ----------

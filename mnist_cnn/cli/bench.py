@@ -8,7 +8,14 @@ import sys
 import time
 from pathlib import Path
 
-from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int, require_tensorflow_backend
+from mnist_cnn.cli.common import (
+    Parser,
+    command_name,
+    loading_tensorflow,
+    main_with,
+    positive_int,
+    require_tensorflow_backend,
+)
 
 
 def _idx_folder(text: str) -> Path:
@@ -40,8 +47,9 @@ def parser() -> Parser:
 def main(argv=None) -> int:
     def body(args):
         require_tensorflow_backend("bench.py")
-        from mnist_cnn.bench import measure, report, serving  # after parsing: TensorFlow loads here
-        from mnist_cnn.model import require_tensorflow
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn.bench import measure, report, serving
+            from mnist_cnn.model import require_tensorflow
 
         require_tensorflow(command_name("bench.py"))
         began = time.perf_counter()

@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import asdict
 
-from mnist_cnn.cli.common import Parser, command_name, main_with
+from mnist_cnn.cli.common import Parser, command_name, loading_tensorflow, main_with
 
 
 def count(text: str) -> int:
@@ -27,7 +27,8 @@ def parser() -> Parser:
 
 def main(argv=None) -> int:
     def body(args):
-        from mnist_cnn import evaluate, keras_file  # after parsing: TensorFlow loads here
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn import evaluate, keras_file
 
         cnn = keras_file.load_cnn(args.model)
         images, labels, source = evaluate.test_arrays(args.data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mnist_cnn.cli.common import Parser, command_name, main_with
+from mnist_cnn.cli.common import Parser, command_name, loading_tensorflow, main_with
 from mnist_cnn.config import QUANTIZE
 
 MAX_VERSION = 2**63 - 1  # TensorFlow Serving's versions are int64 (export.MAX_VERSION, without TensorFlow)
@@ -33,7 +33,8 @@ def parser() -> Parser:
 
 def main(argv=None) -> int:
     def body(args):
-        from mnist_cnn import export, keras_file  # after parsing: TensorFlow loads here
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn import export, keras_file
 
         export.check_export_dir(args.directory, args.version)  # everything checked before anything is written
         if args.tflite is not None:

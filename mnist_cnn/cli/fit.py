@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from mnist_cnn.cli.common import Parser, bounded, command_name, require_tensorflow_backend, run
+from mnist_cnn.cli.common import Parser, bounded, command_name, loading_tensorflow, require_tensorflow_backend, run
 from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, flag_name
 from mnist_cnn.errors import UsageError
 
@@ -81,7 +81,8 @@ def main(argv=None) -> int:
     def body():
         config, resume = parse_args(argv)  # parsed inside run(): a bad flag is one line, exit 2
         require_tensorflow_backend("fit.py")
-        from mnist_cnn import train  # TensorFlow loads only now: --help and usage errors answer without it
+        with loading_tensorflow():  # only now: --help and usage errors answer without TensorFlow
+            from mnist_cnn import train
 
         train.require_tensorflow(command_name("fit.py"))
 

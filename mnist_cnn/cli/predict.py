@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mnist_cnn.cli.common import EXIT_BAD_INPUT, Parser, command_name, main_with
+from mnist_cnn.cli.common import EXIT_BAD_INPUT, Parser, command_name, loading_tensorflow, main_with
 
 
 def _top(text: str) -> int:
@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     p = parser()
 
     def body(args):
-        from mnist_cnn import keras_file, predict  # after parsing: TensorFlow loads here
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn import keras_file, predict
 
         failed = False
         for path, outcome in predict.predict_files(keras_file.load_cnn(args.model), args.images, args.top):

@@ -8,7 +8,7 @@ import logging
 import resource
 
 from mnist_cnn import console
-from mnist_cnn.cli.common import Parser, command_name, main_with
+from mnist_cnn.cli.common import Parser, command_name, loading_tensorflow, main_with
 from mnist_cnn.errors import UsageError
 
 # the defaults of mnist_cnn.serve / servables, repeated here so that --help does not load TensorFlow
@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         if args.grpc_port is not None and not all(importlib.util.find_spec(m) for m in ("grpc", "tensorflow_serving")):
             raise UsageError("--grpc-port needs TensorFlow Serving's API for Python: pip install 'mnist_cnn[grpc]' "
                              "(tensorflow-serving-api of your TensorFlow's version, and grpcio)")
-        from mnist_cnn import serve  # after parsing: the model loads here
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn import serve
 
         _more_sockets()
         server = serve.Server(args.model, args.host, args.port, args.model_name, args.poll_seconds,

@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import time
 
-from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int, require_tensorflow_backend
+from mnist_cnn.cli.common import (
+    Parser,
+    command_name,
+    loading_tensorflow,
+    main_with,
+    positive_int,
+    require_tensorflow_backend,
+)
 
 
 def conv_parser() -> Parser:
@@ -15,7 +22,8 @@ def conv_parser() -> Parser:
 
 def conv_main(argv=None) -> int:
     def body(args):
-        from mnist_cnn import tutorial  # after parsing: TensorFlow loads here
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn import tutorial
 
         return tutorial.conv_demo()
 
@@ -31,7 +39,8 @@ def reshape_parser() -> Parser:
 
 def reshape_main(argv=None) -> int:
     def body(args):
-        from mnist_cnn import tutorial
+        with loading_tensorflow():
+            from mnist_cnn import tutorial
 
         tutorial.print_reshape_demo(args.seed)
 
@@ -56,10 +65,11 @@ def loop_parser() -> Parser:
 def loop_main(argv=None) -> int:
     def body(args):
         require_tensorflow_backend("tutorial_loop.py")
-        import keras
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            import keras
 
-        from mnist_cnn import tutorial  # after parsing: TensorFlow loads here
-        from mnist_cnn.model import require_tensorflow
+            from mnist_cnn import tutorial
+            from mnist_cnn.model import require_tensorflow
 
         require_tensorflow(command_name("tutorial_loop.py"))
         keras.utils.set_random_seed(args.seed)
