@@ -8,6 +8,7 @@ confusion matrix cost ~0.1 CPU-s and a grid of 25 titled digits ~0.07 (docs/perf
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -20,6 +21,7 @@ WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (217, 217, 217)
 MARGIN = 8
 
 
+@functools.cache
 def font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's own font at ``size`` pixels (its fixed-size bitmap font where Pillow lacks FreeType)."""
     return ImageFont.load_default(size=size)

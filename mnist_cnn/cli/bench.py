@@ -8,14 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from mnist_cnn.cli.common import (
-    Parser,
-    command_name,
-    loading_tensorflow,
-    main_with,
-    positive_int,
-    require_tensorflow_backend,
-)
+from mnist_cnn.cli import common
+from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int, require_tensorflow_backend
 
 
 def _idx_folder(text: str) -> Path:
@@ -47,7 +41,7 @@ def parser() -> Parser:
 def main(argv=None) -> int:
     def body(args):
         require_tensorflow_backend("bench.py")
-        with loading_tensorflow():  # after parsing: TensorFlow loads here
+        with common.loading_tensorflow():  # after parsing: TensorFlow loads here
             from mnist_cnn.bench import measure, report, serving
             from mnist_cnn.model import require_tensorflow
 

@@ -5,14 +5,8 @@ from __future__ import annotations
 
 import time
 
-from mnist_cnn.cli.common import (
-    Parser,
-    command_name,
-    loading_tensorflow,
-    main_with,
-    positive_int,
-    require_tensorflow_backend,
-)
+from mnist_cnn.cli import common
+from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int, require_tensorflow_backend
 
 
 def conv_parser() -> Parser:
@@ -22,7 +16,7 @@ def conv_parser() -> Parser:
 
 def conv_main(argv=None) -> int:
     def body(args):
-        with loading_tensorflow():  # after parsing: TensorFlow loads here
+        with common.loading_tensorflow():  # after parsing: TensorFlow loads here
             from mnist_cnn import tutorial
 
         return tutorial.conv_demo()
@@ -39,7 +33,7 @@ def reshape_parser() -> Parser:
 
 def reshape_main(argv=None) -> int:
     def body(args):
-        with loading_tensorflow():
+        with common.loading_tensorflow():
             from mnist_cnn import tutorial
 
         tutorial.print_reshape_demo(args.seed)
@@ -65,7 +59,7 @@ def loop_parser() -> Parser:
 def loop_main(argv=None) -> int:
     def body(args):
         require_tensorflow_backend("tutorial_loop.py")
-        with loading_tensorflow():  # after parsing: TensorFlow loads here
+        with common.loading_tensorflow():  # after parsing: TensorFlow loads here
             import keras
 
             from mnist_cnn import tutorial
