@@ -131,7 +131,7 @@ def served(exported_run):
 def run_python(code: str, *args, cwd=None, timeout=300, env=None, lean=False) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter; return the finished process. ``lean``: a child that is
     about TensorFlow and Keras, not about what importing them brings along, starts as our commands
-    do (``mnist_cnn.as_command``: without pandas, scikit-learn, pyplot and jax)."""
+    do (``mnist_cnn.as_command``: without pandas, scikit-learn, matplotlib and jax)."""
     return subprocess.run(
         [sys.executable, "-c", as_command(code) if lean else code, *map(str, args)],
         capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env,
