@@ -51,14 +51,14 @@ def digit_grid(images: np.ndarray, titles: list[str], columns: int = 5, scale: i
     cell_w, cell_h = side + gap, title_height + side + gap
     canvas = np.empty((2 * MARGIN + rows * cell_h - gap, 2 * MARGIN + columns * cell_w - gap, 3), np.uint8)
     canvas[:] = GREY
-    for i, image in enumerate(images):
-        x, y = MARGIN + (i % columns) * cell_w, MARGIN + (i // columns) * cell_h + title_height
+    corners = [(MARGIN + (i % columns) * cell_w, MARGIN + (i // columns) * cell_h) for i in range(len(images))]
+    for (x, y), image in zip(corners, images, strict=True):
         pixels = np.round(np.clip(np.reshape(image, (28, 28)), 0.0, 1.0) * 255).astype(np.uint8)
+        y += title_height
         canvas[y : y + side, x : x + side] = np.kron(pixels, np.ones((scale, scale), np.uint8))[..., None]
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
-    for i, title in enumerate(titles[: len(images)]):
-        x, y = MARGIN + (i % columns) * cell_w, MARGIN + (i // columns) * cell_h
+    for (x, y), title in zip(corners, titles, strict=False):  # titles beyond the images are not drawn
         text_centered(draw, x + side / 2, y, title, 12)
     return np.asarray(picture)
 
@@ -78,9 +78,10 @@ def confusion_matrix(matrix: np.ndarray, cell: int = 34) -> np.ndarray:
     picture = Image.fromarray(canvas)
     draw = ImageDraw.Draw(picture)
     draw.rectangle((left - 1, MARGIN - 1, left + n * cell, MARGIN + n * cell), outline=BLACK)
+    dark = matrix.max() / 2  # counts above it are written in white on their dark cells
     for (row, col), count in np.ndenumerate(matrix):
         if count:
-            color = WHITE if count > matrix.max() / 2 else BLACK
+            color = WHITE if count > dark else BLACK
             text_centered(draw, left + (col + 0.5) * cell, MARGIN + (row + 0.5) * cell - 6, str(count), 11, color)
     for k in range(n):
         text_centered(draw, left + (k + 0.5) * cell, MARGIN + n * cell + 4, str(k), 12)  # predicted digits
