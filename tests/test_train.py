@@ -1,14 +1,12 @@
 import json
 import os
 import re
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import REPO, quick, read_events, run_python
+from conftest import quick, read_events, run_python, start_fit
 
 from mnist_cnn import cpu, train
 from mnist_cnn.cli import fit as fit_cli
@@ -149,17 +147,15 @@ def test_fit_script_dry_run_twice_at_once_in_two_run_folders(tmp_path):
     """Two dry runs started in the same second, as a user who chose nothing (no TF_ENABLE_ONEDNN_OPTS):
     each prints the run's lines and ends complete in its own run folder."""
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    procs = [subprocess.Popen([sys.executable, str(REPO / "scripts" / "fit.py"), "--dry-run", "--data", "sample",
-                               "--logdir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for _ in range(2)]
+    procs = [start_fit("--dry-run", "--data", "sample", "--logdir", tmp_path, env=env) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     runs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
     assert len(runs) == 2
+    fast = "oneDNN on" if cpu.is_x86() else "oneDNN "  # the script's default on x86: the fast CPU path
     folders = set()
     for out, _ in outs:
         lines = out.splitlines()
-        fast = "oneDNN on" if cpu.is_x86() else "oneDNN "  # the script's default on x86: the fast CPU path
         assert any(line.startswith("Device: CPU (") and line.endswith(fast) or line.startswith("Device: GPU: ")
                    for line in lines), lines[:3]
         assert "Data: sample (3,500 train / 500 validation / 1,000 test)" in lines
