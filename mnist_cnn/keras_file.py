@@ -16,6 +16,7 @@ Keras' internal key names -- to check that every weight was loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -168,13 +169,7 @@ def _check_weights_loaded(model: keras.Model, path: Path) -> None:
     most once): Keras skips some weights with only a warning, and a CNN with fresh random
     weights must never pass."""
     weights = [np.asarray(w) for w in model.get_weights()]
-    try:
-        archive = zipfile.ZipFile(path)
-        member = archive.open("model.weights.h5")  # read in place (a stored member seeks), never whole
-        store = h5py.File(member, "r")
-    except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ModelFileError(f"{path}: cannot read the stored weights ({e})") from None
-    with archive, member, store:
+    with _stored_weights(path) as store:
         unmatched = _stored_arrays(store, {w.shape for w in weights})
         for variable, value in zip(model.weights, weights, strict=True):
             match = next((i for i, item in enumerate(unmatched) if np.array_equal(item[()], value)), None)
@@ -183,12 +178,55 @@ def _check_weights_loaded(model: keras.Model, path: Path) -> None:
             del unmatched[match]
 
 
+@contextlib.contextmanager
+def _stored_weights(path: Path):
+    """The weights of a ``.keras`` zip (read in place: a stored member seeks, never read whole) or
+    of a ``.weights.h5``, as an open ``h5py.File``; ``ModelFileError`` if it cannot be opened."""
+    with contextlib.ExitStack() as stack:
+        try:
+            if zipfile.is_zipfile(path):
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                store = h5py.File(stack.enter_context(archive.open("model.weights.h5")), "r")
+            else:
+                store = h5py.File(path, "r")
+            stack.enter_context(store)
+        except (KeyError, OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ModelFileError(f"{path}: cannot read the stored weights ({_first_line(e)})") from None
+        yield store
+
+
+def check_stored_shapes(path: str | os.PathLike, model: keras.Model) -> None:
+    """Every array stored in ``path`` (a ``.keras`` file or ``.weights.h5``) has the shape of
+    one of ``model``'s weights (or is a scalar: an optimizer's step count) and a dtype of at most
+    8 bytes, read from HDF5's metadata before Keras reads a byte of data: Keras believes a
+    dataset's declared shape and allocates it (a never-written chunked dataset of 2^28 floats
+    keeps the file at 13 MB and costs gigabytes)."""
+    path = Path(path)
+    shapes = {tuple(w.shape) for w in model.weights} | {()}
+    most = 4 * len(model.weights) + 16  # the weights, an optimizer's two moments and its average, scalars
+    found = []
+    with _stored_weights(path) as store:
+        try:
+            store.visititems(lambda name, item: found.append((name, item.shape, item.dtype))
+                             if isinstance(item, h5py.Dataset) else None)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{path}: cannot read the stored weights ({_first_line(e)})") from None
+    if len(found) > most:
+        raise ModelFileError(f"{path}: {len(found):,} stored arrays; a CNN of this config has at most {most}")
+    for name, shape, dtype in found:
+        if tuple(shape or ()) not in shapes or dtype.kind not in "fiub" or dtype.itemsize > 8:
+            raise ModelFileError(f"{path}: stored array {name[:100]} is {dtype} {tuple(shape or ())}, not one of "
+                                 f"the model's weights")
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def load_weights_strict(model: keras.Model, path: str | os.PathLike) -> None:
-    """``model.load_weights(path)``, where a weight that does not match is an error."""
+    """``model.load_weights(path)``, where a weight that does not match is an error (and every
+    stored array's shape is checked before its data is read)."""
+    check_stored_shapes(path, model)
     try:
         with warnings.catch_warnings():
             # Keras only warns when it skips the optimizer's state: a failure here
@@ -202,7 +240,8 @@ def load_cnn(path: str | os.PathLike) -> CNN:
     """Load a ``.keras`` file saved from a ``CNN``, refusing anything else.
 
     Before Keras sees it, the archive's config must be a CNN whose sizes are within
-    ``CONFIG_BOUNDS``; loading is always ``safe_mode=True`` (a file whose layers carry
+    ``CONFIG_BOUNDS``, and every stored array must have the shape of one of the weights that
+    config builds (HDF5 metadata only, no data read); loading is always ``safe_mode=True`` (a file whose layers carry
     Python code is refused rather than executed); afterwards every weight must be
     the one stored in the file. Every failure is a ``ModelFileError`` naming the file.
     """
@@ -211,7 +250,11 @@ def load_cnn(path: str | os.PathLike) -> CNN:
         raise ModelFileError(f"{path}: model file not found")
     if not zipfile.is_zipfile(path):
         raise ModelFileError(f"{path}: not a .keras model file (expected the zip archive model.save() writes)")
-    read_config(path)
+    saved = read_config(path)
+    empty = CNN.from_config(saved["config"])  # what the config builds: the stored shapes are checked against it
+    empty.build()
+    check_stored_shapes(path, empty)
+    del empty
     try:
         model = keras.saving.load_model(path, safe_mode=True)
     except Exception as e:  # Keras raises ValueError, KeyError, TypeError, OSError ... for bad archives

@@ -20,7 +20,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from conftest import REPO, StopAfter, fit_here, snapshot, write_folder
+from conftest import REPO, StopAfter, fit_here, run_measured, snapshot, write_folder
 from PIL import Image
 
 from mnist_cnn import CNN, export, idx, predict, train
@@ -179,6 +179,26 @@ def test_a_config_inside_the_bounds_but_too_big_in_total_is_refused_before_alloc
     assert "a CNN of 823,084,874 parameters" in message, message
     assert "at most 50,000,000 are built" in message
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB to refuse it"
+
+
+def test_a_weight_whose_stored_shape_is_huge_is_refused_from_its_metadata(saved, tmp_path):
+    """The issue's file: conv1's kernel replaced by a chunked, never-written dataset of 2^28 floats
+    (the file stays ~13 MB; Keras would allocate 1 GB for it, and the command peaked at ~3.7 GB).
+    Refused from HDF5's metadata, the command peaks where the refusal of a small wrong-shaped
+    weight does (measured: 625 MB against 3,983 MB before the check)."""
+    huge = rewrite(saved / "good.keras", tmp_path / "huge-weight.keras", edit_weights=lambda h: (
+        h.__delitem__("conv1/vars/0"), h.create_dataset("conv1/vars/0", shape=(2**28,), dtype="float32",
+                                                         chunks=(1 << 16,))))
+    small = rewrite(saved / "good.keras", tmp_path / "small-weight.keras", edit_weights=lambda h: (
+        h.__delitem__("conv1/vars/0"), h.create_dataset("conv1/vars/0", data=np.ones(3, np.float32))))
+    assert huge.stat().st_size < 64 << 20  # (this one keeps its optimizer state too)
+    evaluate = [sys.executable, str(REPO / "scripts" / "evaluate.py")]
+    (refused, peak), (other, baseline) = run_measured([*evaluate, huge]), run_measured([*evaluate, small])
+    for proc, path in ((refused, huge), (other, small)):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == (f"evaluate.py: error: {path}: stored array conv1/vars/0 is float32 "
+                                                f"{(2**28,) if path == huge else (3,)}, not one of the model's weights")
+    assert peak < baseline + 150, f"{peak:.0f} MB to refuse it, {baseline:.0f} MB for a small wrong weight"
 
 
 def test_the_untouched_model_file_loads_with_its_own_weights(saved):
