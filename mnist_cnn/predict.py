@@ -52,6 +52,10 @@ def mnist_style(image: np.ndarray) -> np.ndarray:
 # Images larger than this are refused before they are decoded (Pillow's own bomb
 # check only starts at 89 megapixels and aborts the whole command).
 MAX_PIXELS = 40_000_000
+# Decoded images larger than this a side are box-reduced before they become floats: a digit is
+# scaled to 20 pixels anyway, and a 2000x2000 RGBA image as float32 arrays would take ~100 MB.
+REDUCE_SIDE = 1000
+_REDUCIBLE = {"L", "LA", "RGB", "RGBA", "CMYK", "I", "F"}
 
 
 def read_image(source, formats: tuple[str, ...] | None = None, max_side: int | None = None) -> np.ndarray:
@@ -62,7 +66,8 @@ def read_image(source, formats: tuple[str, ...] | None = None, max_side: int | N
     chosen by the file's own bytes, never by what a client says it sent). Width and height
     are read from the header and checked before anything is decoded: at most ``MAX_PIXELS``
     and ``max_side`` a side; a larger JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
-    draft mode) when that brings it within bounds.
+    draft mode) when that brings it within bounds. A decoded image over ``REDUCE_SIDE`` a side
+    is box-reduced by a whole factor before it becomes floats.
 
     16-bit and 32-bit grayscale keep their full range (no clipping to 8 bits);
     1-bit, palette, CMYK and colour images are converted to gray; transparent
@@ -77,7 +82,7 @@ def read_image(source, formats: tuple[str, ...] | None = None, max_side: int | N
             if img.width * img.height > MAX_PIXELS or max(img.size) > side:
                 limit = f"{side} pixels a side, {MAX_PIXELS:,} in all" if max_side else f"{MAX_PIXELS:,}"
                 raise ImageError(f"{img.width}x{img.height} pixels, more than the {limit} this reads")
-            return _gray(img)
+            return _gray(_reduced(img))
     except ImageError:
         raise
     except FileNotFoundError:
@@ -91,11 +96,26 @@ def read_image(source, formats: tuple[str, ...] | None = None, max_side: int | N
         raise ImageError(f"not a readable image ({e.__class__.__name__})") from None
 
 
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
+
+
+def _reduced(img: Image.Image) -> Image.Image:
+    """``img`` box-reduced by a whole factor to at most ``REDUCE_SIDE`` a side (when larger)."""
+    factor = -(-max(img.size) // REDUCE_SIDE)
+    if factor <= 1:
+        return img
+    if _has_alpha(img) and img.mode not in ("RGBA", "LA"):  # transparency kept as an alpha band
+        img = img.convert("RGBA")
+    elif img.mode not in _REDUCIBLE:
+        img = img.convert("I" if img.mode.startswith("I;16") else "L")
+    return img.reduce(factor)
+
+
 def _gray(img: Image.Image) -> np.ndarray:
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # high bit depth: keep every level
         return np.asarray(img, dtype=np.float32)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info
-    if not has_alpha:
+    if not _has_alpha(img):
         return np.asarray(img.convert("L"), dtype=np.float32)
     rgba = np.asarray(img.convert("RGBA"), dtype=np.float32)
     alpha = rgba[..., 3] / 255.0

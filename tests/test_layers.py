@@ -28,10 +28,11 @@ LAYERS = [
     {"errors", "files", "cpu", "console", "config", "idx", "rundir"},
     {"model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
-    {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "servables", "page", "tfserving",
-     "serve", "grpc_serve", "tutorial"},
+    {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "tutorial"},
+    {"serving", "serving.core", "serving.decode", "serving.tfserving", "serving.page", "serving.http",
+     "serving.grpc", "serving.server"},
     {"bench", "bench.measure", "bench.levers", "bench.lever_worker", "bench.profile", "bench.report",
-     "bench.serving"},
+     "bench.serving", "bench.attacks"},
     {"cli", "cli.common", "cli.fit", "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial",
      "cli.bench"},
 ]
@@ -48,7 +49,7 @@ def _imported(node, module: str) -> set[str]:
         if node.module == "mnist_cnn":
             return {alias.name for alias in node.names}
         own = node.module.removeprefix("mnist_cnn.")
-        if node.module.startswith("mnist_cnn.") and own in ("cli", "bench"):  # from mnist_cnn.cli import fit
+        if node.module.startswith("mnist_cnn.") and own in ("cli", "bench", "serving"):  # from mnist_cnn.cli import fit
             return {f"{own}.{alias.name}" for alias in node.names}
         return {own}
     if isinstance(node, ast.Import):

@@ -494,7 +494,8 @@ def test_an_image_bomb_is_refused_from_its_header_at_no_cost(server, tmp_path):
         answers = list(pool.map(lambda b: request(base, "/predict", *b), bodies))
     for status, answer in answers:
         assert status == 400 and ("pixels, more than the 2000 pixels a side" in answer["error"]
-                                  or "refused as a decompression bomb" in answer["error"]), answer
+                                  or "refused as a decompression bomb" in answer["error"]
+                                  or "JPEG whose scans decode more than 8,000,000 blocks" in answer["error"]), answer
     grown = memory_kb(proc.pid, "VmHWM") - before
     assert grown < 50 * 1024, f"the server's peak memory grew by {grown / 1024:.0f} MB"
 
@@ -619,11 +620,12 @@ def test_a_base_folder_is_polled_broken_versions_skipped_on_ipv6(server, tmp_pat
 
 
 def test_the_command_line_defaults_are_the_servers():
-    from mnist_cnn import servables, serve
     from mnist_cnn.cli import serve as serve_cli
+    from mnist_cnn.serving import core, http, server
 
-    assert (serve_cli.POLL_SECONDS, serve_cli.REQUEST_SECONDS, serve_cli.WORKERS) == (
-        servables.POLL_SECONDS, serve.REQUEST_SECONDS, serve.WORKERS)
+    assert (serve_cli.POLL_SECONDS, serve_cli.REQUEST_SECONDS, serve_cli.WORKERS, serve_cli.DRAIN_SECONDS,
+            serve_cli.MAX_CONNECTIONS) == (core.POLL_SECONDS, http.REQUEST_SECONDS, http.WORKERS,
+                                           server.DRAIN_SECONDS, http.MAX_CONNECTIONS)
 
 
 # -- TensorFlow Serving's gRPC API, through its official stubs ---------------------------------
@@ -707,8 +709,8 @@ def test_grpc_port_without_the_extra_says_what_to_install(tmp_path):
 
 
 def test_the_body_budget_refuses_past_its_bound_and_gives_back_what_a_request_held():
-    from mnist_cnn.serve import Budget
-    from mnist_cnn.tfserving import RequestError
+    from mnist_cnn.serving.http import Budget
+    from mnist_cnn.serving.tfserving import RequestError
 
     budget = Budget(10)
     with budget.held() as first:

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mnist_cnn import as_command, console, data, export, servables, train
+from mnist_cnn import as_command, console, data, export, train
 from mnist_cnn.keras_file import load_cnn
+from mnist_cnn.serving import core as servables
 
 
 def _free_port() -> int:

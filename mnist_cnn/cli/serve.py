@@ -6,14 +6,15 @@ import argparse
 import importlib.util
 import logging
 import resource
+import signal
 
 from mnist_cnn import console
 from mnist_cnn.cli.common import Parser, command_name, loading_tensorflow, main_with
 from mnist_cnn.errors import UsageError
 
-# the defaults of mnist_cnn.serve / servables, repeated here so that --help does not load TensorFlow
+# the defaults of mnist_cnn.serving, repeated here so that --help does not load TensorFlow
 # (tests/test_serve.py checks they agree)
-POLL_SECONDS, REQUEST_SECONDS, WORKERS = 1.0, 10.0, 4
+POLL_SECONDS, REQUEST_SECONDS, WORKERS, DRAIN_SECONDS, MAX_CONNECTIONS = 1.0, 10.0, 4, 30.0, 4096
 
 
 def port_number(text: str) -> int:
@@ -32,10 +33,12 @@ def seconds(text: str) -> float:
     return value
 
 
-def workers(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= 64:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 64, got {text!r}")
-    return int(text)
+def whole(low: int, high: int):
+    def number(text: str) -> int:
+        if not text.isdigit() or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {low} to {high:,}, got {text!r}")
+        return int(text)
+    return number
 
 
 def parser() -> Parser:
@@ -53,13 +56,21 @@ def parser() -> Parser:
                    help="how often a base folder is looked at for a new version, as TensorFlow Serving's "
                    f"--file_system_poll_wait_seconds (default: {POLL_SECONDS:g})")
     p.add_argument("--request-timeout", type=seconds, default=REQUEST_SECONDS, metavar="S",
-                   help="a request's headers and body must arrive within this, or its connection is closed "
+                   help="a request's headers and body must arrive within this of its first byte (or its "
+                   "connection is closed), and it is answered within it (or gets 504; gRPC: DEADLINE_EXCEEDED) "
                    f"(default: {REQUEST_SECONDS:g})")
     p.add_argument("--grpc-port", type=port_number, metavar="PORT",
                    help="also answer TensorFlow Serving's gRPC API (PredictionService, ModelService) on this port "
                    "(needs the grpc extra: pip install 'mnist_cnn[grpc]')")
-    p.add_argument("--workers", type=workers, default=WORKERS, metavar="N",
-                   help=f"requests parsed and predicted at once (default: {WORKERS})")
+    p.add_argument("--max-connections", type=whole(16, 60000), default=MAX_CONNECTIONS, metavar="N",
+                   help="HTTP connections open at once; a new one past it closes the connection that has waited "
+                   f"longest for a request (default: {MAX_CONNECTIONS})")
+    p.add_argument("--workers", type=whole(1, 64), default=WORKERS, metavar="N",
+                   help=f"requests decoded and predicted at once (default: {WORKERS})")
+    p.add_argument("--drain-seconds", type=seconds, default=DRAIN_SECONDS, metavar="S",
+                   help="on SIGTERM or SIGINT, stop accepting and let what is in flight finish for up to this "
+                   "long; what is still running then gets 503 (gRPC: UNAVAILABLE); a second signal ends the drain "
+                   f"at once (default: {DRAIN_SECONDS:g})")
     return p
 
 
@@ -72,37 +83,43 @@ def _log_requests() -> None:
 def _more_sockets() -> None:
     """Idle connections cost a socket each: raise this process's open-file limit to its hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)  # past --max-connections: gRPC, files
     if soft < wanted:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def main(argv=None) -> int:
     def body(args):
-        if args.grpc_port is not None and not all(importlib.util.find_spec(m) for m in ("grpc", "tensorflow_serving")):
-            raise UsageError("--grpc-port needs TensorFlow Serving's API for Python: pip install 'mnist_cnn[grpc]' "
-                             "(tensorflow-serving-api of your TensorFlow's version, and grpcio)")
-        with loading_tensorflow():  # after parsing: TensorFlow loads here
-            from mnist_cnn import serve
-
-        _more_sockets()
-        server = serve.Server(args.model, args.host, args.port, args.model_name, args.poll_seconds,
-                              args.request_timeout, args.workers)
-        grpc_server = None
+        grpc_start = None
         if args.grpc_port is not None:
-            from mnist_cnn import grpc_serve
+            if not all(importlib.util.find_spec(m) for m in ("grpc", "tensorflow_serving")):
+                raise UsageError("--grpc-port needs TensorFlow Serving's API for Python: pip install "
+                                 "'mnist_cnn[grpc]' (tensorflow-serving-api of your TensorFlow's version, and grpcio)")
+        with loading_tensorflow():  # after parsing: TensorFlow loads here
+            from mnist_cnn.serving import server as serving
 
-            grpc_server, grpc_port = grpc_serve.start(server.model, args.host, args.grpc_port, args.workers)
+            if args.grpc_port is not None:
+                from mnist_cnn.serving import grpc as grpc_face
+
+                grpc_start = grpc_face.start
+        _more_sockets()
+        server = serving.Server(args.model, args.host, args.port, args.model_name, args.poll_seconds,
+                                args.request_timeout, args.workers, args.drain_seconds, args.grpc_port, grpc_start,
+                                args.max_connections)
         servable = server.model.current()
-        print(f"Serving {servable.path} (version {servable.version}) on {server.url}  (Ctrl-C to stop)", flush=True)
-        if grpc_server is not None:
-            print(f"TensorFlow Serving gRPC API: {server.address[0]}:{grpc_port}", flush=True)
-        print(f"TensorFlow Serving REST API: {server.url}v1/models/{server.model.name}:predict", flush=True)
-        _log_requests()
-        try:
-            server.run()
-        finally:
-            if grpc_server is not None:
-                grpc_server.stop(grace=2)
+
+        def started(grpc_port):
+            print(f"Serving {servable.path} (version {servable.version}) on {server.url}  (Ctrl-C to stop)", flush=True)
+            if grpc_port is not None:
+                print(f"TensorFlow Serving gRPC API: {server.address[0]}:{grpc_port}", flush=True)
+            print(f"TensorFlow Serving REST API: {server.url}v1/models/{server.model.name}:predict", flush=True)
+            _log_requests()
+
+        server.run(started)
+        service = server.service
+        why = signal.Signals(server.signal).name if server.signal else "its own"
+        print(f"Stopped on {why}: drained in {server.drain_took:.1f} s, "
+              f"{service.cut_off} request(s) still running at the {args.drain_seconds:g}-second limit answered 503",
+              flush=True)
 
     return main_with(parser(), argv, body)

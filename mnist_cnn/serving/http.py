@@ -24,12 +24,17 @@ like a file). It answers ``{"digit": d, "probabilities": [10 floats]}``.
 
 Facing a network: the HTTP/1.1 server is uvicorn's (keep-alive, pipelining, ``100
 Continue``, IPv4 and IPv6; an idle connection costs a socket, not a thread). Each request has
-a whole-request deadline (``request_seconds`` for its headers and body together, however the
-bytes trickle in); a body over ``MAX_BODY`` is refused from its length or as it is counted;
-bodies held at once are bounded by ``BODY_BUDGET`` (503 past it); at most ``workers``
-requests parse and predict at once. Images are decoded only as PNG or JPEG, their size read
-from the header and refused before decoding. It binds 127.0.0.1 unless told otherwise; it
-has no TLS or authentication: put it behind a proxy that has them.
+a whole-request deadline, ``request_seconds`` from its first byte: its headers and body must
+have arrived by then, however the bytes trickle in (or the connection is closed), and it is
+answered by then (or gets 504; work still queued for a worker is dropped). A body over
+``MAX_BODY`` is refused from its length or as it is counted; bodies held at once are bounded
+by ``BODY_BUDGET`` (503 past it); at most ``workers`` requests decode and predict at once.
+Images are decoded within a fixed budget (``decode``). Past ``MAX_CONNECTIONS`` open
+connections, the connection that has waited longest for a request is closed to make room
+(as nginx does), so silent sockets cannot lock a new client out. A request with both
+``Content-Length`` and ``Transfer-Encoding`` is refused and its connection closed (RFC 9112
+6.1: the two framings are how requests are smuggled past proxies). It binds 127.0.0.1 unless
+told otherwise; it has no TLS or authentication: put it behind a proxy that has them.
 """
 
 from __future__ import annotations
@@ -40,9 +45,8 @@ import functools
 import logging
 import re
 import socket
-from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -51,18 +55,25 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mnist_cnn.errors import InputError
-from mnist_cnn.page import PAGE
-from mnist_cnn.servables import MODEL_NAME, POLL_SECONDS, Model
-from mnist_cnn.tfserving import RequestError, page_answer, predict_answer, unsupported_answer
+from mnist_cnn.serving.core import Refused, Service
+from mnist_cnn.serving.page import PAGE
+from mnist_cnn.serving.tfserving import (
+    MAX_BODY,
+    RequestError,
+    page_answer,
+    predict_answer,
+    unsupported_answer,
+    version_number,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 4 << 20  # bytes: 256 float images as JSON are about 1.6 MB
 BODY_BUDGET = 64 * MAX_BODY  # bytes of request bodies held at once, counted as they arrive
-REQUEST_SECONDS = 10.0  # a request's headers and body must have arrived within this
+REQUEST_SECONDS = 10.0  # a request must have arrived, and been answered, within this of its first byte
 KEEP_ALIVE_SECONDS = 5.0  # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 4096  # open at once; a request on a connection past it gets 503
-WORKERS = 4  # requests parsed and predicted at once
+MAX_CONNECTIONS = 4096  # open at once; past it the connection idle longest is closed
+WORKERS = 4  # requests decoded and predicted at once
+DEADLINE = "mnist_cnn.deadline"  # the scope key of a request's deadline (the event loop's clock)
 
 
 ROUTE = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?"
@@ -122,21 +133,38 @@ def error(status: int, message: str, headers=None) -> JSONResponse:
     return JSONResponse({"error": message}, status, headers=headers)
 
 
+def one_framing(app):
+    """ASGI middleware: a request framed both by ``Content-Length`` and ``Transfer-Encoding``
+    is answered 400 and its connection closed, whatever follows it on the connection."""
+    async def checked(scope, receive, send):
+        if scope["type"] == "http":
+            names = {name for name, _ in scope["headers"]}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                response = error(400, "a request with both Content-Length and Transfer-Encoding is refused "
+                                 "(RFC 9112 6.1)", headers={"Connection": "close"})
+                return await response(scope, receive, send)
+        return await app(scope, receive, send)
+    return checked
 
-def make_app(model: Model, workers: int = WORKERS, poll_seconds: float = POLL_SECONDS) -> Starlette:
-    """The ASGI app: routes, a bounded pool for parsing and predicting, a poller of new versions."""
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="mnist-cnn-predict")
+
+def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
+    """The ASGI app: TensorFlow Serving's REST API and the page over ``service``."""
+    model = service.model
     budget = Budget(BODY_BUDGET)
 
     def endpoint(handler):
-        """Every answer JSON: a client mistake is a 4xx, a bug of ours a 500 and one log line."""
+        """Every answer JSON: a client mistake is a 4xx, a request past its deadline 504, one still
+        running at the end of a drain 503, a bug of ours a 500 and one log line."""
         @functools.wraps(handler)
         async def run(request: Request) -> Response:
+            deadline = request.scope.get(DEADLINE) or asyncio.get_running_loop().time() + request_seconds
             with budget.held() as taken:
                 try:
-                    return await handler(request, taken)
+                    return await service.answer(handler(request, taken), deadline)
                 except RequestError as e:  # an unread body is discarded by uvicorn, within the request deadline
                     return error(e.status, str(e))
+                except Refused as e:
+                    return error(504 if e.kind == "deadline" else 503, str(e))
                 except ClientDisconnect:  # the client left (or missed the request deadline)
                     return Response(status_code=400)
                 except Exception as e:
@@ -144,17 +172,14 @@ def make_app(model: Model, workers: int = WORKERS, poll_seconds: float = POLL_SE
                     return error(500, f"internal error ({type(e).__name__})")
         return run
 
-    async def work(function, *args):
-        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
-
     async def page(request, taken):
         return HTMLResponse(PAGE)
 
     @endpoint
     async def predict_page(request, taken):
         body = await read_body(request, budget, taken)
-        return JSONResponse(await work(page_answer, model.current(), body,
-                                       request.headers.get("content-type", "")))
+        return JSONResponse(await service.run(page_answer, model.current(), body,
+                                              request.headers.get("content-type", "")))
 
     @endpoint
     async def tf_serving(request, taken):
@@ -165,78 +190,132 @@ def make_app(model: Model, workers: int = WORKERS, poll_seconds: float = POLL_SE
             raise RequestError(f"Malformed request: {method} {path[:100]}", 404)
         if match["name"] != model.name:
             raise RequestError(f"Servable not found for request: Latest({match['name'][:60]})", 404)
-        version = match["version"]
-        if version is not None and int(version) >= 2**63:
-            raise RequestError(f"Failed to convert version: {version[:30]} to numeric.")
-        servable = model.get(None if version is None else int(version))
+        version = version_number(match["version"])
+        servable = model.get(version)
         if servable is None:
-            raise RequestError(f"Servable not found for request: Specific({model.name}, {version[:30]})", 404)
+            raise RequestError(f"Servable not found for request: Specific({model.name}, {version})", 404)
         if (method == "POST") != bool(verb) or method not in ("GET", "HEAD", "POST"):
             raise RequestError(f"Malformed request: {method} {path[:100]}", 405)
         if method != "POST":
             return JSONResponse(model.metadata(servable) if match["metadata"] else model.status())
         body = await read_body(request, budget, taken)
         if verb.lower() == "predict":
-            return JSONResponse(await work(predict_answer, servable, body))
-        return JSONResponse(await work(unsupported_answer, servable, body, verb.lower()))
+            return JSONResponse(await service.run(predict_answer, servable, body))
+        return JSONResponse(await service.run(unsupported_answer, servable, body, verb.lower()))
 
     async def not_found(request, exc):
         message = "Method Not Allowed" if exc.status_code == 405 else f"no page {request.url.path[:100]}"
         return error(exc.status_code, message, getattr(exc, "headers", None))
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app):
-        loader = ThreadPoolExecutor(1, thread_name_prefix="mnist-cnn-poll")  # loads never take a predict worker
-
-        async def poll():
-            while True:
-                await asyncio.sleep(poll_seconds)
-                await asyncio.get_running_loop().run_in_executor(loader, model.poll)
-
-        task = asyncio.create_task(poll()) if model.base is not None else None
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-            loader.shutdown(wait=False, cancel_futures=True)
-            pool.shutdown(wait=False, cancel_futures=True)
-
     routes = [Route("/", endpoint(page)), Route("/index.html", endpoint(page)),
               Route("/predict", predict_page, methods=["POST"]),
               Route("/v1/{rest:path}", tf_serving, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
                                                                 "OPTIONS"])]
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found}, lifespan=lifespan)
+    return one_framing(Starlette(routes=routes, exception_handlers={HTTPException: not_found}))
 
 
-# -- the HTTP server --------------------------------------------------------------------
+# -- the HTTP/1.1 connections ---------------------------------------------------------------
+
+
+class Room:
+    """Room for new clients: the connections waiting for a request (none begun), in the order they
+    began to wait. When the open connections pass ``cap``, those that have waited longest are
+    closed -- first those that never sent a byte -- a moment later (``GRACE``: a client that has
+    just connected gets to send its request first), never a connection working on a request.
+    Past twice the cap a new connection is closed at once."""
+
+    GRACE = 0.05  # seconds
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.idle: OrderedDict = OrderedDict()  # DeadlineProtocol -> None
+        self._pending = None
+
+    def waiting(self, connection) -> None:
+        self.idle[connection] = None
+        self.idle.move_to_end(connection)
+
+    def working(self, connection) -> None:
+        self.idle.pop(connection, None)
+
+    def check(self, connections: set, loop) -> None:
+        if len(connections) > self.cap and self._pending is None:
+            self._pending = loop.call_later(self.GRACE, self._make_room, connections)
+
+    def _make_room(self, connections: set) -> None:
+        self._pending = None
+        excess = len(connections) - self.cap
+        if excess <= 0:
+            return
+        silent = [c for c in self.idle if not c.heard]
+        for connection in (silent + [c for c in self.idle if c.heard])[:excess]:
+            connection.close_idle()
 
 
 class DeadlineProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a whole-request deadline: from the moment a
-    connection waits for a request, its headers and body must have arrived within
-    ``REQUEST_SECONDS`` (``Config.request_seconds``), however slowly the bytes trickle in;
-    otherwise the connection is closed. Once a request is whole, the answer takes what it takes."""
+    """uvicorn's HTTP/1.1 protocol with a whole-request deadline and room for new clients
+    (``Room``, as ``Config.room``).
+
+    Deadline: from the moment a connection waits for a request, its headers and body must have
+    arrived within ``request_seconds`` (``Config.request_seconds``), however slowly the bytes
+    trickle in, or the connection is closed; the request's scope carries its deadline to
+    answer by (``request_seconds`` from its first byte)."""
 
     def connection_made(self, transport):
         super().connection_made(transport)
         self._deadline = None
+        self._first_byte = None
         self._arm()
+        room = self.config.room
+        if len(self.connections) > 2 * room.cap:
+            self.close_idle()
+        else:
+            room.check(self.connections, self.loop)
+
+    @property
+    def heard(self) -> bool:
+        """Whether the connection has sent a byte of the request it is waiting for."""
+        return self._first_byte is not None
+
+    def data_received(self, data: bytes) -> None:
+        if self._first_byte is None:
+            self._first_byte = self.loop.time()
+        super().data_received(data)
+
+    def handle_events(self):
+        cycle = self.cycle
+        super().handle_events()
+        if self.cycle is not cycle and self.cycle is not None:  # a request began
+            started = self._first_byte if self._first_byte is not None else self.loop.time()
+            self.cycle.scope[DEADLINE] = started + self._seconds()
+            self.config.room.working(self)
 
     def on_response_complete(self):
+        self._first_byte = None
         super().on_response_complete()
-        self._arm()
+        if not self.transport.is_closing():
+            self._arm()
 
     def connection_lost(self, exc):
         if self._deadline is not None:
             self._deadline.cancel()
+        self.config.room.working(self)
         super().connection_lost(exc)
+
+    def _seconds(self) -> float:
+        return getattr(self.config, "request_seconds", REQUEST_SECONDS)
 
     def _arm(self):
         if self._deadline is not None:
             self._deadline.cancel()
-        seconds = getattr(self.config, "request_seconds", REQUEST_SECONDS)
-        self._deadline = self.loop.call_later(seconds, self._expire)
+        self._deadline = self.loop.call_later(self._seconds(), self._expire)
+        self.config.room.waiting(self)
+
+    def close_idle(self):
+        self.config.room.working(self)
+        self.connections.discard(self)  # uvicorn's connection_lost does it too, once the socket has closed
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def _expire(self):
         cycle = self.cycle
@@ -246,6 +325,12 @@ class DeadlineProtocol(H11Protocol):
                 cycle.disconnected = True
                 cycle.message_event.set()
             self.transport.close()
+
+
+def connection_settings(config, request_seconds: float, max_connections: int = MAX_CONNECTIONS) -> None:
+    """What ``DeadlineProtocol`` reads from uvicorn's ``Config``."""
+    config.request_seconds = request_seconds
+    config.room = Room(max_connections)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -266,35 +351,3 @@ def listen(host: str, port: int) -> socket.socket:
         sock.close()
         raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     return sock
-
-
-class Server:
-    """``Server(model_path, host, port)`` loads the model and binds (both may raise
-    ``InputError``, before anything serves); ``run()`` serves until SIGINT/SIGTERM."""
-
-    def __init__(self, model_path, host: str = "127.0.0.1", port: int = 8000, name: str = MODEL_NAME,
-                 poll_seconds: float = POLL_SECONDS, request_seconds: float = REQUEST_SECONDS,
-                 workers: int = WORKERS):
-        self.socket = listen(host, port)  # a taken port is refused before the model loads
-        try:
-            self.model = Model(model_path, name)
-            self.model.load()
-        except BaseException:
-            self.socket.close()
-            raise
-        self.address = self.socket.getsockname()[:2]
-        self.config = uvicorn.Config(make_app(self.model, workers, poll_seconds), http=DeadlineProtocol,
-                                     log_config=None, timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                                     limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=5)
-        self.config.request_seconds = request_seconds
-
-    @property
-    def url(self) -> str:
-        host, port = self.address
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
-
-    def run(self) -> None:
-        try:
-            uvicorn.Server(self.config).run(sockets=[self.socket])
-        finally:
-            self.socket.close()

@@ -15,19 +15,19 @@ Every client mistake is a ``RequestError`` with its HTTP status.
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 
 from mnist_cnn.errors import InputError
-from mnist_cnn.predict import ImageError, mnist_style, read_image
-from mnist_cnn.servables import IMAGE, SIGNATURES, Servable
+from mnist_cnn.predict import ImageError, mnist_style
+from mnist_cnn.serving.core import IMAGE, SIGNATURES, Servable
+from mnist_cnn.serving.decode import JPEG, MAX_SIDE, PNG, decode_image
 
+MAX_BODY = 4 << 20  # bytes of a request (REST body, gRPC message): 256 float images as JSON are about 1.6 MB
 MAX_INSTANCES = 256  # images in one :predict request
-MAX_SIDE = 2000  # pixels a side of a /predict image (a larger JPEG is decoded at a reduced scale)
+MAX_VERSION = 2**63 - 1  # versions are int64
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-PNG, JPEG = b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"
 
 
 class RequestError(InputError):
@@ -76,6 +76,16 @@ def parse_json(body: bytes):
         return json.loads(body or b"null")
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise RequestError(f"body is not JSON ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def version_number(text: str | None) -> int | None:
+    """A version from a request's path (digits; None when it names none), as TensorFlow Serving
+    reads it: an int64, or a 400."""
+    if text is None:
+        return None
+    if len(text) > 19 or int(text) > MAX_VERSION:  # (int() of over 4,300 digits raises)
+        raise RequestError(f"Failed to convert version: {text[:30]} to numeric.")
+    return int(text)
 
 
 def signature_of(payload, servable: Servable) -> str:
@@ -139,9 +149,9 @@ def page_image(body: bytes, content_type: str) -> np.ndarray:
     by its first bytes (whatever the Content-Type says), else JSON ``{"image": ...}``."""
     if body.startswith((PNG, JPEG)):
         try:
-            image = read_image(io.BytesIO(body), formats=("PNG", "JPEG"), max_side=MAX_SIDE)
+            image = decode_image(body)
         except ImageError as e:
-            raise RequestError(f"the image is {e}" if str(e).startswith("not") else f"the image: {e}") from None
+            raise RequestError(f"the image is {e}" if str(e).startswith(("not", "a ")) else f"the image: {e}") from None
     elif content_type.startswith("image/"):
         raise RequestError("the body is not a PNG or JPEG image (the only formats this server decodes)")
     else:
