@@ -177,8 +177,10 @@ class TrainConfig:
         if not self.data:
             raise UsageError("--data must be auto, tfds, sample or a folder of IDX files, got ''")
         if self.run_name is not None:
-            if self.run_name in ("", ".", "..") or Path(self.run_name).name != self.run_name:
-                raise UsageError(f"--run-name must be a plain folder name, got {self.run_name!r}")
+            if (self.run_name in ("", ".", "..") or Path(self.run_name).name != self.run_name
+                    or any(ord(c) < 32 or ord(c) == 127 for c in self.run_name)):
+                raise UsageError(f"--run-name must be a plain folder name (no slash or control character), "
+                                 f"got {self.run_name!r}")
             check_name("--run-name", self.run_name)
         named = RECIPES.get(self.recipe, {})
         if named and all(getattr(self, name) == getattr(TrainConfig, name) for name in named):

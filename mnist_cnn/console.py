@@ -127,6 +127,11 @@ KNOWN_LINES = [
         r"^I\d{4} [\d:.]+\s+\d+ mlir_graph_optimization_pass\.cc:\d+\] MLIR V1 optimization pass is not enabled$",
         r"^I\d{4} [\d:.]+\s+\d+ loader\.cc:\d+\] (Restoring SavedModel bundle\.$|Running initialization op on "
         r"SavedModel bundle at path: |SavedModel load for tags \{ serve \}; Status: success: OK\.)",
+        # a SavedModel's variables on a full disk: TensorFlow's account of the failure our one line reports
+        r"^W\d{4} [\d:.]+\s+\d+ op_kernel\.cc:\d+\] OP_REQUIRES failed at save_restore_v2_ops\.cc:\d+ : "
+        r"RESOURCE_EXHAUSTED: .*; No space left on device$",
+        r"^W\d{4} [\d:.]+\s+\d+ local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: "
+        r"RESOURCE_EXHAUSTED: .*; No space left on device$",
     )
 ]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -211,14 +216,21 @@ def _close_all_but(*keep: int) -> None:
 
 
 def _pump(read_end: int, out: int) -> None:
-    pending = b""
+    """Copy lines but the known ones (and the empty line that ends a dropped message, as
+    TensorFlow's warnings that carry a newline of their own do)."""
+    pending, dropped = b"", False
     while True:
         chunk = os.read(read_end, 65536)
         if not chunk:
             break
         pending += chunk
         *lines, pending = pending.split(b"\n")
-        kept = [line + b"\n" for line in lines if not is_known(line.decode(errors="replace"))]
+        kept = []
+        for line in lines:
+            drop = is_known(line.decode(errors="replace")) or (dropped and not line.strip())
+            if not drop:
+                kept.append(line + b"\n")
+            dropped = drop and bool(line.strip())
         _write_all(out, b"".join(kept))
     if pending and not is_known(pending.decode(errors="replace")):
         _write_all(out, pending)

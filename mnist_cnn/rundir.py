@@ -235,6 +235,14 @@ class RunDir:
             log.info("Removed %d temporary file(s) left by a killed process", len(swept))
         return swept
 
+    def check_no_links(self) -> None:
+        """Nothing inside the run folder is a symbolic link: a resumed run writes its checkpoints,
+        logs and pictures inside its own folder, never through a link to somewhere else."""
+        for path in sorted(self.path.rglob("*")):  # (rglob does not follow links into folders)
+            if path.is_symlink():
+                raise UsageError(f"{path}: a symbolic link; a run's files stay inside its folder (put the "
+                                 f"folder or file it points to in its place)")
+
     def check_writable(self) -> None:
         """Fail now, with the reason, if this folder cannot take new files."""
         probe = temp_name(self.path / "probe")

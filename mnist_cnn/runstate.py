@@ -6,7 +6,8 @@ last committed epoch, keep its TensorBoard session, and finish it.
 run around them, as ``train.fit`` uses it::
 
     run_dir, config = open_run(config, resume, chief)        # locked; swept; leftovers of a finished run gone
-    initial_epoch = resume_from(model, run_dir, config)      # 0 for a new run
+    state = resume_state(run_dir, config)                    # every check that can refuse a resume
+    initial_epoch = resume_from(model, run_dir, config, state)
     with session(run_dir.path):                              # success / failure / interrupted
         ... epochs ...
         finish(run_dir, metrics)                             # metrics.json last, then the resume state goes
@@ -57,6 +58,7 @@ def open_run(config: TrainConfig, resume: bool, chief: bool = True) -> tuple[Run
         if run_dir.finished:
             run_dir.close_resume_state()  # a kill between metrics.json and this clean-up left it
             raise UsageError(f"--resume {run_dir.path}: this run already finished ({run_dir.metrics})")
+        run_dir.check_no_links()
         run_dir.check_writable()
         run_dir.sweep()
         return run_dir, config
@@ -81,12 +83,19 @@ def restore(model: CNN, run_dir: RunDir, state: ResumeState) -> None:
         raise ModelFileError(f"{run_dir.resume_file}: {e}") from None
 
 
-def resume_from(model: CNN, run_dir: RunDir, config: TrainConfig) -> int:
-    """Restore a resumed run's last finished epoch into ``model``, roll the folder back
-    to it, and return the epoch to continue from (0 for a new run)."""
+def resume_state(run_dir: RunDir, config: TrainConfig) -> ResumeState | None:
+    """A resumed run's committed state, every check that can refuse the resume done (its files
+    agree with each other, an ``--export`` folder is free): called before the run's start lines,
+    so that a refused resume prints only its one-line error."""
     state = run_dir.read_resume_state(max_epochs=config.epochs)
     if config.export and not (state and state.exported):
         check_export_dir(config.export)
+    return state
+
+
+def resume_from(model: CNN, run_dir: RunDir, config: TrainConfig, state: ResumeState | None) -> int:
+    """Restore a resumed run's last finished epoch (``resume_state``) into ``model``, roll the
+    folder back to it, and return the epoch to continue from."""
     if state is None:
         run_dir.rollback(0, 0)
         log.info("Resuming %s after epoch 0 of %d (no epoch had finished)", run_dir.path, config.epochs)

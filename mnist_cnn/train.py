@@ -32,7 +32,7 @@ from mnist_cnn.keras_file import load_cnn, save_model
 from mnist_cnn.model import CNN, build_optimizer, require_tensorflow
 from mnist_cnn.optimizers import FusedAdam
 from mnist_cnn.rundir import RunDir
-from mnist_cnn.runstate import finish, open_run, resume_from, session
+from mnist_cnn.runstate import finish, open_run, resume_from, resume_state, session
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +305,10 @@ def _fit(config: TrainConfig, verbose, resume: bool, callbacks) -> RunResult:
     chief = distribute.is_chief(strategy)
     run_dir, config = open_run(config, resume, chief)
     try:
+        state = resume_state(run_dir, config) if resume else None
         log_start(config, strategy, datasets, run_dir, global_batch)
         with strategy.scope():
-            initial_epoch = resume_from(model, run_dir, config) if resume else 0
+            initial_epoch = resume_from(model, run_dir, config, state) if resume else 0
             with session(run_dir.path):
                 mode = progress_mode(config.progress) if verbose is None else "keras"
                 keras_verbose = {"bar": 1, "epoch": 0, "none": 0}.get(mode, verbose)

@@ -34,6 +34,13 @@ NOISE = [
     "at most once for the lifetime of the process.",
     "2026-11-30 11:01:50.657143: W tensorflow/compiler/tf2tensorrt/utils/py_utils.cc:38] TF-TRT Warning: Could not "
     "find TensorRT",
+    # export on a full disk (2026-12-07): our own line says it
+    "W0000 00:00:1796655149.653159   10020 op_kernel.cc:1858] OP_REQUIRES failed at save_restore_v2_ops.cc:141 : "
+    "RESOURCE_EXHAUSTED: /d/models/.export-7.partial/variables/variables_temp/part-00000-of-00001.data-00000-of-00001"
+    ".tempstate16906222314480382754; No space left on device",
+    "W0000 00:00:1796655149.653218   10020 local_rendezvous.cc:412] Local rendezvous is aborting with status: "
+    "RESOURCE_EXHAUSTED: /d/models/.export-7.partial/variables/variables_temp/part-00000-of-00001.data-00000-of-00001"
+    ".tempstate16906222314480382754; No space left on device",
 ]
 
 
@@ -53,6 +60,7 @@ from mnist_cnn import console
 noise = {NOISE!r}
 os.write(2, ("first line\\n" + noise[0] + "\\n" + noise[5] + "\\n").encode())
 print("second line", file=sys.stderr, flush=True)
+os.write(2, ("\\nafter a blank line\\n" + noise[-1] + "\\n\\n").encode())  # a dropped message's own blank line goes
 os.write(2, (noise[3] + "\\n" + noise[4] + "\\nthird line without a newline").encode())
 print("", file=sys.stderr, flush=True)
 raise RuntimeError("boom")
@@ -60,8 +68,8 @@ raise RuntimeError("boom")
     proc = run_python(code)
     lines = proc.stderr.splitlines()
     assert not any(console.is_known(line) for line in lines)
-    assert lines[:3] == ["first line", "second line", "third line without a newline"]
-    assert lines[3] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
+    assert lines[:5] == ["first line", "second line", "", "after a blank line", "third line without a newline"]
+    assert lines[5] == "Traceback (most recent call last):" and lines[-1] == "RuntimeError: boom"
 
 
 def test_importing_the_library_leaves_stderr_alone():

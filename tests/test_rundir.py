@@ -44,11 +44,13 @@ def run(killed, tmp_path):
 
 
 def refused(run, capsys, message):
-    """--resume is one line, exit 2, and every file byte-identical afterwards."""
+    """--resume is one line, exit 2, every file byte-identical afterwards, and none of a run's
+    start lines (Device:, Data:, ...) on stdout before the refusal."""
     before = snapshot(run)
     assert fit_cli.main(["--resume", str(run)]) == 2
-    err = one_line_error(capsys)
-    assert message in err, err
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    assert out == "", out
     assert snapshot(run) == before
 
 
@@ -108,6 +110,17 @@ def test_a_resume_checkpoint_that_is_a_link_is_refused(run, killed, capsys):
     checkpoint.unlink()
     checkpoint.symlink_to(killed / "ours" / "checkpoints" / "resume-02.keras")
     refused(run, capsys, "resume-02.keras: a symbolic link")
+
+
+def test_a_checkpoints_folder_that_is_a_link_is_refused(run, tmp_path, capsys):
+    """checkpoints/ as a link to a folder outside the run: the resume would have written its
+    checkpoints there (and swept, trimmed and rolled back files there)."""
+    outside = tmp_path / "elsewhere"
+    shutil.move(run / "checkpoints", outside)
+    (run / "checkpoints").symlink_to(outside)
+    before = snapshot(outside)
+    refused(run, capsys, f"{run / 'checkpoints'}: a symbolic link; a run's files stay inside its folder")
+    assert snapshot(outside) == before
 
 
 def test_names_that_are_not_the_runs_are_left_alone_and_the_resume_completes(run):
