@@ -15,7 +15,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from conftest import REPO, free_port
 from PIL import Image
 
 from mnist_cnn import as_command, export, predict
+from mnist_cnn.bench.attacks import png_bomb
 from mnist_cnn.keras_file import load_cnn
 
 pytestmark = pytest.mark.slow
@@ -455,18 +455,6 @@ def test_a_browser_draws_a_one_and_reads_it(server, tmp_path):
 
 
 # -- images that cost nothing to refuse -------------------------------------------------------
-
-
-def png_bomb(width: int, height: int, depth: int = 16, color: int = 6) -> bytes:
-    """A PNG of zeros whose pixels would take gigabytes, compressed to a few hundred kB."""
-    def chunk(kind, data):
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    row = b"\0" * (1 + width * depth // 8 * {0: 1, 2: 3, 4: 2, 6: 4}[color])
-    packer = zlib.compressobj(9)
-    data = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([depth, color, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def memory_kb(pid: int, field: str) -> int:

@@ -107,14 +107,19 @@ def test_the_serving_load_test_reports_errors_latency_and_memory(tmp_path):
     run = train.fit(train.TrainConfig(data="sample", epochs=1, steps_per_epoch=2, logdir=str(tmp_path)), verbose=0)
     model_dir = export.export_savedmodel(load_cnn(run.model_path), tmp_path / "served")
     result = serving.load_test(model_dir, clients=2, requests=3, idle=5, trickling=2, trickle_every=0.5,
-                               batch_clients=2, batch_requests=1)
+                               batch_clients=2, batch_requests=1, stalled=5, silent=20)
     single, batch, bombs = result["single"], result["batch"], result["bombs"]
     assert (single["requests"], single["errors"], batch["requests"], batch["errors"]) == (6, 0, 2, 0)
     assert 0 < single["median_ms"] <= single["p99_ms"] and single["peak_mb"] > 50
-    assert bombs["statuses"] == [400] * 4 and bombs["bytes"] < 400_000
+    assert bombs["statuses"] == [400] * 4 and max(bombs["bytes"]) < 400_000
+    assert result["jpeg_bombs"]["statuses"] == [400] * 4 and min(result["jpeg_bombs"]["bytes"]) < 1100
+    assert (result["stalled"]["requests"], result["stalled"]["errors"], result["stalled"]["stalled"]) == (3, 0, 5)
+    assert (result["flood"]["requests"], result["flood"]["errors"], result["flood"]["opened"]) == (3, 0, 20)
     result["batching"] = gain = serving.batching_gain(model_dir, n=4, rounds=2)
     assert gain["images"] == 4 and gain["one_by_one_ms"] > 0 and gain["batched_ms"] > 0
     text = report.serving_lines(result)
     assert "2 clients x 3 requests of 1 image, with 5 idle and 2 trickling connections open: 0 errors" in text
     assert "2 clients x 1 requests of 256 images: 0 errors" in text
     assert "4 image bombs at once (" in text and "statuses [400, 400, 400, 400]" in text
+    assert "3 gRPC Predicts of 1 image while 5 stalled gRPC calls are held: 0 errors" in text
+    assert "3 predicts of 1 image among 20 silent sockets that reconnect when closed" in text

@@ -110,10 +110,23 @@ def serving_lines(serving: dict) -> str:
              f"  {b['clients']} clients x {b['requests'] // b['clients']} requests of 256 images: "
              f"{b['errors']} errors, median {b['median_ms']:.0f} ms, p99 {b['p99_ms']:.0f} ms, "
              f"{b['requests_per_s']:.1f} requests/s, peak {b['peak_mb']:.0f} MB"]
-    bombs = serving["bombs"]
-    lines.append(f"  4 image bombs at once ({bombs['bytes'] / 1e3:.0f} kB PNGs of 6300x6300 16-bit RGBA): statuses "
-                 f"{bombs['statuses']}, slowest {bombs['max_ms']:.0f} ms, "
-                 f"peak memory +{max(0.0, bombs['grown_mb']):.0f} MB")
+    for bombs, what in ((serving["bombs"], "PNGs of 6300x6300 16-bit RGBA"),
+                        (serving["jpeg_bombs"], "JPEGs: 60,000 scans, 13000x13000 progressive, 16000x11000 CMYK")):
+        sizes = sorted({round(n / 1e3, 1) for n in bombs["bytes"]})
+        lines.append(f"  {len(bombs['bytes'])} image bombs at once ({'/'.join(f'{k:g}' for k in sizes)} kB {what}): "
+                     f"statuses {bombs['statuses']}, slowest {bombs['max_ms']:.0f} ms, peak memory "
+                     f"+{max(0.0, bombs['grown_mb']):.0f} MB, {bombs['cpu_s']:.2f} CPU-s")
+    if "stalled" in serving:
+        c = serving["stalled"]
+        lines.append(f"  {c['requests']} gRPC Predicts of 1 image while {c['stalled']} stalled gRPC calls are held: "
+                     f"{c['errors']} errors, median {c['median_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms, "
+                     f"peak {c['peak_mb']:.0f} MB")
+    else:
+        lines.append("  stalled gRPC calls: not measured (the grpc extra is not installed)")
+    c = serving["flood"]
+    lines.append(f"  {c['requests']} predicts of 1 image among {c['silent']:,} silent sockets that reconnect when "
+                 f"closed ({c['reconnects']:,} closed to make room): {c['errors']} errors, median "
+                 f"{c['median_ms']:.0f} ms, p99 {c['p99_ms']:.0f} ms, peak {c['peak_mb']:.0f} MB")
     b = serving["batching"]
     lines.append(f"  one model call on {b['images']} images: {b['batched_ms']:.1f} ms; {b['images']} calls on one: "
                  f"{b['one_by_one_ms']:.1f} ms ({b['speedup']:.1f}x)")

@@ -6,15 +6,23 @@ The server runs as its own process (as a user runs it) on a free port. Cases:
   ``idle`` connections that never send a byte and ``trickling`` ones that send a byte every
   ``trickle_every`` seconds are open (slow clients);
 - ``batch``: 16 clients x 50 requests of 256 real digits (the largest request);
-- ``bombs``: four 308 kB PNGs of 6300x6300 16-bit RGBA at once (2 GB each once decoded).
+- ``bombs``: four 308 kB PNGs of 6300x6300 16-bit RGBA at once (2 GB each once decoded), then
+  four JPEG bombs at once (``attacks.jpeg_bomb``: two of 60,000 progressive scans, a 1 kB
+  13000x13000 progressive colour image and a 16000x11000 CMYK one);
+- ``stalled``: ``stalled`` gRPC calls that never send their request, held while one client
+  sends ``requests`` ordinary gRPC Predict calls (needs the grpc extra);
+- ``flood``: ``silent`` sockets that never send a byte and reconnect when closed (past the
+  server's 4,096-connection cap) while one client sends ``requests`` ordinary REST predicts.
 
 Reported per case: errors, median and p99 latency, throughput, and the server's peak
-resident memory (VmHWM from /proc, reset before the case). Then, in this process, one model
-call on N images against N calls on one image: whether batching requests would pay.
+resident memory (VmHWM from /proc, reset before the case); for the bombs, the server's CPU
+time. Then, in this process, one model call on N images against N calls on one image: whether
+batching requests would pay.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -26,13 +34,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from mnist_cnn import as_command, console, data, export, train
+from mnist_cnn.bench.attacks import SilentSockets, jpeg_bomb, png_bomb, stalled_grpc_calls
 from mnist_cnn.keras_file import load_cnn
 from mnist_cnn.serving import core as servables
 
@@ -64,17 +72,6 @@ def _post(url: str, body: bytes, content_type: str = "application/json", timeout
         return e.code
     except OSError:
         return 0
-
-
-def png_bomb(width: int = 6300, height: int = 6300) -> bytes:
-    """A 16-bit RGBA PNG of zeros: a few hundred kB that would decode to width x height x 8 bytes."""
-    def chunk(kind, payload):
-        return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
-
-    packer, row = zlib.compressobj(9), b"\0" * (1 + 8 * width)
-    pixels = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([16, 6, 0, 0, 0])
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def _trickle(port: int, stop: threading.Event, every: float) -> None:
@@ -114,18 +111,68 @@ def _hammer(url: str, bodies: list[bytes], clients: int, requests: int, content_
             "p99_ms": ms[int(0.99 * (len(ms) - 1))], "requests_per_s": len(ms) / (time.perf_counter() - began)}
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _latencies(name: str, call, requests: int) -> dict:
+    """``call()`` ``requests`` times in a row: errors (``call`` returned False or raised), p50, p99."""
+    ms, errors = [], 0
+    for _ in range(requests):
+        start = time.perf_counter()
+        try:
+            ok = call()
+        except Exception:
+            ok = False
+        ms.append(1000 * (time.perf_counter() - start))
+        errors += not ok
+    ms.sort()
+    return {"case": name, "requests": requests, "errors": errors, "median_ms": statistics.median(ms),
+            "p99_ms": ms[int(0.99 * (len(ms) - 1))]}
+
+
+def _bombs(port: int, pid: int, name: str, bodies: list[bytes], content_type: str) -> dict:
+    before, cpu = _memory_mb(pid, "VmRSS"), _cpu_seconds(pid)
+    _reset_peak(pid)
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        timed = list(pool.map(lambda body: _timed_post(f"http://127.0.0.1:{port}/predict", body, content_type),
+                              bodies))
+    return {"case": name, "bytes": [len(b) for b in bodies], "statuses": [s for s, _ in timed],
+            "max_ms": max(ms for _, ms in timed), "grown_mb": _memory_mb(pid, "VmHWM") - before,
+            "cpu_s": _cpu_seconds(pid) - cpu}
+
+
+def _grpc_predict(target: str):
+    """A function that sends one gRPC Predict of one image to ``target`` and says whether it was answered."""
+    import grpc  # the grpc extra
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    channel = grpc.insecure_channel(target)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    call = predict_pb2.PredictRequest()
+    call.model_spec.name = "mnist"
+    call.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 28, 28, 1), np.float32)))
+    return lambda: stub.Predict(call, timeout=10).model_spec.version.value > 0, channel
+
+
 def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int = 1000, trickling: int = 70,
-              trickle_every: float = 9.0, batch_clients: int = 16, batch_requests: int = 50) -> dict:
-    """The three cases above against one server process."""
+              trickle_every: float = 9.0, batch_clients: int = 16, batch_requests: int = 50, stalled: int = 100,
+              silent: int = 8000) -> dict:
+    """The cases above against one server process."""
     (images, _), _ = data.sample_arrays()
     singles = [json.dumps({"instances": (images[i:i + 1, ..., None] / 255.0).tolist()}).encode() for i in range(50)]
     batches = [json.dumps({"signature_name": "serve_uint8", "instances": images[i:i + 256, ..., None].tolist()}
                           ).encode() for i in range(0, 1024, 256)]
-    port = _free_port()
+    port, grpc_port = _free_port(), _free_port()
+    has_grpc = all(importlib.util.find_spec(m) for m in ("grpc", "tensorflow_serving"))
     command = "import sys; from mnist_cnn.cli.serve import main; sys.exit(main(sys.argv[1:]))"
+    grpc_args = ["--grpc-port", str(grpc_port)] if has_grpc else []
     with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-c", as_command(command), str(model_dir), "--port", str(port)],
-                                stdout=out, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen([sys.executable, "-c", as_command(command), str(model_dir), "--port", str(port),
+                                 *grpc_args], stdout=out, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
         stop, results = threading.Event(), {}
         try:
             url = f"http://127.0.0.1:{port}/v1/models/mnist:predict"
@@ -147,14 +194,31 @@ def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int 
             _reset_peak(proc.pid)
             results["batch"] = {**_hammer(url, batches, batch_clients, batch_requests), "batch": 256,
                                 "peak_mb": _memory_mb(proc.pid, "VmHWM")}
-            before = _memory_mb(proc.pid, "VmRSS")
-            _reset_peak(proc.pid)
-            bomb = png_bomb()
-            with ThreadPoolExecutor(4) as pool:
-                timed = list(pool.map(lambda _: _timed_post(f"http://127.0.0.1:{port}/predict", bomb), range(4)))
-            results["bombs"] = {"bytes": len(bomb), "statuses": [s for s, _ in timed],
-                                "max_ms": max(ms for _, ms in timed),
-                                "grown_mb": _memory_mb(proc.pid, "VmHWM") - before}
+            results["bombs"] = _bombs(port, proc.pid, "PNG", [png_bomb()] * 4, "image/png")
+            slow, wide = jpeg_bomb(2000, 2000, ac_scans=60_000), jpeg_bomb(13000, 13000, 3, dc_bytes=900)
+            results["jpeg_bombs"] = _bombs(port, proc.pid, "JPEG", [slow, wide, jpeg_bomb(16000, 11000, 4,
+                                                                                           dc_bytes=1200), slow],
+                                           "image/jpeg")
+            if has_grpc:
+                target = f"127.0.0.1:{grpc_port}"
+                predict, channel = _grpc_predict(target)
+                predict()  # connected
+                release = stalled_grpc_calls(target, stalled)
+                try:
+                    time.sleep(1.0)
+                    _reset_peak(proc.pid)
+                    results["stalled"] = {**_latencies("stalled", predict, requests), "stalled": stalled,
+                                          "peak_mb": _memory_mb(proc.pid, "VmHWM")}
+                finally:
+                    release()
+                    channel.close()
+            one = singles[0]
+            with SilentSockets(port, silent) as flood:
+                time.sleep(1.0)
+                _reset_peak(proc.pid)
+                results["flood"] = {**_latencies("flood", lambda: _post(url, one, timeout=10) == 200, requests),
+                                    "silent": silent, "opened": flood.open, "reconnects": flood.reconnects,
+                                    "peak_mb": _memory_mb(proc.pid, "VmHWM")}
         finally:
             stop.set()
             proc.terminate()
@@ -162,9 +226,9 @@ def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int 
     return results
 
 
-def _timed_post(url: str, body: bytes) -> tuple[int, float]:
+def _timed_post(url: str, body: bytes, content_type: str = "image/png") -> tuple[int, float]:
     start = time.perf_counter()
-    status = _post(url, body, "image/png")
+    status = _post(url, body, content_type)
     return status, 1000 * (time.perf_counter() - start)
 
 

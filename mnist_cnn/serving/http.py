@@ -220,11 +220,17 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
 class Room:
     """Room for new clients: the connections waiting for a request (none begun), in the order they
     began to wait. When the open connections pass ``cap``, those that have waited longest are
-    closed -- first those that never sent a byte -- a moment later (``GRACE``: a client that has
-    just connected gets to send its request first), never a connection working on a request.
-    Past twice the cap a new connection is closed at once."""
+    closed -- first those that never sent a byte -- never a connection working on a request.
 
-    GRACE = 0.05  # seconds
+    Closing is paced: ``BATCH`` connections every ``GRACE`` seconds (1,000 a second). A client
+    that reconnects whenever it is closed turns every close into a new connection in the listen
+    queue; closing thousands at once filled that queue, the kernel dropped new clients' SYNs, and
+    they waited a second for TCP to resend them. The pause also lets a client that has just
+    connected send its request before it could be taken for idle. Past twice the cap, a new
+    connection is closed at once (the file descriptors' bound)."""
+
+    GRACE = 0.05  # seconds between two rounds of closing
+    BATCH = 50  # connections closed in one round
 
     def __init__(self, cap: int):
         self.cap = cap
@@ -240,16 +246,18 @@ class Room:
 
     def check(self, connections: set, loop) -> None:
         if len(connections) > self.cap and self._pending is None:
-            self._pending = loop.call_later(self.GRACE, self._make_room, connections)
+            self._pending = loop.call_later(self.GRACE, self._make_room, connections, loop)
 
-    def _make_room(self, connections: set) -> None:
+    def _make_room(self, connections: set, loop) -> None:
         self._pending = None
-        excess = len(connections) - self.cap
+        excess = min(len(connections) - self.cap, self.BATCH)
         if excess <= 0:
             return
-        silent = [c for c in self.idle if not c.heard]
-        for connection in (silent + [c for c in self.idle if c.heard])[:excess]:
+        silent = [c for c in self.idle if not c.heard][:excess]
+        heard = [c for c in self.idle if c.heard][:excess - len(silent)] if len(silent) < excess else []
+        for connection in silent + heard:
             connection.close_idle()
+        self.check(connections, loop)
 
 
 class DeadlineProtocol(H11Protocol):
