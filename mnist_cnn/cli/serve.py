@@ -118,8 +118,7 @@ def main(argv=None) -> int:
         server.run(started)
         service = server.service
         why = signal.Signals(server.signal).name if server.signal else "its own"
-        print(f"Stopped on {why}: drained in {server.drain_took:.1f} s, "
-              f"{service.cut_off} request(s) still running at the {args.drain_seconds:g}-second limit answered 503",
-              flush=True)
+        print(f"Stopped on {why}: drained in {server.drain_took:.1f} s; {service.cut_off} request(s) still running "
+              f"when the drain ended answered 503", flush=True)
 
     return main_with(parser(), argv, body)
