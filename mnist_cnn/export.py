@@ -36,7 +36,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn import data
+from mnist_cnn import data, warmup
 from mnist_cnn.config import check_name
 from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.files import write_atomic
@@ -187,9 +187,11 @@ def _publish(staging: Path, base: Path, version: int | None) -> Path:
             # another export published this number meanwhile: try the next
 
 
-def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int | None = None) -> Path:
-    """Write ``model`` as a SavedModel into a new version folder of ``base`` (atomically);
-    returns that folder."""
+def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int | None = None,
+                      model_name: str = "mnist") -> Path:
+    """Write ``model`` as a SavedModel into a new version folder of ``base`` (atomically), with
+    TensorFlow Serving's warm-up requests (``assets.extra/tf_serving_warmup_requests``, for the
+    model ``model_name``); returns that folder."""
     base = check_export_dir(base, version)
 
     archive = serving_archive(model)
@@ -198,6 +200,7 @@ def export_savedmodel(model: keras.Model, base: str | os.PathLike, version: int 
         base.mkdir(parents=True, exist_ok=True)
         _clear_stale_staging(base)
         _write_quietly(archive, str(staging))
+        warmup.write(staging, model_name, warmup.requests())  # TensorFlow Serving's, replayed by both servers
         _usual_permissions(staging)
         return _publish(staging, base, version)
     except (OSError, tf.errors.OpError) as e:  # TensorFlow's SaveV2 fails as ResourceExhaustedError on a full disk

@@ -36,9 +36,10 @@ def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # the suite may run with SIGINT ignored
 
 
-def start_server(*args, host="127.0.0.1", out=None):
-    """``scripts/serve.py ARGS`` on a free port: (process, port). Its stdout (the start lines and
-    one access-log line a request) goes to a file, so a long test cannot fill a pipe."""
+def start_server(*args, host="127.0.0.1", out=None, ready=True):
+    """``scripts/serve.py ARGS`` on a free port: (process, port), once it listens and (``ready``)
+    has warmed up. Its stdout (the start lines and one access-log line a request) goes to a file,
+    so a long test cannot fill a pipe."""
     port = free_port()
     out = out or tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False).name
     proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "serve.py"), *map(str, args), "--port", str(port),
@@ -48,6 +49,8 @@ def start_server(*args, host="127.0.0.1", out=None):
     while time.monotonic() < deadline and proc.poll() is None:
         if "/v1/models/" in Path(out).read_text():
             proc.out = Path(out)
+            while ready and "warmed up: version" not in proc.out.read_text() and time.monotonic() < deadline:
+                time.sleep(0.05)
             return proc, port
         time.sleep(0.1)
     proc.kill()
@@ -571,8 +574,9 @@ def test_other_methods_and_paths_are_json_errors(server, method, path, status):
 
 
 def status_of(base):
+    """(status, the versions AVAILABLE): TF Serving's status lists unloaded versions too, as END."""
     status, answer = request(base, "/v1/models/mnist")
-    return status, [v["version"] for v in answer.get("model_version_status", [])]
+    return status, [v["version"] for v in answer.get("model_version_status", []) if v["state"] == "AVAILABLE"]
 
 
 def test_a_base_folder_is_polled_broken_versions_skipped_on_ipv6(server, tmp_path):
@@ -597,7 +601,8 @@ def test_a_base_folder_is_polled_broken_versions_skipped_on_ipv6(server, tmp_pat
         while status_of(url) != (200, ["4"]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert status_of(url) == (200, ["4"])
-        assert request(url, "/v1/models/mnist/versions/2")[0] == 404  # unloaded
+        assert request(url, "/v1/models/mnist/versions/2")[1]["model_version_status"][0]["state"] == "END"
+        assert request(url, "/v1/models/mnist/versions/2:predict", b"{}")[0] == 404  # unloaded
         images = np.zeros((1, 28, 28, 1)).tolist()
         status, answer = request(url, "/v1/models/mnist/versions/4:predict", json.dumps({"instances": images}).encode())
         assert status == 200 and len(answer["predictions"]) == 1
@@ -612,8 +617,9 @@ def test_the_command_line_defaults_are_the_servers():
     from mnist_cnn.serving import core, http, server
 
     assert (serve_cli.POLL_SECONDS, serve_cli.REQUEST_SECONDS, serve_cli.WORKERS, serve_cli.DRAIN_SECONDS,
-            serve_cli.MAX_CONNECTIONS) == (core.POLL_SECONDS, http.REQUEST_SECONDS, http.WORKERS,
-                                           server.DRAIN_SECONDS, http.MAX_CONNECTIONS)
+            serve_cli.MAX_CONNECTIONS, serve_cli.MAX_BATCH_SIZE, serve_cli.MAX_ENQUEUED_BATCHES) == (
+        core.POLL_SECONDS, http.REQUEST_SECONDS, http.WORKERS, server.DRAIN_SECONDS, http.MAX_CONNECTIONS,
+        core.MAX_BATCH_SIZE, core.MAX_ENQUEUED_BATCHES)
 
 
 # -- TensorFlow Serving's gRPC API, through its official stubs ---------------------------------

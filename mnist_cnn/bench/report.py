@@ -130,4 +130,16 @@ def serving_lines(serving: dict) -> str:
     b = serving["batching"]
     lines.append(f"  one model call on {b['images']} images: {b['batched_ms']:.1f} ms; {b['images']} calls on one: "
                  f"{b['one_by_one_ms']:.1f} ms ({b['speedup']:.1f}x)")
+    if "batched" in serving:
+        runs = serving["batched"]
+        for size, r in runs.items():
+            lines.append(f"  --max-batch-size {size}: {r['clients']} clients x {r['requests'] // r['clients']} "
+                         f"requests of 1 image: {r['errors']} errors, median {r['median_ms']:.1f} ms, p99 "
+                         f"{r['p99_ms']:.1f} ms, {r['requests_per_s']:.0f} requests/s, server CPU "
+                         f"{r['cpu_ms_per_request']:.2f} ms a request; first request after warm-up "
+                         f"{r['first_ms']:.1f} ms")
+        if {1, 32} <= set(runs):
+            off, on = runs[1], runs[32]
+            lines.append(f"  batching: {on['requests_per_s'] / off['requests_per_s']:.2f}x the requests/s of "
+                         f"--max-batch-size 1, p99 {on['p99_ms'] / off['p99_ms']:.2f}x")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ batching requests would pay.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -157,6 +158,48 @@ def _grpc_predict(target: str):
     return lambda: stub.Predict(call, timeout=10).model_spec.version.value > 0, channel
 
 
+@contextlib.contextmanager
+def _server(model_dir: Path, *args: str):
+    """``mnist-cnn-serve MODEL_DIR ARGS`` on a free port, ready (warmed up): (process, port)."""
+    port = _free_port()
+    command = "import sys; from mnist_cnn.cli.serve import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", as_command(command), str(model_dir), "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/health/ready", timeout=5):
+                    break
+            except OSError:
+                time.sleep(0.2)
+        yield proc, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def batching_test(model_dir: Path, clients: int = 16, requests: int = 100, sizes=(1, 32)) -> dict:
+    """``clients`` concurrent clients sending single-image predicts, against the server with each
+    ``--max-batch-size`` in ``sizes`` (one server after the other, same bodies): requests/s, p50,
+    p99, the server's CPU per request, and the first request's latency after warm-up."""
+    (images, _), _ = data.sample_arrays()
+    singles = [json.dumps({"instances": (images[i:i + 1, ..., None] / 255.0).tolist()}).encode() for i in range(50)]
+    results = {}
+    for size in sizes:
+        with _server(model_dir, "--max-batch-size", str(size)) as (proc, port):
+            url = f"http://127.0.0.1:{port}/v1/models/mnist:predict"
+            start = time.perf_counter()
+            first = _post(url, singles[0])
+            first_ms = 1000 * (time.perf_counter() - start)
+            cpu = _cpu_seconds(proc.pid)
+            run = _hammer(url, singles, clients, requests)
+            spent = _cpu_seconds(proc.pid) - cpu
+            results[size] = {**run, "first_ms": first_ms if first == 200 else float("nan"),
+                             "cpu_ms_per_request": 1000 * spent / run["requests"]}
+    return results
+
+
 def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int = 1000, trickling: int = 70,
               trickle_every: float = 9.0, batch_clients: int = 16, batch_requests: int = 50, stalled: int = 100,
               silent: int = 8000) -> dict:
@@ -262,4 +305,6 @@ def measure(log, clients: int = 8, requests: int = 100) -> dict:
             "image bombs ...")
         results = load_test(model_dir, clients, requests)
         results["batching"] = batching_gain(model_dir)
+        log("  batching: 16 clients of one image a request, --max-batch-size 1 and 32 ...")
+        results["batched"] = batching_test(model_dir)
     return results

@@ -15,6 +15,7 @@ from mnist_cnn.errors import UsageError
 # the defaults of mnist_cnn.serving, repeated here so that --help does not load TensorFlow
 # (tests/test_serve.py checks they agree)
 POLL_SECONDS, REQUEST_SECONDS, WORKERS, DRAIN_SECONDS, MAX_CONNECTIONS = 1.0, 10.0, 4, 30.0, 4096
+MAX_BATCH_SIZE, MAX_ENQUEUED_BATCHES = 32, 64
 
 
 def port_number(text: str) -> int:
@@ -65,6 +66,15 @@ def parser() -> Parser:
     p.add_argument("--max-connections", type=whole(16, 60000), default=MAX_CONNECTIONS, metavar="N",
                    help="HTTP connections open at once; a new one past it closes the connection that has waited "
                    f"longest for a request (default: {MAX_CONNECTIONS})")
+    p.add_argument("--max-batch-size", type=whole(1, 1024), default=MAX_BATCH_SIZE, metavar="N",
+                   help="server-side batching: concurrent requests merged into one model call of up to N images "
+                   f"(REST, gRPC and V2 alike); 1 turns batching off (default: {MAX_BATCH_SIZE})")
+    p.add_argument("--batch-timeout-micros", type=whole(0, 10_000_000), default=0, metavar="US",
+                   help="how long a batch that is not full waits for more requests; 0 merges only what is already "
+                   "waiting and adds no latency, as TensorFlow Serving advises on a CPU (default: 0)")
+    p.add_argument("--max-enqueued-batches", type=whole(1, 100_000), default=MAX_ENQUEUED_BATCHES, metavar="N",
+                   help="batches' worth of images that may wait for the model; past it a request gets 503 "
+                   f"(gRPC: UNAVAILABLE) at once (default: {MAX_ENQUEUED_BATCHES})")
     p.add_argument("--workers", type=whole(1, 64), default=WORKERS, metavar="N",
                    help=f"requests decoded and predicted at once (default: {WORKERS})")
     p.add_argument("--drain-seconds", type=seconds, default=DRAIN_SECONDS, metavar="S",
@@ -105,7 +115,8 @@ def main(argv=None) -> int:
         _more_sockets()
         server = serving.Server(args.model, args.host, args.port, args.model_name, args.poll_seconds,
                                 args.request_timeout, args.workers, args.drain_seconds, args.grpc_port, grpc_start,
-                                args.max_connections)
+                                args.max_connections, args.max_batch_size, args.batch_timeout_micros / 1e6,
+                                args.max_enqueued_batches)
         servable = server.model.current()
 
         def started(grpc_port):

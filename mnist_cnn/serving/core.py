@@ -18,12 +18,14 @@ TensorFlow Serving does it.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import os
 import stat
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,11 +35,13 @@ import tensorflow as tf
 from google.protobuf import json_format
 from tensorflow.core.protobuf import saved_model_pb2
 
+from mnist_cnn import warmup
 from mnist_cnn.errors import ModelFileError, UsageError
 from mnist_cnn.export import MAX_VERSION, export_savedmodel
 from mnist_cnn.files import read_regular
 from mnist_cnn.keras_file import load_cnn
 from mnist_cnn.model import IMAGE_SHAPE as IMAGE
+from mnist_cnn.serving.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,9 @@ SIGNATURES = {"serving_default": np.float32, "serve_uint8": np.uint8}
 MAX_GRAPH_BYTES = 64 << 20  # a saved_model.pb larger than this is not ours (ours: ~0.3 MB)
 MAX_VERSION_BYTES = 256 << 20  # a version folder's files in all (ours: ~13 MB)
 MAX_FOLDER_ENTRIES = 1000  # files and folders in a version folder (ours: 6)
+WARM_IMAGES = 256  # images in one warm-up request
+MAX_BATCH_SIZE = 32  # images merged into one model call (TF Serving's batching default)
+MAX_ENQUEUED_BATCHES = 64  # batches' worth of images that may wait; past it 503 / UNAVAILABLE
 POLL_SECONDS = 1.0  # TensorFlow Serving's --file_system_poll_wait_seconds default
 
 
@@ -58,10 +65,32 @@ class Servable:
     signature_defs: dict  # name -> SignatureDef proto (every signature, as TF Serving lists them)
     functions: dict = field(default_factory=dict)  # our signatures: name -> concrete function
     owner: object = None  # the loaded SavedModel the functions' variables belong to
+    warm_requests: list | None = None  # its assets.extra/tf_serving_warmup_requests, if it has them
 
     def run(self, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
         outputs = self.functions[signature](images=tf.constant(images))
         return {name: value.numpy() for name, value in outputs.items()}
+
+    def warm_up(self) -> int:
+        """Replay the version's warm-up requests (TensorFlow Serving's file), or a request of one
+        image and one of eight through each signature when it has none; the number replayed. A
+        request of the file that does not fit the model fails the version (as TF Serving fails it)."""
+        own = self.warm_requests is not None
+        replayed = 0
+        for signature, inputs in (self.warm_requests if own else
+                                  [(name, {"images": x}) for name, x in warmup.requests()]):
+            images = inputs.get("images")
+            fits = (signature in self.functions and set(inputs) == {"images"} and images.ndim == 4
+                    and images.shape[1:] == IMAGE and 1 <= len(images) <= WARM_IMAGES
+                    and images.dtype == SIGNATURES[signature])
+            if not fits:
+                if own:
+                    raise ModelFileError(f"{self.path}: a warm-up request for {signature[:60]!r} does not fit the "
+                                         f"model (inputs {sorted(inputs)[:3]})")
+                continue
+            self.run(signature, images)
+            replayed += 1
+        return replayed
 
     def method_name(self, signature: str) -> str:
         return self.signature_defs[signature].method_name
@@ -165,7 +194,7 @@ def load_version(folder: Path, version: int) -> Servable:
         if name in loaded.signatures:
             _check_signature(folder, name, loaded.signatures[name], dtype)
             functions[name] = loaded.signatures[name]
-    return Servable(version, folder, signature_defs, functions, owner=loaded)
+    return Servable(version, folder, signature_defs, functions, owner=loaded, warm_requests=warmup.read(folder))
 
 
 def load_keras(path: Path) -> Servable:
@@ -191,13 +220,21 @@ def version_folders(base: Path) -> dict[int, Path]:
             and (e.is_symlink() or e.is_dir(follow_symlinks=False))}
 
 
+KEPT_ENDED = 4  # unloaded versions still reported (state END)
+
+
 class Model:
-    """The versions served under one name: ``current()``, ``get(version)``, ``poll()``."""
+    """The versions served under one name: ``current()``, ``get(version)``, ``poll()``, and each
+    version's state as TensorFlow Serving reports it (``states``: LOADING while it loads and warms
+    up, AVAILABLE while it serves, UNLOADING during a drain, END once unloaded). ``warm`` turns
+    true once the first version has replayed its warm-up requests (``warm_up``)."""
 
     def __init__(self, path: str | Path, name: str = MODEL_NAME):
         self.name = name
         self.path = Path(path)
         self.base: Path | None = None  # polled for new versions
+        self.states: dict[int, str] = {}
+        self.warm = False
         self._served: Servable | None = None
         self._failed: dict[int, tuple] = {}  # version -> its folder's stamp when it failed to load
         self._poll_problem: str | None = None  # the base folder's last problem, logged once
@@ -225,11 +262,21 @@ class Model:
                 raise ModelFileError(f"{path}: no version loads ({'; '.join(m for _, m in skipped)[:2000]})")
             for version, message in skipped:
                 log.warning("skipping version %d: %s", version, message)
+        self.states[self._served.version] = "LOADING"
         return self._served
 
-    def _newest_loadable(self, skipped: list, above: int = 0) -> Servable | None:
-        """The newest version above ``above`` that loads. One that does not is added to ``skipped``
-        as (version, why), and tried again only when its folder changes."""
+    def warm_up(self) -> int:
+        """Warm the first version up (``Servable.warm_up``); it is AVAILABLE then. The number of
+        requests replayed."""
+        replayed = self._served.warm_up()
+        self.states[self._served.version] = "AVAILABLE"
+        self.warm = True
+        return replayed
+
+    def _newest_loadable(self, skipped: list, above: int = 0, warm: bool = False) -> Servable | None:
+        """The newest version above ``above`` that loads (and, with ``warm``, warms up). One that
+        does not is added to ``skipped`` as (version, why), and tried again only when its folder
+        changes."""
         for version, folder in sorted(version_folders(self.base).items(), reverse=True):
             if version <= above:
                 return None
@@ -243,10 +290,15 @@ class Model:
             try:
                 if problem:
                     raise ModelFileError(problem)
-                return load_version(folder, version)
+                servable = load_version(folder, version)
+                if warm:
+                    self.states[version] = "LOADING"
+                    servable.warm_up()
+                return servable
             except Exception as e:  # whatever a folder holds, the next version is still looked at
                 message = str(e) if isinstance(e, ModelFileError) else f"{folder}: {type(e).__name__}: {e}"[:300]
                 self._failed[version] = stamp
+                self.states.pop(version, None)
                 skipped.append((version, message))
         return None
 
@@ -259,7 +311,7 @@ class Model:
         with self._lock:
             skipped = []
             try:
-                newer = self._newest_loadable(skipped, above=self._served.version)
+                newer = self._newest_loadable(skipped, above=self._served.version, warm=True)
                 self._poll_problem = None
             except Exception as e:
                 message = str(e) if isinstance(e, ModelFileError) else f"{type(e).__name__}: {e}"[:300]
@@ -272,6 +324,10 @@ class Model:
                     log.warning("skipping version %d: %s", version, message)
             if newer is not None:
                 old, self._served = self._served, newer
+                self.states[newer.version], self.states[old.version] = "AVAILABLE", "END"
+                ended = [v for v, state in self.states.items() if state == "END"]
+                for version in sorted(ended)[:-KEPT_ENDED]:
+                    del self.states[version]
                 log.info("serving version %d (%s); version %d unloaded", newer.version, newer.path, old.version)
             return newer
 
@@ -284,10 +340,12 @@ class Model:
         served = self._served
         return served if version is None or version == served.version else None
 
-    def status(self) -> dict:
-        """TensorFlow Serving's ``GetModelStatus`` answer."""
-        return {"model_version_status": [{"version": str(self._served.version), "state": "AVAILABLE",
-                                          "status": {"error_code": "OK", "error_message": ""}}]}
+    def status(self, version: int | None = None) -> dict:
+        """TensorFlow Serving's ``GetModelStatus`` answer: every version it knows, newest first (or
+        ``version`` alone)."""
+        return {"model_version_status": [
+            {"version": str(v), "state": state, "status": {"error_code": "OK", "error_message": ""}}
+            for v, state in sorted(self.states.items(), reverse=True) if version is None or v == version]}
 
     def metadata(self, servable: Servable) -> dict:
         """TensorFlow Serving's ``GetModelMetadata`` answer (REST): every SignatureDef as its JSON."""
@@ -327,26 +385,54 @@ class Refused(Exception):
 
 class Service:
     """What every protocol face shares: the model's versions, the workers that decode and predict
-    (at most ``workers`` at once; a request waiting for one costs no thread), each request's
-    deadline, and the drain.
+    (at most ``workers`` at once; a request waiting for one costs no thread), batching, each
+    request's deadline, readiness, the drain and the metrics.
 
     ``answer(work, deadline)`` awaits a request's whole handling (reading its body, decoding,
     predicting) until ``deadline`` (the event loop's clock) or the end of a drain, whichever
     comes first; past either it raises ``Refused`` and the handling is cancelled: work that is
     still queued for a worker never runs, and work a worker has begun is bounded (decoding
     within its budget, one model call) and frees the worker when it ends.
-    ``drain(seconds)`` turns the service not ready at once and, ``seconds`` later, refuses
-    whatever is still in flight."""
 
-    def __init__(self, model: Model, workers: int):
+    ``predict(servable, signature, images)``: the model's outputs, from a model call shared with
+    the other requests waiting for the same version and signature (server-side batching, as
+    TensorFlow Serving's ``--enable_batching``): when a worker is free, the requests waiting are
+    merged, up to ``max_batch_size`` images, into one call, whose outputs are split back. With
+    ``batch_timeout`` 0 (the default, as TF Serving advises on a CPU) only what is already waiting
+    is merged, so batching adds no latency; a request of ``max_batch_size`` images or more runs
+    alone, and ``max_batch_size`` 1 turns batching off. At most ``max_enqueued_batches`` batches'
+    worth of images wait: past it a request is refused at once (503 / ``UNAVAILABLE``).
+
+    ``ready``: a version is loaded and warmed up, and no drain has begun. ``drain(seconds)`` turns
+    the service not ready at once and, ``seconds`` later, refuses whatever is still in flight."""
+
+    def __init__(self, model: Model, workers: int, max_batch_size: int = MAX_BATCH_SIZE, batch_timeout: float = 0.0,
+                 max_enqueued_batches: int = MAX_ENQUEUED_BATCHES):
         self.model = model
+        self.workers = workers
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mnist-cnn-predict")
+        self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
+        self.max_queued_images = max_enqueued_batches * max_batch_size
         self.draining = False
         self.in_flight = 0
         self.answered = 0  # requests answered (any status) since the start
         self.cut_off = 0  # requests refused at the drain's deadline
         self.calls_begun = self.calls_open = 0  # gRPC calls begun, and not yet answered (server._stop_grpc)
+        self.queued_images = 0
+        self.metrics = Metrics(model.name)
+        self.metrics.ready.set_function(lambda: float(self.ready))
+        self.metrics.loaded.labels(model.name).set_function(
+            lambda: sum(state in ("AVAILABLE", "UNLOADING") for state in model.states.values()))
+        self.metrics.queued.set_function(lambda: self.queued_images)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self._expired: asyncio.Event | None = None  # made on the event loop, when first needed
+        self._slots: asyncio.Semaphore | None = None  # model calls at once
+        self._queues: dict[tuple, collections.deque] = {}
+        self._consumers: dict[tuple, asyncio.Task] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.model.warm and not self.draining
 
     def _expiry(self) -> asyncio.Event:
         if self._expired is None:
@@ -380,9 +466,82 @@ class Service:
             self.in_flight -= 1
             self.answered += 1
 
+    # -- batching -------------------------------------------------------------------------
+
+    def _run_model(self, servable: Servable, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        outputs = servable.run(signature, images)
+        self.metrics.model_run(len(images), time.perf_counter() - start)
+        return outputs
+
+    async def predict(self, servable: Servable, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
+        """``servable``'s outputs for ``images`` through ``signature``, batched with other requests."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.workers)
+        n = len(images)
+        if self.max_batch_size <= 1 or n >= self.max_batch_size:
+            async with self._slots:
+                return await self.run(self._run_model, servable, signature, images)
+        if self.queued_images + n > self.max_queued_images:
+            raise Overloaded(f"the server is busy ({self.queued_images:,} images wait for the model); try again")
+        key = (servable.version, id(servable), signature)
+        future = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, collections.deque()).append((images, future))
+        self.queued_images += n
+        if key not in self._consumers:
+            self._consumers[key] = asyncio.create_task(self._consume(key, servable, signature))
+        return await future
+
+    async def _consume(self, key: tuple, servable: Servable, signature: str) -> None:
+        """Form batches from ``key``'s queue whenever a model call can start, until it is empty."""
+        queue = self._queues[key]
+        try:
+            while queue:
+                await self._slots.acquire()
+                if self.batch_timeout > 0 and sum(len(x) for x, _ in queue) < self.max_batch_size:
+                    await asyncio.sleep(self.batch_timeout)  # give more requests a moment to join
+                batch, n = [], 0
+                while queue and (not batch or n + len(queue[0][0]) <= self.max_batch_size):
+                    images, future = queue.popleft()
+                    self.queued_images -= len(images)
+                    if not future.done():  # (a request past its deadline has given up)
+                        batch.append((images, future))
+                        n += len(images)
+                if batch:
+                    asyncio.create_task(self._run_batch(servable, signature, batch))
+                else:
+                    self._slots.release()
+        finally:
+            del self._consumers[key]
+            if not queue:
+                del self._queues[key]
+
+    async def _run_batch(self, servable: Servable, signature: str, batch: list) -> None:
+        try:
+            images = batch[0][0] if len(batch) == 1 else np.concatenate([x for x, _ in batch])
+            outputs = await self.run(self._run_model, servable, signature, images)
+            start = 0
+            for x, future in batch:
+                if not future.done():
+                    future.set_result({name: value[start:start + len(x)] for name, value in outputs.items()})
+                start += len(x)
+        except BaseException as e:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(e if isinstance(e, Exception) else RuntimeError("the model call ended"))
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._slots.release()
+
+    # -- the drain --------------------------------------------------------------------------
+
     def drain(self, seconds: float) -> None:
         """Not ready from now on; what is still in flight ``seconds`` from now is refused."""
         self.draining = True
+        served = self.model.current()
+        if served is not None:
+            self.model.states[served.version] = "UNLOADING"
         asyncio.get_running_loop().call_later(seconds, self.expire)
 
     def expire(self) -> None:
@@ -392,6 +551,10 @@ class Service:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Overloaded(Exception):
+    """The batch queue is full: answered at once with 503 / ``UNAVAILABLE``."""
 
 
 async def poll_versions(model: Model, seconds: float) -> None:

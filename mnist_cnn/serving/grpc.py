@@ -26,6 +26,7 @@ import logging
 import grpc
 import numpy as np
 import tensorflow as tf
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -35,8 +36,8 @@ from tensorflow_serving.apis import (
 )
 
 from mnist_cnn.errors import InputError
-from mnist_cnn.serving.core import IMAGE, SIGNATURES, Model, Refused, Servable, Service
-from mnist_cnn.serving.tfserving import FLOAT32_MAX, MAX_BODY, MAX_INSTANCES, METHOD_NAMES, RequestError, outputs_of
+from mnist_cnn.serving.core import IMAGE, SIGNATURES, Model, Overloaded, Refused, Servable, Service
+from mnist_cnn.serving.tfserving import FLOAT32_MAX, MAX_BODY, MAX_INSTANCES, METHOD_NAMES, RequestError, finite
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,6 @@ def _images(request, servable: Servable, signature: str) -> np.ndarray:
     return images
 
 
-def _predict(servable: Servable, request, signature: str) -> dict[str, np.ndarray]:
-    return outputs_of(servable, signature, _images(request, servable, signature))
-
-
 def _answering(response, model: Model, servable, signature: str = ""):
     """``response`` with its model_spec naming the model, version and signature that answered."""
     response.model_spec.name = model.name
@@ -107,21 +104,30 @@ def _answering(response, model: Model, servable, signature: str = ""):
     return response
 
 
+API = {"Predict": "grpc_predict", "Classify": "grpc_classify", "Regress": "grpc_regress",
+       "GetModelMetadata": "grpc_metadata", "GetModelStatus": "grpc_status"}
+
+
 def call(method):
     """A servicer method ``method(self, request)`` as a gRPC handler: answered within the request
-    deadline through the service, every failure a status with one line of details."""
+    deadline through the service, every failure a status with one line of details, every answer
+    counted by API and status."""
     @functools.wraps(method)
     async def handler(self, request, context):
-        deadline = asyncio.get_running_loop().time() + self.request_seconds
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         self.service.calls_begun += 1
         self.service.calls_open += 1
+        code = grpc.StatusCode.OK
         try:
-            return await self.service.answer(method(self, request), deadline)
+            return await self.service.answer(method(self, request), began + self.request_seconds)
         except Failure as e:
             code, details = e.code, str(e)
         except RequestError as e:
             code = grpc.StatusCode.UNAVAILABLE if e.status == 503 else grpc.StatusCode.INVALID_ARGUMENT
             details = str(e)
+        except Overloaded as e:
+            code, details = grpc.StatusCode.UNAVAILABLE, str(e)
         except Refused as e:
             code = grpc.StatusCode.DEADLINE_EXCEEDED if e.kind == "deadline" else grpc.StatusCode.UNAVAILABLE
             details = str(e)
@@ -130,6 +136,7 @@ def call(method):
             code, details = grpc.StatusCode.INTERNAL, f"internal error ({type(e).__name__})"
         finally:
             self.service.calls_open -= 1
+            self.service.metrics.answered(API[method.__name__], code.name, loop.time() - began)
         await context.abort(code, details)
     return handler
 
@@ -146,7 +153,8 @@ class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionService
         signature = request.model_spec.signature_name or "serving_default"
         if signature not in servable.functions:
             raise RequestError(f'Serving signature name: "{signature[:60]}" not found in signature def')
-        outputs = await self.service.run(_predict, servable, request, signature)
+        images = await self.service.run(_images, request, servable, signature)
+        outputs = finite(await self.service.predict(servable, signature, images))
         wanted = set(request.output_filter) or set(outputs)
         if wanted - set(outputs):
             raise RequestError(f"output_filter names {sorted(wanted - set(outputs))[:5]}, not outputs of {signature}")
@@ -189,25 +197,60 @@ class PredictionService(_Servicer, prediction_service_pb2_grpc.PredictionService
 class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     @call
     async def GetModelStatus(self, request):
-        servable = _servable(self.model, request.model_spec)
+        """Every version the model knows, as the REST status (LOADING, AVAILABLE, UNLOADING, END)."""
+        spec = request.model_spec
+        if spec.name != self.model.name:
+            raise Failure(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name[:60]})")
+        if spec.WhichOneof("version_choice") == "version_label":
+            raise Failure(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"Unrecognized servable version label: {spec.version_label[:60]}")
+        version = spec.version.value if spec.HasField("version") else None
+        known = self.model.status(version)["model_version_status"]
+        if not known:
+            raise Failure(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({self.model.name}, "
+                          f"{version})")
         response = get_model_status_pb2.GetModelStatusResponse()
-        status = response.model_version_status.add()
-        status.version = servable.version
-        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+        for entry in known:
+            status = response.model_version_status.add()
+            status.version = int(entry["version"])
+            status.state = get_model_status_pb2.ModelVersionStatus.State.Value(entry["state"])
         return response
 
 
 MAX_CONCURRENT_CALLS = 10_000  # calls open at once (a stalled one costs memory, not a thread); more are refused
 
 
-def start(service: Service, host: str, port: int, request_seconds: float) -> tuple[grpc.aio.Server, int]:
+class Health:
+    """The standard ``grpc.health.v1.Health`` service: SERVING when the service is ready, NOT_SERVING
+    otherwise, for the whole server (``""``), the model's name and both TF Serving services."""
+
+    NAMES = ("", "tensorflow.serving.PredictionService", "tensorflow.serving.ModelService")
+
+    def __init__(self, service: Service):
+        self.service = service
+        self.servicer = health.aio.HealthServicer()
+        self.ready = None
+
+    async def update(self) -> None:
+        """Publish the service's readiness (when it changed)."""
+        if self.service.ready != self.ready:
+            self.ready = self.service.ready
+            status = health_pb2.HealthCheckResponse.SERVING if self.ready else \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            for name in (*self.NAMES, self.service.model.name):
+                await self.servicer.set(name, status)
+
+
+def start(service: Service, host: str, port: int, request_seconds: float) -> tuple[grpc.aio.Server, int, Health]:
     """A gRPC server for ``service`` bound to ``host:port`` (0: a free one), not yet started
-    (``await server.start()`` on the serving event loop): (server, port)."""
+    (``await server.start()`` on the serving event loop): (server, port, its health service)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_BODY)],
                              maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
         PredictionService(service, request_seconds), server)
     model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(service, request_seconds), server)
+    checks = Health(service)
+    health_pb2_grpc.add_HealthServicer_to_server(checks.servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -215,4 +258,4 @@ def start(service: Service, host: str, port: int, request_seconds: float) -> tup
         raise InputError(f"cannot listen for gRPC on {address} ({e})") from None
     if not bound:
         raise InputError(f"cannot listen for gRPC on {address}")
-    return server, bound
+    return server, bound, checks

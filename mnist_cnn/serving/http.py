@@ -55,13 +55,18 @@ from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from mnist_cnn.errors import InputError
-from mnist_cnn.serving.core import Refused, Service
+from mnist_cnn.serving import v2
+from mnist_cnn.serving.core import Overloaded, Refused, Service
+from mnist_cnn.serving.metrics import CONTENT_TYPE as METRICS_TYPE
 from mnist_cnn.serving.page import PAGE
 from mnist_cnn.serving.tfserving import (
     MAX_BODY,
     RequestError,
-    page_answer,
-    predict_answer,
+    finite,
+    page_images,
+    page_reply,
+    predict_request,
+    reply_of,
     unsupported_answer,
     version_number,
 )
@@ -147,70 +152,134 @@ def one_framing(app):
     return checked
 
 
+V2_ROUTE = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]+))?(?:/(?P<verb>ready|infer))?")
+METRICS_PATHS = ("/metrics", "/monitoring/prometheus/metrics")
+
+
 def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
-    """The ASGI app: TensorFlow Serving's REST API and the page over ``service``."""
+    """The ASGI app: TensorFlow Serving's REST API, the Open Inference Protocol (V2), health,
+    metrics and the page over ``service``."""
     model = service.model
     budget = Budget(BODY_BUDGET)
 
     def endpoint(handler):
         """Every answer JSON: a client mistake is a 4xx, a request past its deadline 504, one still
-        running at the end of a drain 503, a bug of ours a 500 and one log line."""
+        running at the end of a drain (or refused by a full batch queue) 503, a bug of ours a 500 and
+        one log line. Each answer is counted by API and status (``request.state.api``)."""
         @functools.wraps(handler)
         async def run(request: Request) -> Response:
-            deadline = request.scope.get(DEADLINE) or asyncio.get_running_loop().time() + request_seconds
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            deadline = request.scope.get(DEADLINE) or began + request_seconds
+            request.state.api = "other"
             with budget.held() as taken:
                 try:
-                    return await service.answer(handler(request, taken), deadline)
+                    response = await service.answer(handler(request, taken), deadline)
                 except RequestError as e:  # an unread body is discarded by uvicorn, within the request deadline
-                    return error(e.status, str(e))
+                    response = error(e.status, str(e))
+                except Overloaded as e:
+                    response = error(503, str(e))
                 except Refused as e:
-                    return error(504 if e.kind == "deadline" else 503, str(e))
+                    response = error(504 if e.kind == "deadline" else 503, str(e))
                 except ClientDisconnect:  # the client left (or missed the request deadline)
-                    return Response(status_code=400)
+                    response = Response(status_code=400)
                 except Exception as e:
                     log.error("%s %s: %s: %s", request.method, request.url.path[:100], type(e).__name__, str(e)[:200])
-                    return error(500, f"internal error ({type(e).__name__})")
+                    response = error(500, f"internal error ({type(e).__name__})")
+            service.metrics.answered(request.state.api, response.status_code, loop.time() - began)
+            return response
         return run
 
+    async def predict(servable, signature, images):
+        return await service.predict(servable, signature, images)
+
     async def page(request, taken):
+        request.state.api = "page"
         return HTMLResponse(PAGE)
 
     @endpoint
     async def predict_page(request, taken):
+        request.state.api = "page"
         body = await read_body(request, budget, taken)
-        return JSONResponse(await service.run(page_answer, model.current(), body,
-                                              request.headers.get("content-type", "")))
+        servable = model.current()
+        images = await service.run(page_images, body, request.headers.get("content-type", ""))
+        return JSONResponse(page_reply(await predict(servable, "serving_default", images)))
 
     @endpoint
     async def tf_serving(request, taken):
         path, method = request.url.path, request.method
         match = ROUTE.fullmatch(path)
         verb = match and match["verb"]
+        request.state.api = f"rest_{verb.lower()}" if verb else "rest_metadata" if match and match["metadata"] \
+            else "rest_status"
         if match is None:
             raise RequestError(f"Malformed request: {method} {path[:100]}", 404)
         if match["name"] != model.name:
             raise RequestError(f"Servable not found for request: Latest({match['name'][:60]})", 404)
         version = version_number(match["version"])
         servable = model.get(version)
-        if servable is None:
+        if servable is None and not (version in model.states and not verb and not match["metadata"]):
             raise RequestError(f"Servable not found for request: Specific({model.name}, {version})", 404)
         if (method == "POST") != bool(verb) or method not in ("GET", "HEAD", "POST"):
             raise RequestError(f"Malformed request: {method} {path[:100]}", 405)
         if method != "POST":
-            return JSONResponse(model.metadata(servable) if match["metadata"] else model.status())
+            return JSONResponse(model.metadata(servable) if match["metadata"] else model.status(version))
         body = await read_body(request, budget, taken)
         if verb.lower() == "predict":
-            return JSONResponse(await service.run(predict_answer, servable, body))
+            signature, images, row = await service.run(predict_request, servable, body)
+            return JSONResponse(reply_of(finite(await predict(servable, signature, images)), row))
         return JSONResponse(await service.run(unsupported_answer, servable, body, verb.lower()))
+
+    @endpoint
+    async def open_inference(request, taken):
+        path, method = request.url.path, request.method
+        request.state.api = "v2_health"
+        if path in ("/v2", "/v2/"):
+            request.state.api = "v2_metadata"
+            return JSONResponse(v2.server_metadata())
+        if path == "/v2/health/live":
+            return JSONResponse({"live": True})
+        if path == "/v2/health/ready":
+            return JSONResponse({"ready": service.ready}, 200 if service.ready else 400)
+        match = V2_ROUTE.fullmatch(path)
+        if match is None:
+            raise RequestError(f"no page {path[:100]}", 404)
+        verb = match["verb"]
+        request.state.api = {"ready": "v2_health", "infer": "v2_infer"}.get(verb, "v2_metadata")
+        if match["name"] != model.name:
+            raise RequestError(f"Request for unknown model: '{match['name'][:60]}' is not found", 404)
+        version = version_number(match["version"])
+        servable = model.get(version)
+        if servable is None:
+            raise RequestError(f"Request for unknown model: '{model.name}' version {version} is not found", 404)
+        if (method == "POST") != (verb == "infer"):
+            raise RequestError(f"{method} is not allowed on {path[:100]}", 405)
+        if verb == "ready":
+            ready = service.ready and servable is model.current()
+            return JSONResponse({"name": model.name, "ready": ready}, 200 if ready else 400)
+        if verb is None:
+            return JSONResponse(v2.model_metadata(model, servable))
+        body = await read_body(request, budget, taken)
+        signature, images, wanted, request_id = await service.run(
+            v2.infer_request, body, request.headers.get(v2.HEADER), servable)
+        outputs = await predict(servable, signature, images)
+        payload, headers = v2.infer_reply(model, servable, outputs, wanted, request_id)
+        kind = "application/octet-stream" if headers else "application/json"
+        return Response(payload, 200, headers=headers, media_type=kind)
+
+    async def metrics(request):
+        return Response(service.metrics.exposition(), media_type=METRICS_TYPE)
 
     async def not_found(request, exc):
         message = "Method Not Allowed" if exc.status_code == 405 else f"no page {request.url.path[:100]}"
         return error(exc.status_code, message, getattr(exc, "headers", None))
 
+    every = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
     routes = [Route("/", endpoint(page)), Route("/index.html", endpoint(page)),
               Route("/predict", predict_page, methods=["POST"]),
-              Route("/v1/{rest:path}", tf_serving, methods=["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH",
-                                                                "OPTIONS"])]
+              *[Route(path, metrics, methods=["GET", "HEAD"]) for path in METRICS_PATHS],
+              Route("/v1/{rest:path}", tf_serving, methods=every),
+              Route("/v2", open_inference, methods=every), Route("/v2/{rest:path}", open_inference, methods=every)]
     return one_framing(Starlette(routes=routes, exception_handlers={HTTPException: not_found}))
 
 

@@ -19,11 +19,20 @@ import contextlib
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 
-from mnist_cnn.errors import InputError
-from mnist_cnn.serving.core import MODEL_NAME, POLL_SECONDS, Model, Service, poll_versions
+from mnist_cnn.errors import InputError, ModelFileError
+from mnist_cnn.serving.core import (
+    MAX_BATCH_SIZE,
+    MAX_ENQUEUED_BATCHES,
+    MODEL_NAME,
+    POLL_SECONDS,
+    Model,
+    Service,
+    poll_versions,
+)
 from mnist_cnn.serving.http import (
     KEEP_ALIVE_SECONDS,
     MAX_CONNECTIONS,
@@ -57,7 +66,8 @@ class Server:
     def __init__(self, model_path, host: str = "127.0.0.1", port: int = 8000, name: str = MODEL_NAME,
                  poll_seconds: float = POLL_SECONDS, request_seconds: float = REQUEST_SECONDS,
                  workers: int = WORKERS, drain_seconds: float = DRAIN_SECONDS, grpc_port: int | None = None,
-                 grpc_start=None, max_connections: int = MAX_CONNECTIONS):
+                 grpc_start=None, max_connections: int = MAX_CONNECTIONS, max_batch_size: int = MAX_BATCH_SIZE,
+                 batch_timeout: float = 0.0, max_enqueued_batches: int = MAX_ENQUEUED_BATCHES):
         """``grpc_start``: ``serving.grpc.start`` (the grpc extra), which ``run()`` calls to answer
         TensorFlow Serving's gRPC API on ``grpc_port`` too."""
         self.socket = listen(host, port)  # a taken port is refused before the model loads
@@ -70,13 +80,14 @@ class Server:
         self.host, self.grpc_port, self.grpc_start = host, grpc_port, grpc_start
         self.address = self.socket.getsockname()[:2]
         self.poll_seconds, self.request_seconds, self.drain_seconds = poll_seconds, request_seconds, drain_seconds
-        self.service = Service(self.model, workers)
+        self.service = Service(self.model, workers, max_batch_size, batch_timeout, max_enqueued_batches)
         self.config = uvicorn.Config(make_app(self.service, request_seconds), http=DeadlineProtocol, lifespan="off",
                                      log_config=None, timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=None,
                                      timeout_graceful_shutdown=drain_seconds + 5)
         connection_settings(self.config, request_seconds, max_connections)
         self.signal: int | None = None  # the signal that stopped the server
         self.drain_took = 0.0
+        self.warm_error: BaseException | None = None
 
     @property
     def url(self) -> str:
@@ -103,14 +114,16 @@ class Server:
             else:  # a second signal: refuse what is still in flight now
                 self.service.expire()
 
-        grpc_server = None
+        grpc_server = health = None
         if self.grpc_start is not None:
-            grpc_server, self.grpc_port = self.grpc_start(self.service, self.host, self.grpc_port,
-                                                          self.request_seconds)
+            grpc_server, self.grpc_port, health = self.grpc_start(self.service, self.host, self.grpc_port,
+                                                                  self.request_seconds)
+            await health.update()
             await grpc_server.start()
         web = _Uvicorn(self.config)
         serving = asyncio.create_task(web.serve(sockets=[self.socket]))
-        poller = asyncio.create_task(poll_versions(self.model, self.poll_seconds)) if self.model.base else None
+        poller = None
+        loader = ThreadPoolExecutor(1, thread_name_prefix="mnist-cnn-warm-up")
         for number in SIGNALS:
             loop.add_signal_handler(number, on_signal, number)
         try:
@@ -121,10 +134,24 @@ class Server:
                 raise InputError(f"cannot serve on {self.url}")
             if started is not None:
                 started(self.grpc_port)
+            # live from here; ready once the first version has replayed its warm-up requests
+            warming = loop.run_in_executor(loader, self.model.warm_up)
             ended = asyncio.create_task(stop.wait())
-            await asyncio.wait({ended, serving}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({ended, serving, warming}, return_when=asyncio.FIRST_COMPLETED)
+            if warming.done() and not stop.is_set():
+                self.warm_error = warming.exception()
+                if self.warm_error is None:
+                    log.info("warmed up: version %d is ready (%d warm-up requests replayed)",
+                             self.model.current().version, warming.result())
+                    if health is not None:
+                        await health.update()
+                    if self.model.base is not None:
+                        poller = asyncio.create_task(poll_versions(self.model, self.poll_seconds))
+                    await asyncio.wait({ended, serving}, return_when=asyncio.FIRST_COMPLETED)
             began = time.monotonic()
             self.service.drain(self.drain_seconds)
+            if health is not None:
+                await health.update()
             web.should_exit = True
             stopping = [serving]
             if grpc_server is not None:
@@ -138,6 +165,9 @@ class Server:
                 poller.cancel()
             if grpc_server is not None:
                 await grpc_server.stop(None)
+            loader.shutdown(wait=False, cancel_futures=True)
+        if self.warm_error is not None:
+            raise ModelFileError(f"{self.model.current().path}: cannot warm up: {self.warm_error}"[:400])
 
     async def _stop_grpc(self, server) -> None:
         """Stop gRPC once the calls that had arrived have been answered. gRPC's asyncio server takes

@@ -5,7 +5,7 @@ Serving answers it (https://www.tensorflow.org/tfx/serving/api_rest).
 - ``images_of``: a ``:predict`` body's signature and images (row or columnar format),
   checked strictly: rectangular, numbers only, at most ``MAX_INSTANCES`` images of
   ``(28, 28, 1)``, values finite in float32 (whole numbers 0..255 for ``serve_uint8``);
-- ``outputs_of``: the model's outputs, which must be finite (a JSON answer never holds NaN);
+- ``finite``: the model's outputs, which must be finite (a JSON answer never holds NaN);
 - ``reply_of``: the row (``predictions``) or columnar (``outputs``) answer;
 - ``page_image``: the draw-a-digit page's one image (a PNG or JPEG by its bytes, or JSON);
 - ``unsupported_answer``: ``:classify`` / ``:regress`` on a predict-only signature.
@@ -128,9 +128,8 @@ def images_of(payload, servable: Servable) -> tuple[str, np.ndarray, bool]:
     return signature, images.astype(np.float32), row
 
 
-def outputs_of(servable: Servable, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
+def finite(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The model's outputs, which must be finite: a JSON answer never holds NaN."""
-    outputs = servable.run(signature, images)
     if not all(np.isfinite(v).all() for v in outputs.values()):
         raise RequestError("the model's outputs for these images are not finite (pixel values far outside 0..1?)")
     return outputs
@@ -176,15 +175,19 @@ def page_image(body: bytes, content_type: str) -> np.ndarray:
 # -- the API ----------------------------------------------------------------------------
 
 
-def page_answer(servable: Servable, body: bytes, content_type: str) -> dict:
-    probabilities = outputs_of(servable, "serving_default", page_image(body, content_type)[None, ..., None])
-    p = probabilities["probabilities"][0]
+def page_images(body: bytes, content_type: str) -> np.ndarray:
+    """The page's one image as the model's input (1, 28, 28, 1)."""
+    return page_image(body, content_type)[None, ..., None]
+
+
+def page_reply(outputs: dict[str, np.ndarray]) -> dict:
+    p = finite(outputs)["probabilities"][0]
     return {"digit": int(np.argmax(p)), "probabilities": [round(float(v), 6) for v in p]}
 
 
-def predict_answer(servable: Servable, body: bytes) -> dict:
-    signature, images, row = images_of(parse_json(body), servable)
-    return reply_of(outputs_of(servable, signature, images), row)
+def predict_request(servable: Servable, body: bytes) -> tuple[str, np.ndarray, bool]:
+    """A ``:predict`` body: (signature, images, row format?)."""
+    return images_of(parse_json(body), servable)
 
 
 METHOD_NAMES = {"classify": ("classification", "tensorflow/serving/classify"),
