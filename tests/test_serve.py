@@ -227,6 +227,13 @@ def test_tensorflow_serving_row_and_columnar_requests_equal_the_saved_model(serv
         ({"instances": [[[[0.5]] * 28] * 28] * 257}, "at most 256"),
         ({"signature_name": "serve_uint8", "instances": [[[[0.5]] * 28] * 28]}, "whole numbers 0..255"),
         ({"instances": [[[["0"]] * 28] * 28]}, "numbers only"),
+        # one odd value among numbers: NumPy's fast conversion would take true as 1.0 and "0.5" as text
+        ({"instances": [[[[0.5]] * 28] * 27 + [[[0.5]] * 27 + [[True]]]]}, "numbers only"),
+        ({"instances": [[[[0.5]] * 28] * 27 + [[[0.5]] * 27 + [["0.5"]]]]}, "numbers only"),
+        ({"instances": [[[[0.5]] * 28] * 27 + [[[0.5]] * 27 + [[None]]]]}, "numbers only"),
+        ({"instances": [[[[0.5]] * 28] * 27 + [[[0.5]] * 27 + [[0.5, 0.5]]]]}, "rectangular"),
+        ({"instances": [[[[0.5]] * 28] * 27 + [[[0.5]] * 27 + [[1e39]]]]}, "out of range"),
+        ({"instances": [[[[0.5]] * 28] * 27 + [[[0.5]] * 27 + [[10**39]]]]}, "out of range"),
         ({"instances": [{"pixels": 1}]}, 'each instance must be {"images"'),
         ({"inputs": {"x": 1}}, 'inputs must be {"images"'),
         ([1, 2], 'expected a JSON object with "instances"'),

@@ -425,7 +425,7 @@ class Service:
             lambda: sum(state in ("AVAILABLE", "UNLOADING") for state in model.states.values()))
         self.metrics.queued.set_function(lambda: self.queued_images)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
-        self._expired: asyncio.Event | None = None  # made on the event loop, when first needed
+        self._expired: asyncio.Future | None = None  # made on the event loop, when first needed
         self._slots: asyncio.Semaphore | None = None  # model calls at once
         self._queues: dict[tuple, collections.deque] = {}
         self._consumers: dict[tuple, asyncio.Task] = {}
@@ -434,9 +434,10 @@ class Service:
     def ready(self) -> bool:
         return self.model.warm and not self.draining
 
-    def _expiry(self) -> asyncio.Event:
+    def _expiry(self) -> asyncio.Future:
+        """Done when the drain ends (one future shared by every request in flight)."""
         if self._expired is None:
-            self._expired = asyncio.Event()
+            self._expired = asyncio.get_running_loop().create_future()
         return self._expired
 
     async def run(self, function, *args):
@@ -447,7 +448,7 @@ class Service:
         """The result of the coroutine ``work``, or ``Refused`` at ``deadline`` or the drain's end."""
         loop = asyncio.get_running_loop()
         task = asyncio.ensure_future(work)
-        expired = asyncio.ensure_future(self._expiry().wait())
+        expired = self._expiry()
         self.in_flight += 1
         try:
             done, _ = await asyncio.wait({task, expired}, timeout=max(0.0, deadline - loop.time()),
@@ -460,7 +461,6 @@ class Service:
                 raise Refused("draining", "the server is shutting down and could not finish this request in time")
             raise Refused("deadline", "the request was not answered within the server's request deadline")
         finally:
-            expired.cancel()
             if not task.done():
                 task.cancel()
             self.in_flight -= 1
@@ -547,7 +547,8 @@ class Service:
     def expire(self) -> None:
         """Refuse what is in flight now (the drain's end, or a second signal)."""
         self.draining = True
-        self._expiry().set()
+        if not self._expiry().done():
+            self._expiry().set_result(True)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

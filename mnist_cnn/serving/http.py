@@ -79,6 +79,7 @@ KEEP_ALIVE_SECONDS = 5.0  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS = 4096  # open at once; past it the connection idle longest is closed
 WORKERS = 4  # requests decoded and predicted at once
 DEADLINE = "mnist_cnn.deadline"  # the scope key of a request's deadline (the event loop's clock)
+INLINE_BODY = 64 << 10  # bytes: a body this small (~4 images as JSON) is parsed on the event loop (~0.2 ms)
 
 
 ROUTE = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]+))?"
@@ -226,7 +227,10 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
             return JSONResponse(model.metadata(servable) if match["metadata"] else model.status(version))
         body = await read_body(request, budget, taken)
         if verb.lower() == "predict":
-            signature, images, row = await service.run(predict_request, servable, body)
+            if len(body) <= INLINE_BODY:  # a few images: parsed here, cheaper than a worker's round trip
+                signature, images, row = predict_request(servable, body)
+            else:
+                signature, images, row = await service.run(predict_request, servable, body)
             return JSONResponse(reply_of(finite(await predict(servable, signature, images)), row))
         return JSONResponse(await service.run(unsupported_answer, servable, body, verb.lower()))
 
@@ -260,8 +264,9 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
         if verb is None:
             return JSONResponse(v2.model_metadata(model, servable))
         body = await read_body(request, budget, taken)
-        signature, images, wanted, request_id = await service.run(
-            v2.infer_request, body, request.headers.get(v2.HEADER), servable)
+        arguments = (body, request.headers.get(v2.HEADER), servable)
+        signature, images, wanted, request_id = v2.infer_request(*arguments) if len(body) <= INLINE_BODY \
+            else await service.run(v2.infer_request, *arguments)
         outputs = await predict(servable, signature, images)
         payload, headers = v2.infer_reply(model, servable, outputs, wanted, request_id)
         kind = "application/octet-stream" if headers else "application/json"

@@ -26,7 +26,7 @@ import numpy as np
 
 from mnist_cnn import __version__
 from mnist_cnn.serving.core import IMAGE, Model, Servable
-from mnist_cnn.serving.tfserving import MAX_INSTANCES, RequestError, finite, numbers
+from mnist_cnn.serving.tfserving import MAX_INSTANCES, RequestError, finite, may_hold_booleans, numbers, parse_json
 
 HEADER = "inference-header-content-length"
 INPUTS = {"FP32": ("serving_default", np.float32), "UINT8": ("serve_uint8", np.uint8)}
@@ -60,10 +60,7 @@ def infer_request(body: bytes, header_length: str | None, servable: Servable):
         header, binary = body[:int(header_length)], body[int(header_length):]
     else:
         header, binary = body, b""
-    try:
-        request = _object(json.loads(header or b"null"), "the request")
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise RequestError(f"the request is not JSON ({type(e).__name__}: {str(e)[:100]})") from None
+    request = _object(parse_json(header), "the request")
     inputs = request.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1:
         raise RequestError("the model has one input, images: 'inputs' must list exactly one tensor")
@@ -98,7 +95,7 @@ def infer_request(body: bytes, header_length: str | None, servable: Servable):
         data = tensor.get("data")
         if isinstance(data, list) and len(data) > size:
             raise RequestError(f"images hold more than {size:,} values")
-        values = numbers(data, "images", max_depth=4)
+        values = numbers(data, "images", max_depth=4, booleans=may_hold_booleans(header))
         if values.size != size:
             raise RequestError(f"images hold {values.size:,} values; shape {shape} needs {size:,}")
         values = values.reshape(shape)
