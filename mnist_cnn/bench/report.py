@@ -133,8 +133,9 @@ def serving_lines(serving: dict) -> str:
     if "batched" in serving:
         runs = serving["batched"]
         for size, r in runs.items():
-            lines.append(f"  --max-batch-size {size}: {r['clients']} clients x {r['requests'] // r['clients']} "
-                         f"requests of 1 image: {r['errors']} errors, median {r['median_ms']:.1f} ms, p99 "
+            lines.append(f"  --max-batch-size {size}: {r['clients']} clients (kept alive) x "
+                         f"{r['requests'] // r['clients']} requests of 1 image: "
+                         f"{r['errors']} errors, median {r['median_ms']:.1f} ms, p99 "
                          f"{r['p99_ms']:.1f} ms, {r['requests_per_s']:.0f} requests/s, server CPU "
                          f"{r['cpu_ms_per_request']:.2f} ms a request; first request after warm-up "
                          f"{r['first_ms']:.1f} ms")

@@ -4,7 +4,8 @@
     server.run()                                              # serves until SIGTERM or SIGINT
 
 ``run()`` serves TensorFlow Serving's REST API (uvicorn) and, with ``grpc_port``, its gRPC API
-(gRPC's asyncio server) on one event loop, with one poller of new versions. The signals are
+(gRPC's asyncio server) on one event loop, with one poller of new versions. Once a version is
+warm, what is alive is frozen out of the garbage collector's passes (``core.settle_heap``). The signals are
 ours, not uvicorn's (as MLServer coordinates its REST and gRPC shutdown itself): on the first
 SIGTERM or SIGINT the service turns not ready, both listeners close (uvicorn closes the idle
 keep-alive connections; gRPC refuses new calls), and what is in flight finishes; what is
@@ -32,6 +33,7 @@ from mnist_cnn.serving.core import (
     Model,
     Service,
     poll_versions,
+    settle_heap,
 )
 from mnist_cnn.serving.http import (
     KEEP_ALIVE_SECONDS,
@@ -135,7 +137,7 @@ class Server:
             if started is not None:
                 started(self.grpc_port)
             # live from here; ready once the first version has replayed its warm-up requests
-            warming = loop.run_in_executor(loader, self.model.warm_up)
+            warming = loop.run_in_executor(loader, self._warm_up)
             ended = asyncio.create_task(stop.wait())
             await asyncio.wait({ended, serving, warming}, return_when=asyncio.FIRST_COMPLETED)
             if warming.done() and not stop.is_set():
@@ -168,6 +170,11 @@ class Server:
             loader.shutdown(wait=False, cancel_futures=True)
         if self.warm_error is not None:
             raise ModelFileError(f"{self.model.current().path}: cannot warm up: {self.warm_error}"[:400])
+
+    def _warm_up(self) -> int:
+        replayed = self.model.warm_up()
+        settle_heap()  # before it turns ready: the collector's full passes would pause requests
+        return replayed
 
     async def _stop_grpc(self, server) -> None:
         """Stop gRPC once the calls that had arrived have been answered. gRPC's asyncio server takes
