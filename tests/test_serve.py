@@ -624,9 +624,10 @@ def test_the_command_line_defaults_are_the_servers():
     from mnist_cnn.serving import core, http, server
 
     assert (serve_cli.POLL_SECONDS, serve_cli.REQUEST_SECONDS, serve_cli.WORKERS, serve_cli.DRAIN_SECONDS,
-            serve_cli.MAX_CONNECTIONS, serve_cli.MAX_BATCH_SIZE, serve_cli.MAX_ENQUEUED_BATCHES) == (
+            serve_cli.MAX_CONNECTIONS, serve_cli.MAX_BATCH_SIZE, serve_cli.MAX_ENQUEUED_BATCHES,
+            serve_cli.BATCH_THREADS) == (
         core.POLL_SECONDS, http.REQUEST_SECONDS, http.WORKERS, server.DRAIN_SECONDS, http.MAX_CONNECTIONS,
-        core.MAX_BATCH_SIZE, core.MAX_ENQUEUED_BATCHES)
+        core.MAX_BATCH_SIZE, core.MAX_ENQUEUED_BATCHES, core.BATCH_THREADS)
 
 
 # -- TensorFlow Serving's gRPC API, through its official stubs ---------------------------------

@@ -15,7 +15,7 @@ from mnist_cnn.errors import UsageError
 # the defaults of mnist_cnn.serving, repeated here so that --help does not load TensorFlow
 # (tests/test_serve.py checks they agree)
 POLL_SECONDS, REQUEST_SECONDS, WORKERS, DRAIN_SECONDS, MAX_CONNECTIONS = 1.0, 10.0, 4, 30.0, 4096
-MAX_BATCH_SIZE, MAX_ENQUEUED_BATCHES = 32, 64
+MAX_BATCH_SIZE, MAX_ENQUEUED_BATCHES, BATCH_THREADS = 32, 64, 1
 
 
 def port_number(text: str) -> int:
@@ -75,6 +75,9 @@ def parser() -> Parser:
     p.add_argument("--max-enqueued-batches", type=whole(1, 100_000), default=MAX_ENQUEUED_BATCHES, metavar="N",
                    help="batches' worth of images that may wait for the model; past it a request gets 503 "
                    f"(gRPC: UNAVAILABLE) at once (default: {MAX_ENQUEUED_BATCHES})")
+    p.add_argument("--num-batch-threads", type=whole(1, 64), default=BATCH_THREADS, metavar="N",
+                   help="batched model calls at once (at most --workers); each uses every core through TensorFlow's "
+                   f"own threads (default: {BATCH_THREADS})")
     p.add_argument("--workers", type=whole(1, 64), default=WORKERS, metavar="N",
                    help=f"requests decoded and predicted at once (default: {WORKERS})")
     p.add_argument("--drain-seconds", type=seconds, default=DRAIN_SECONDS, metavar="S",
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
         server = serving.Server(args.model, args.host, args.port, args.model_name, args.poll_seconds,
                                 args.request_timeout, args.workers, args.drain_seconds, args.grpc_port, grpc_start,
                                 args.max_connections, args.max_batch_size, args.batch_timeout_micros / 1e6,
-                                args.max_enqueued_batches)
+                                args.max_enqueued_batches, args.num_batch_threads)
         servable = server.model.current()
 
         def started(grpc_port):

@@ -54,6 +54,7 @@ MAX_FOLDER_ENTRIES = 1000  # files and folders in a version folder (ours: 6)
 WARM_IMAGES = 256  # images in one warm-up request
 MAX_BATCH_SIZE = 32  # images merged into one model call (TF Serving's batching default)
 MAX_ENQUEUED_BATCHES = 64  # batches' worth of images that may wait; past it 503 / UNAVAILABLE
+BATCH_THREADS = 1  # batched model calls at once (TF Serving's num_batch_threads)
 POLL_SECONDS = 1.0  # TensorFlow Serving's --file_system_poll_wait_seconds default
 
 
@@ -397,8 +398,10 @@ class Service:
 
     ``predict(servable, signature, images)``: the model's outputs, from a model call shared with
     the other requests waiting for the same version and signature (server-side batching, as
-    TensorFlow Serving's ``--enable_batching``): when a worker is free, the requests waiting are
-    merged, up to ``max_batch_size`` images, into one call, whose outputs are split back. With
+    TensorFlow Serving's ``--enable_batching``): when one of ``batch_threads`` model calls can start
+    (TF Serving's ``num_batch_threads``; one by default: a call uses every core through TensorFlow's
+    own threads, and two at once on 2 cores only contend), the requests waiting are merged, up to
+    ``max_batch_size`` images, into one call, whose outputs are split back. With
     ``batch_timeout`` 0 (the default, as TF Serving advises on a CPU) only what is already waiting
     is merged, so batching adds no latency; a request of ``max_batch_size`` images or more runs
     alone, and ``max_batch_size`` 1 turns batching off. At most ``max_enqueued_batches`` batches'
@@ -408,9 +411,10 @@ class Service:
     the service not ready at once and, ``seconds`` later, refuses whatever is still in flight."""
 
     def __init__(self, model: Model, workers: int, max_batch_size: int = MAX_BATCH_SIZE, batch_timeout: float = 0.0,
-                 max_enqueued_batches: int = MAX_ENQUEUED_BATCHES):
+                 max_enqueued_batches: int = MAX_ENQUEUED_BATCHES, batch_threads: int = BATCH_THREADS):
         self.model = model
         self.workers = workers
+        self.batch_threads = min(batch_threads, workers)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mnist-cnn-predict")
         self.max_batch_size, self.batch_timeout = max_batch_size, batch_timeout
         self.max_queued_images = max_enqueued_batches * max_batch_size
@@ -477,10 +481,12 @@ class Service:
 
     async def predict(self, servable: Servable, signature: str, images: np.ndarray) -> dict[str, np.ndarray]:
         """``servable``'s outputs for ``images`` through ``signature``, batched with other requests."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.workers)
         n = len(images)
-        if self.max_batch_size <= 1 or n >= self.max_batch_size:
+        if self.max_batch_size <= 1:  # batching off: each request's own model call, on any worker
+            return await self.run(self._run_model, servable, signature, images)
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.batch_threads)
+        if n >= self.max_batch_size:  # a batch of its own
             async with self._slots:
                 return await self.run(self._run_model, servable, signature, images)
         if self.queued_images + n > self.max_queued_images:

@@ -26,6 +26,7 @@ import uvicorn
 
 from mnist_cnn.errors import InputError, ModelFileError
 from mnist_cnn.serving.core import (
+    BATCH_THREADS,
     MAX_BATCH_SIZE,
     MAX_ENQUEUED_BATCHES,
     MODEL_NAME,
@@ -69,7 +70,8 @@ class Server:
                  poll_seconds: float = POLL_SECONDS, request_seconds: float = REQUEST_SECONDS,
                  workers: int = WORKERS, drain_seconds: float = DRAIN_SECONDS, grpc_port: int | None = None,
                  grpc_start=None, max_connections: int = MAX_CONNECTIONS, max_batch_size: int = MAX_BATCH_SIZE,
-                 batch_timeout: float = 0.0, max_enqueued_batches: int = MAX_ENQUEUED_BATCHES):
+                 batch_timeout: float = 0.0, max_enqueued_batches: int = MAX_ENQUEUED_BATCHES,
+                 batch_threads: int = BATCH_THREADS):
         """``grpc_start``: ``serving.grpc.start`` (the grpc extra), which ``run()`` calls to answer
         TensorFlow Serving's gRPC API on ``grpc_port`` too."""
         self.socket = listen(host, port)  # a taken port is refused before the model loads
@@ -82,7 +84,8 @@ class Server:
         self.host, self.grpc_port, self.grpc_start = host, grpc_port, grpc_start
         self.address = self.socket.getsockname()[:2]
         self.poll_seconds, self.request_seconds, self.drain_seconds = poll_seconds, request_seconds, drain_seconds
-        self.service = Service(self.model, workers, max_batch_size, batch_timeout, max_enqueued_batches)
+        self.service = Service(self.model, workers, max_batch_size, batch_timeout, max_enqueued_batches,
+                               batch_threads)
         self.config = uvicorn.Config(make_app(self.service, request_seconds), http=DeadlineProtocol, lifespan="off",
                                      log_config=None, timeout_keep_alive=KEEP_ALIVE_SECONDS, limit_concurrency=None,
                                      timeout_graceful_shutdown=drain_seconds + 5)
