@@ -4,6 +4,7 @@ stalled gRPC calls, silent sockets at the connection cap, SIGTERM mid-request, r
 smuggling, client mistakes that were 500s. The server is a real process on 127.0.0.1; memory
 is its VmHWM from /proc, CPU its utime + stime."""
 
+import contextlib
 import io
 import json
 import os
@@ -239,11 +240,7 @@ def test_past_the_deadline_a_request_is_504_and_its_queued_work_is_dropped(tmp_p
         late = next(answer for status, answer in answers if status == 504)
         assert late == {"error": "the request was not answered within the server's request deadline"}
         assert request(url, "/v1/models/mnist:predict", predict_body(), timeout=60)[0] == 200
-        sent = threading.Event()
-        with ThreadPoolExecutor(1) as pool:
-            unfinished = pool.submit(trickling_request, port, sent)
-            assert sent.wait(30)
-            time.sleep(0.2)
+        with left_unfinished(port) as unfinished:
             proc.send_signal(signal.SIGINT)
             stopping = True
             cut = unfinished.result(timeout=60)
@@ -260,6 +257,17 @@ def test_past_the_deadline_a_request_is_504_and_its_queued_work_is_dropped(tmp_p
 
 
 # -- SIGTERM: a graceful drain ------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def left_unfinished(port: int):
+    """A predict whose body is half sent and never finished, in flight: the future of its answer."""
+    sent = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        unfinished = pool.submit(trickling_request, port, sent)
+        assert sent.wait(30)
+        time.sleep(0.2)  # the request is in
+        yield unfinished
 
 
 def trickling_request(port: int, sent: threading.Event) -> bytes:

@@ -7,7 +7,6 @@ import asyncio
 import json
 import shutil
 import signal
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import tensorflow as tf
 from conftest import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from test_serve import request, signature_outputs, start_server, stop
-from test_serve_hostile import trickling_request
+from test_serve_hostile import left_unfinished
 
 from mnist_cnn import warmup
 from mnist_cnn.serving.core import Model, Overloaded, Service
@@ -146,11 +145,7 @@ def test_live_at_once_ready_after_warm_up_not_ready_from_the_first_moment_of_a_d
         channel = grpc.insecure_channel(target)
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
         assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
-        sent = threading.Event()
-        with ThreadPoolExecutor(1) as pool:
-            unfinished = pool.submit(trickling_request, port, sent)
-            assert sent.wait(30)
-            time.sleep(0.2)
+        with left_unfinished(port) as unfinished:
             proc.send_signal(signal.SIGTERM)
             stopping = True
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
