@@ -92,6 +92,19 @@ def test_export_writes_tensorflow_servings_warm_up_file(served):
     assert [(s, x["images"].shape) for s, x in warmup.read(served)] == [(s, shape) for s, shape, _ in shapes]
 
 
+def test_a_warm_up_request_that_does_not_fit_stops_the_server_in_one_line(tmp_path, served):
+    """TF Serving fails a version whose warm-up fails; a server with no other version stops: exit 2."""
+    version = tmp_path / "models" / "1"
+    shutil.copytree(served, version)
+    (version / warmup.FILE).unlink()
+    warmup.write(version, "mnist", [("serving_default", np.zeros((1, 28, 28), np.float32))])
+    proc, _ = start_server(tmp_path / "models", ready=False)
+    assert proc.wait(timeout=120) == 2
+    last = proc.stderr.read().splitlines()[-1]
+    assert last == (f"serve.py: error: {version}: cannot warm up: {version}: a warm-up request for "
+                    f"'serving_default' does not fit the model (inputs ['images'])"), last
+
+
 # -- a server through its life: warming up, ready, draining ---------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The ``mnist-cnn-serve`` process: both protocol faces on one event loop, and the graceful drain.
 
-    server = Server("exported/", port=8000, grpc_port=8500)   # loads and binds, or InputError
-    server.run()                                              # serves until SIGTERM or SIGINT
+    server = Server("exported/", port=8000)   # loads and binds, or InputError
+    server.run()                              # serves until SIGTERM or SIGINT
 
 ``run()`` serves TensorFlow Serving's REST API (uvicorn) and, with ``grpc_port``, its gRPC API
 (gRPC's asyncio server) on one event loop, with one poller of new versions. Once a version is
