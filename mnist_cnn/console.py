@@ -132,6 +132,11 @@ KNOWN_LINES = [
         r"RESOURCE_EXHAUSTED: .*; No space left on device$",
         r"^W\d{4} [\d:.]+\s+\d+ local_rendezvous\.cc:\d+\] Local rendezvous is aborting with status: "
         r"RESOURCE_EXHAUSTED: .*; No space left on device$",
+        # the same two in TensorFlow 2.16's older format (the floor)
+        r"^\d{4}-\d\d-\d\d [\d:.]+: W tensorflow/core/framework/op_kernel\.cc:\d+\] OP_REQUIRES failed at "
+        r"save_restore_v2_ops\.cc:\d+ : RESOURCE_EXHAUSTED: .*; No space left on device$",
+        r"^\d{4}-\d\d-\d\d [\d:.]+: W tensorflow/core/framework/local_rendezvous\.cc:\d+\] Local rendezvous is "
+        r"aborting with status: RESOURCE_EXHAUSTED: .*; No space left on device$",
     )
 ]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"

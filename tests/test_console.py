@@ -41,6 +41,12 @@ NOISE = [
     "W0000 00:00:1796655149.653218   10020 local_rendezvous.cc:412] Local rendezvous is aborting with status: "
     "RESOURCE_EXHAUSTED: /d/models/.export-7.partial/variables/variables_temp/part-00000-of-00001.data-00000-of-00001"
     ".tempstate16906222314480382754; No space left on device",
+    "2026-12-07 16:17:46.308259: W tensorflow/core/framework/op_kernel.cc:1839] OP_REQUIRES failed at "
+    "save_restore_v2_ops.cc:141 : RESOURCE_EXHAUSTED: /d/models/.export-3.partial/variables/variables_temp/part-00000-"
+    "of-00001.data-00000-of-00001.tempstate1; No space left on device",
+    "2026-12-07 16:17:46.308338: W tensorflow/core/framework/local_rendezvous.cc:404] Local rendezvous is aborting "
+    "with status: RESOURCE_EXHAUSTED: /d/models/.export-3.partial/variables/variables_temp/part-00000-of-00001.data-"
+    "00000-of-00001.tempstate1; No space left on device",
 ]
 
 

@@ -208,8 +208,8 @@ def test_client_mistakes_are_4xx_and_invalid_argument_never_500_or_unknown(hosti
     with grpc.insecure_channel(hostile.grpc) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for call, details in [(uint8_request([0] * 784, dtype=9999), "serve_uint8 takes uint8 images, got dtype 9999"),
-                              (uint8_request([300] * 784), "images: Python integer 300 out of bounds for uint8"),
-                              (uint8_request([-5] * 784), "images: Python integer -5 out of bounds for uint8"),
+                              (uint8_request([300] * 784), "serve_uint8 takes pixels 0..255, got 300"),
+                              (uint8_request([0] * 783 + [-5]), "serve_uint8 takes pixels 0..255, got -5"),
                               (labelled, "Unrecognized servable version label: stable")]:
             with pytest.raises(grpc.RpcError) as refused:
                 stub.Predict(call, timeout=20)

@@ -84,6 +84,9 @@ def _images(request, servable: Servable, signature: str) -> np.ndarray:
     wanted = DTYPES[SIGNATURES[signature]]
     if proto.dtype != wanted:
         raise RequestError(f"{signature} takes {_dtype_name(wanted)} images, got {_dtype_name(proto.dtype)}")
+    if proto.int_val and (min(proto.int_val) < 0 or max(proto.int_val) > 255):  # (NumPy 1.x would wrap them)
+        bad = next(v for v in proto.int_val if not 0 <= v <= 255)
+        raise RequestError(f"{signature} takes pixels 0..255, got {bad}")
     try:
         images = tf.make_ndarray(proto)
     except (ValueError, TypeError, OverflowError) as e:  # e.g. int_val 300 for uint8
