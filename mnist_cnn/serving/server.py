@@ -154,6 +154,8 @@ class Server:
                         poller = asyncio.create_task(poll_versions(self.model, self.poll_seconds))
                     await asyncio.wait({ended, serving}, return_when=asyncio.FIRST_COMPLETED)
             began = time.monotonic()
+            if poller is not None:  # no new version swaps in while the served one drains
+                poller.cancel()
             self.service.drain(self.drain_seconds)
             if health is not None:
                 await health.update()
