@@ -298,8 +298,8 @@ class Room:
 
     Closing is paced: ``BATCH`` connections every ``GRACE`` seconds (1,000 a second). A client
     that reconnects whenever it is closed turns every close into a new connection in the listen
-    queue; closing thousands at once filled that queue, the kernel dropped new clients' SYNs, and
-    they waited a second for TCP to resend them. The pause also lets a client that has just
+    queue; closing thousands at once kept that queue full, and a new client's predict took a
+    median of 1.2 s (TCP's one-second SYN retry, by the look of it). The pause also lets a client that has just
     connected send its request before it could be taken for idle. Past twice the cap, a new
     connection is closed at once (the file descriptors' bound)."""
 
