@@ -109,15 +109,21 @@ STALE_STAGING_SECONDS = 86400  # a staging folder this old was left by a killed 
 MAX_VERSION = 2**63 - 1  # TensorFlow Serving's versions are int64
 
 
-def version_folders(base: str | os.PathLike) -> dict[int, Path]:
-    """TensorFlow Serving's version folders of a base folder: {version: folder}, for every
-    folder named by a whole number 1..2^63-1 (no leading zero). Hidden staging folders and
-    anything else are not versions."""
-    base = Path(base)
-    if not base.is_dir():
-        return {}
-    return {int(p.name): p for p in base.iterdir()
-            if p.name.isdigit() and p.name[0] != "0" and int(p.name) <= MAX_VERSION and p.is_dir()}
+def version_folders(base: str | os.PathLike, missing_ok: bool = True) -> dict[int, Path]:
+    """TensorFlow Serving's version folders of a base folder: {version: folder}, for every entry
+    named by a whole number 1..2^63-1 (no leading zero) that is a folder or a symbolic link (listed,
+    never followed: the server refuses a link with a log line, and an export does not take its
+    number). Hidden staging folders and anything else are not versions. A missing ``base`` has none
+    (unless not ``missing_ok``); another failure to list it is an ``OSError``."""
+    try:
+        entries = list(os.scandir(base))
+    except FileNotFoundError:
+        if missing_ok:
+            return {}
+        raise
+    return {int(e.name): Path(e.path) for e in entries
+            if e.name.isdigit() and e.name[0] != "0" and len(e.name) <= 19 and int(e.name) <= MAX_VERSION
+            and (e.is_symlink() or e.is_dir(follow_symlinks=False))}
 
 
 def serving_commands(base: str | os.PathLike, name: str = "mnist") -> list[str]:

@@ -621,12 +621,13 @@ def test_a_base_folder_is_polled_broken_versions_skipped_on_ipv6(server, tmp_pat
 
 def test_the_command_line_defaults_are_the_servers():
     from mnist_cnn.cli import serve as serve_cli
-    from mnist_cnn.serving import core, http, server
+    from mnist_cnn.serving import connections, core, http, server, versions
 
     assert (serve_cli.POLL_SECONDS, serve_cli.REQUEST_SECONDS, serve_cli.WORKERS, serve_cli.DRAIN_SECONDS,
             serve_cli.MAX_CONNECTIONS, serve_cli.MAX_BATCH_SIZE, serve_cli.MAX_ENQUEUED_BATCHES,
             serve_cli.BATCH_THREADS) == (
-        core.POLL_SECONDS, http.REQUEST_SECONDS, http.WORKERS, server.DRAIN_SECONDS, http.MAX_CONNECTIONS,
+        versions.POLL_SECONDS, connections.REQUEST_SECONDS, http.WORKERS, server.DRAIN_SECONDS,
+        connections.MAX_CONNECTIONS,
         core.MAX_BATCH_SIZE, core.MAX_ENQUEUED_BATCHES, core.BATCH_THREADS)
 
 

@@ -29,9 +29,10 @@ from test_serve import memory_kb, request, start_server, status_of, stop
 
 from mnist_cnn import predict
 from mnist_cnn.bench.attacks import SilentSockets, jpeg_bomb, stalled_grpc_calls
+from mnist_cnn.bench.serving import cpu_seconds
 from mnist_cnn.keras_file import load_cnn
-from mnist_cnn.serving.core import scan_folder
 from mnist_cnn.serving.decode import MAX_SCANS, jpeg_cost
+from mnist_cnn.serving.versions import scan_folder
 
 pytestmark = pytest.mark.slow
 CAP = 256  # the module server's --max-connections
@@ -48,11 +49,6 @@ def hostile(tmp_path_factory, exported_run, served):
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc, grpc=line.split(": ", 1)[1], port=port,
                           model_path=exported_run.model_path)
     stop(proc)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def predict_body(n: int = 1) -> bytes:

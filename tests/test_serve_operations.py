@@ -21,7 +21,8 @@ from test_serve import request, signature_outputs, start_server, stop
 from test_serve_hostile import left_unfinished
 
 from mnist_cnn import warmup
-from mnist_cnn.serving.core import Model, Overloaded, Service
+from mnist_cnn.serving.core import Overloaded, Service
+from mnist_cnn.serving.versions import Model
 
 pytestmark = pytest.mark.slow
 
@@ -117,14 +118,6 @@ def health_of(target: str, stub=None):
     return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
 
-def get(url: str):
-    try:
-        with urllib.request.urlopen(url, timeout=20) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_live_at_once_ready_after_warm_up_not_ready_from_the_first_moment_of_a_drain(tmp_path, served):
     """A version whose warm-up file holds 100 requests of 256 images: the server is live as soon
     as it listens while the version is LOADING (V2 ready 400, gRPC health NOT_SERVING), then
@@ -143,15 +136,15 @@ def test_live_at_once_ready_after_warm_up_not_ready_from_the_first_moment_of_a_d
     url, target = f"http://127.0.0.1:{port}", proc.out.read_text().split("gRPC API: ")[1].split()[0]
     stopping = False
     try:
-        assert get(url + "/v2/health/live") == (200, {"live": True})
-        assert get(url + "/v2/health/ready") == (400, {"ready": False})
-        assert get(url + "/v1/models/mnist")[1]["model_version_status"][0]["state"] == "LOADING"
+        assert request(url, "/v2/health/live") == (200, {"live": True})
+        assert request(url, "/v2/health/ready") == (400, {"ready": False})
+        assert request(url, "/v1/models/mnist")[1]["model_version_status"][0]["state"] == "LOADING"
         assert health_of(target) == "NOT_SERVING"
         deadline = time.monotonic() + 120
-        while get(url + "/v2/health/ready")[0] != 200 and time.monotonic() < deadline:
+        while request(url, "/v2/health/ready")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert get(url + "/v2/models/mnist/ready") == (200, {"name": "mnist", "ready": True})
-        assert get(url + "/v1/models/mnist")[1]["model_version_status"][0]["state"] == "AVAILABLE"
+        assert request(url, "/v2/models/mnist/ready") == (200, {"name": "mnist", "ready": True})
+        assert request(url, "/v1/models/mnist")[1]["model_version_status"][0]["state"] == "AVAILABLE"
         assert health_of(target) == "SERVING"
         assert "warmed up: version 1 is ready (100 warm-up requests replayed)" in proc.out.read_text()
 
@@ -322,11 +315,11 @@ def test_a_new_version_is_warmed_up_before_it_serves_and_the_old_one_ends(operat
     shutil.copytree(operated.folder, base / ".staging")
     (base / ".staging").rename(base / "2")
     deadline = time.monotonic() + 60
-    while get(operated.url + "/v1/models/mnist")[1]["model_version_status"][0] != {
+    while request(operated.url, "/v1/models/mnist")[1]["model_version_status"][0] != {
             "version": "2", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}} \
             and time.monotonic() < deadline:
         time.sleep(0.2)
-    states = [(v["version"], v["state"]) for v in get(operated.url + "/v1/models/mnist")[1]["model_version_status"]]
+    states = [(v["version"], v["state"]) for v in request(operated.url, "/v1/models/mnist")[1]["model_version_status"]]
     assert states == [("2", "AVAILABLE"), ("1", "END")]
-    assert get(operated.url + "/v1/models/mnist/versions/1")[1]["model_version_status"][0]["state"] == "END"
+    assert request(operated.url, "/v1/models/mnist/versions/1")[1]["model_version_status"][0]["state"] == "END"
     assert request(operated.url, "/v1/models/mnist/versions/1:predict", b"{}")[0] == 404

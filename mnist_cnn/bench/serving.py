@@ -45,7 +45,7 @@ import numpy as np
 from mnist_cnn import as_command, console, data, export, train
 from mnist_cnn.bench.attacks import SilentSockets, jpeg_bomb, png_bomb, stalled_grpc_calls
 from mnist_cnn.keras_file import load_cnn
-from mnist_cnn.serving import core as servables
+from mnist_cnn.serving import versions as servables
 
 
 def _free_port() -> int:
@@ -140,7 +140,8 @@ def _hammer(url: str, bodies: list[bytes], clients: int, requests: int, content_
             "p99_ms": ms[int(0.99 * (len(ms) - 1))], "requests_per_s": len(ms) / (time.perf_counter() - began)}
 
 
-def _cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user + system, from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
@@ -162,14 +163,14 @@ def _latencies(name: str, call, requests: int) -> dict:
 
 
 def _bombs(port: int, pid: int, name: str, bodies: list[bytes], content_type: str) -> dict:
-    before, cpu = _memory_mb(pid, "VmRSS"), _cpu_seconds(pid)
+    before, cpu = _memory_mb(pid, "VmRSS"), cpu_seconds(pid)
     _reset_peak(pid)
     with ThreadPoolExecutor(len(bodies)) as pool:
         timed = list(pool.map(lambda body: _timed_post(f"http://127.0.0.1:{port}/predict", body, content_type),
                               bodies))
     return {"case": name, "bytes": [len(b) for b in bodies], "statuses": [s for s, _ in timed],
             "max_ms": max(ms for _, ms in timed), "grown_mb": _memory_mb(pid, "VmHWM") - before,
-            "cpu_s": _cpu_seconds(pid) - cpu}
+            "cpu_s": cpu_seconds(pid) - cpu}
 
 
 def _grpc_predict(target: str):
@@ -221,9 +222,9 @@ def batching_test(model_dir: Path, clients: int = 16, requests: int = 300, sizes
             start = time.perf_counter()
             first = _post(url, singles[0])
             first_ms = 1000 * (time.perf_counter() - start)
-            cpu = _cpu_seconds(proc.pid)
+            cpu = cpu_seconds(proc.pid)
             run = _hammer(url, singles, clients, requests, keep_alive=True)
-            spent = _cpu_seconds(proc.pid) - cpu
+            spent = cpu_seconds(proc.pid) - cpu
             results[size] = {**run, "first_ms": first_ms if first == 200 else float("nan"),
                              "cpu_ms_per_request": 1000 * spent / run["requests"]}
     return results
@@ -237,20 +238,13 @@ def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int 
     singles = [json.dumps({"instances": (images[i:i + 1, ..., None] / 255.0).tolist()}).encode() for i in range(50)]
     batches = [json.dumps({"signature_name": "serve_uint8", "instances": images[i:i + 256, ..., None].tolist()}
                           ).encode() for i in range(0, 1024, 256)]
-    port, grpc_port = _free_port(), _free_port()
+    grpc_port = _free_port()
     has_grpc = all(importlib.util.find_spec(m) for m in ("grpc", "tensorflow_serving"))
-    command = "import sys; from mnist_cnn.cli.serve import main; sys.exit(main(sys.argv[1:]))"
     grpc_args = ["--grpc-port", str(grpc_port)] if has_grpc else []
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-c", as_command(command), str(model_dir), "--port", str(port),
-                                 *grpc_args], stdout=out, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with _server(model_dir, *grpc_args) as (proc, port):
         stop, results = threading.Event(), {}
         try:
             url = f"http://127.0.0.1:{port}/v1/models/mnist:predict"
-            deadline = time.monotonic() + 120
-            while _post(url, singles[0], timeout=5) != 200 and time.monotonic() < deadline:
-                time.sleep(0.5)  # loading, then the first calls trace the model
             results["rss_idle_mb"] = _memory_mb(proc.pid, "VmRSS")
             held = [socket.create_connection(("127.0.0.1", port)) for _ in range(idle)]
             tricklers = [threading.Thread(target=_trickle, args=(port, stop, trickle_every)) for _ in range(trickling)]
@@ -293,8 +287,6 @@ def load_test(model_dir: Path, clients: int = 8, requests: int = 100, idle: int 
                                     "peak_mb": _memory_mb(proc.pid, "VmHWM")}
         finally:
             stop.set()
-            proc.terminate()
-            proc.wait(timeout=30)
     return results
 
 

@@ -36,8 +36,9 @@ from tensorflow_serving.apis import (
 )
 
 from mnist_cnn.errors import InputError
-from mnist_cnn.serving.core import IMAGE, SIGNATURES, Model, Overloaded, Refused, Servable, Service
+from mnist_cnn.serving.core import Overloaded, Refused, Service
 from mnist_cnn.serving.tfserving import FLOAT32_MAX, MAX_BODY, MAX_INSTANCES, METHOD_NAMES, RequestError, finite
+from mnist_cnn.serving.versions import IMAGE, SIGNATURES, Model, Servable
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,19 @@ class Failure(Exception):
         self.code = code
 
 
-def _servable(model: Model, spec) -> Servable:
+def _version(model: Model, spec) -> int | None:
+    """The version a ModelSpec names (None: the newest), once its model name and label are checked."""
     if spec.name != model.name:
         raise Failure(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name[:60]})")
     choice = spec.WhichOneof("version_choice")
     if choice == "version_label":  # no labels are configured here, so none is known
         raise Failure(grpc.StatusCode.INVALID_ARGUMENT,
                       f"Unrecognized servable version label: {spec.version_label[:60]}")
-    version = spec.version.value if choice == "version" else None
+    return spec.version.value if choice == "version" else None
+
+
+def _servable(model: Model, spec) -> Servable:
+    version = _version(model, spec)
     servable = model.get(version)
     if servable is None:
         raise Failure(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({model.name}, {version})")
@@ -201,13 +207,7 @@ class ModelService(_Servicer, model_service_pb2_grpc.ModelServiceServicer):
     @call
     async def GetModelStatus(self, request):
         """Every version the model knows, as the REST status (LOADING, AVAILABLE, UNLOADING, END)."""
-        spec = request.model_spec
-        if spec.name != self.model.name:
-            raise Failure(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Latest({spec.name[:60]})")
-        if spec.WhichOneof("version_choice") == "version_label":
-            raise Failure(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"Unrecognized servable version label: {spec.version_label[:60]}")
-        version = spec.version.value if spec.HasField("version") else None
+        version = _version(self.model, request.model_spec)
         known = self.model.status(version)["model_version_status"]
         if not known:
             raise Failure(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: Specific({self.model.name}, "

@@ -23,10 +23,11 @@ the page sends its canvas so), prepared as ``mnist-cnn-predict`` prepares files,
 like a file). It answers ``{"digit": d, "probabilities": [10 floats]}``.
 
 Facing a network: the HTTP/1.1 server is uvicorn's (keep-alive, pipelining, ``100
-Continue``, IPv4 and IPv6; an idle connection costs a socket, not a thread). Each request has
-a whole-request deadline, ``request_seconds`` from its first byte: its headers and body must
-have arrived by then, however the bytes trickle in (or the connection is closed), and it is
-answered by then (or gets 504; work still queued for a worker is dropped). A body over
+Continue``, IPv4 and IPv6; an idle connection costs a socket, not a thread), its connections
+bounded in ``connections``. Each request has a whole-request deadline, ``request_seconds``
+from its first byte: its headers and body must have arrived by then, however the bytes
+trickle in (or the connection is closed), and it is answered by then (or gets 504; work
+still queued for a worker is dropped). A body over
 ``MAX_BODY`` is refused from its length or as it is counted; bodies held at once are bounded
 by ``BODY_BUDGET`` (503 past it); at most ``workers`` requests decode and predict at once.
 Images are decoded within a fixed budget (``decode``). Past ``MAX_CONNECTIONS`` open
@@ -44,18 +45,15 @@ import contextlib
 import functools
 import logging
 import re
-import socket
-from collections import OrderedDict
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mnist_cnn.errors import InputError
 from mnist_cnn.serving import v2
+from mnist_cnn.serving.connections import DEADLINE, REQUEST_SECONDS
 from mnist_cnn.serving.core import Overloaded, Refused, Service
 from mnist_cnn.serving.metrics import CONTENT_TYPE as METRICS_TYPE
 from mnist_cnn.serving.page import PAGE
@@ -74,11 +72,7 @@ from mnist_cnn.serving.tfserving import (
 log = logging.getLogger(__name__)
 
 BODY_BUDGET = 64 * MAX_BODY  # bytes of request bodies held at once, counted as they arrive
-REQUEST_SECONDS = 10.0  # a request must have arrived, and been answered, within this of its first byte
-KEEP_ALIVE_SECONDS = 5.0  # an idle keep-alive connection is closed after this
-MAX_CONNECTIONS = 4096  # open at once; past it the connection idle longest is closed
 WORKERS = 4  # requests decoded and predicted at once
-DEADLINE = "mnist_cnn.deadline"  # the scope key of a request's deadline (the event loop's clock)
 INLINE_BODY = 64 << 10  # bytes: a body this small (~4 images as JSON) is parsed on the event loop (~0.2 ms)
 
 
@@ -191,9 +185,6 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
             return response
         return run
 
-    async def predict(servable, signature, images):
-        return await service.predict(servable, signature, images)
-
     async def page(request, taken):
         request.state.api = "page"
         return HTMLResponse(PAGE)
@@ -204,7 +195,7 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
         body = await read_body(request, budget, taken)
         servable = model.current()
         images = await service.run(page_images, body, request.headers.get("content-type", ""))
-        return JSONResponse(page_reply(await predict(servable, "serving_default", images)))
+        return JSONResponse(page_reply(await service.predict(servable, "serving_default", images)))
 
     @endpoint
     async def tf_serving(request, taken):
@@ -231,7 +222,7 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
                 signature, images, row = predict_request(servable, body)
             else:
                 signature, images, row = await service.run(predict_request, servable, body)
-            return JSONResponse(reply_of(finite(await predict(servable, signature, images)), row))
+            return JSONResponse(reply_of(finite(await service.predict(servable, signature, images)), row))
         return JSONResponse(await service.run(unsupported_answer, servable, body, verb.lower()))
 
     @endpoint
@@ -267,7 +258,7 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
         arguments = (body, request.headers.get(v2.HEADER), servable)
         signature, images, wanted, request_id = v2.infer_request(*arguments) if len(body) <= INLINE_BODY \
             else await service.run(v2.infer_request, *arguments)
-        outputs = await predict(servable, signature, images)
+        outputs = await service.predict(servable, signature, images)
         payload, headers = v2.infer_reply(model, servable, outputs, wanted, request_id)
         kind = "application/octet-stream" if headers else "application/json"
         return Response(payload, 200, headers=headers, media_type=kind)
@@ -286,150 +277,3 @@ def make_app(service: Service, request_seconds: float = REQUEST_SECONDS):
               Route("/v1/{rest:path}", tf_serving, methods=every),
               Route("/v2", open_inference, methods=every), Route("/v2/{rest:path}", open_inference, methods=every)]
     return one_framing(Starlette(routes=routes, exception_handlers={HTTPException: not_found}))
-
-
-# -- the HTTP/1.1 connections ---------------------------------------------------------------
-
-
-class Room:
-    """Room for new clients: the connections waiting for a request (none begun), in the order they
-    began to wait. When the open connections pass ``cap``, those that have waited longest are
-    closed -- first those that never sent a byte -- never a connection working on a request.
-
-    Closing is paced: ``BATCH`` connections every ``GRACE`` seconds (1,000 a second). A client
-    that reconnects whenever it is closed turns every close into a new connection in the listen
-    queue; closing thousands at once kept that queue full, and a new client's predict took a
-    median of 1.2 s (TCP's one-second SYN retry, by the look of it). The pause also lets a client that has just
-    connected send its request before it could be taken for idle. Past twice the cap, a new
-    connection is closed at once (the file descriptors' bound)."""
-
-    GRACE = 0.05  # seconds between two rounds of closing
-    BATCH = 50  # connections closed in one round
-
-    def __init__(self, cap: int):
-        self.cap = cap
-        self.idle: OrderedDict = OrderedDict()  # DeadlineProtocol -> None
-        self._pending = None
-
-    def waiting(self, connection) -> None:
-        self.idle[connection] = None
-        self.idle.move_to_end(connection)
-
-    def working(self, connection) -> None:
-        self.idle.pop(connection, None)
-
-    def check(self, connections: set, loop) -> None:
-        if len(connections) > self.cap and self._pending is None:
-            self._pending = loop.call_later(self.GRACE, self._make_room, connections, loop)
-
-    def _make_room(self, connections: set, loop) -> None:
-        self._pending = None
-        excess = min(len(connections) - self.cap, self.BATCH)
-        if excess <= 0:
-            return
-        silent = [c for c in self.idle if not c.heard][:excess]
-        heard = [c for c in self.idle if c.heard][:excess - len(silent)] if len(silent) < excess else []
-        for connection in silent + heard:
-            connection.close_idle()
-        self.check(connections, loop)
-
-
-class DeadlineProtocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a whole-request deadline and room for new clients
-    (``Room``, as ``Config.room``).
-
-    Deadline: from the moment a connection waits for a request, its headers and body must have
-    arrived within ``request_seconds`` (``Config.request_seconds``), however slowly the bytes
-    trickle in, or the connection is closed; the request's scope carries its deadline to
-    answer by (``request_seconds`` from its first byte)."""
-
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self._deadline = None
-        self._first_byte = None
-        self._arm()
-        room = self.config.room
-        if len(self.connections) > 2 * room.cap:
-            self.close_idle()
-        else:
-            room.check(self.connections, self.loop)
-
-    @property
-    def heard(self) -> bool:
-        """Whether the connection has sent a byte of the request it is waiting for."""
-        return self._first_byte is not None
-
-    def data_received(self, data: bytes) -> None:
-        if self._first_byte is None:
-            self._first_byte = self.loop.time()
-        super().data_received(data)
-
-    def handle_events(self):
-        cycle = self.cycle
-        super().handle_events()
-        if self.cycle is not cycle and self.cycle is not None:  # a request began
-            started = self._first_byte if self._first_byte is not None else self.loop.time()
-            self.cycle.scope[DEADLINE] = started + self._seconds()
-            self.config.room.working(self)
-
-    def on_response_complete(self):
-        self._first_byte = None
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()
-
-    def connection_lost(self, exc):
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self.config.room.working(self)
-        super().connection_lost(exc)
-
-    def _seconds(self) -> float:
-        return getattr(self.config, "request_seconds", REQUEST_SECONDS)
-
-    def _arm(self):
-        if self._deadline is not None:
-            self._deadline.cancel()
-        self._deadline = self.loop.call_later(self._seconds(), self._expire)
-        self.config.room.waiting(self)
-
-    def close_idle(self):
-        self.config.room.working(self)
-        self.connections.discard(self)  # uvicorn's connection_lost does it too, once the socket has closed
-        if not self.transport.is_closing():
-            self.transport.close()
-
-    def _expire(self):
-        cycle = self.cycle
-        waiting = cycle is None or cycle.response_complete or cycle.more_body  # headers or body still due
-        if waiting and not self.transport.is_closing():
-            if cycle is not None and not cycle.response_complete:
-                cycle.disconnected = True
-                cycle.message_event.set()
-            self.transport.close()
-
-
-def connection_settings(config, request_seconds: float, max_connections: int = MAX_CONNECTIONS) -> None:
-    """What ``DeadlineProtocol`` reads from uvicorn's ``Config``."""
-    config.request_seconds = request_seconds
-    config.room = Room(max_connections)
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A listening socket on ``host`` (IPv4 or IPv6) and ``port`` (0: any free one)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except (OSError, OverflowError, UnicodeError) as e:
-        raise InputError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::" takes IPv4 too
-        sock.bind(address)
-        sock.listen(2048)
-    except OSError as e:
-        sock.close()
-        raise InputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-    return sock

@@ -25,27 +25,24 @@ from concurrent.futures import ThreadPoolExecutor
 import uvicorn
 
 from mnist_cnn.errors import InputError, ModelFileError
+from mnist_cnn.serving.connections import (
+    KEEP_ALIVE_SECONDS,
+    MAX_CONNECTIONS,
+    REQUEST_SECONDS,
+    DeadlineProtocol,
+    connection_settings,
+    listen,
+)
 from mnist_cnn.serving.core import (
     BATCH_THREADS,
     MAX_BATCH_SIZE,
     MAX_ENQUEUED_BATCHES,
-    MODEL_NAME,
-    POLL_SECONDS,
-    Model,
     Service,
     poll_versions,
     settle_heap,
 )
-from mnist_cnn.serving.http import (
-    KEEP_ALIVE_SECONDS,
-    MAX_CONNECTIONS,
-    REQUEST_SECONDS,
-    WORKERS,
-    DeadlineProtocol,
-    connection_settings,
-    listen,
-    make_app,
-)
+from mnist_cnn.serving.http import WORKERS, make_app
+from mnist_cnn.serving.versions import MODEL_NAME, POLL_SECONDS, Model
 
 log = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ import numpy as np
 import orjson
 
 from mnist_cnn.errors import InputError
+from mnist_cnn.export import MAX_VERSION
 from mnist_cnn.predict import ImageError, mnist_style
-from mnist_cnn.serving.core import IMAGE, SIGNATURES, Servable
 from mnist_cnn.serving.decode import JPEG, MAX_SIDE, PNG, decode_image
+from mnist_cnn.serving.versions import IMAGE, SIGNATURES, Servable
 
 MAX_BODY = 4 << 20  # bytes of a request (REST body, gRPC message): 256 float images as JSON are about 1.6 MB
 MAX_INSTANCES = 256  # images in one :predict request
-MAX_VERSION = 2**63 - 1  # versions are int64
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 

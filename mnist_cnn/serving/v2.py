@@ -25,8 +25,8 @@ import math
 import numpy as np
 
 from mnist_cnn import __version__
-from mnist_cnn.serving.core import IMAGE, Model, Servable
 from mnist_cnn.serving.tfserving import MAX_INSTANCES, RequestError, finite, may_hold_booleans, numbers, parse_json
+from mnist_cnn.serving.versions import IMAGE, Model, Servable
 
 HEADER = "inference-header-content-length"
 INPUTS = {"FP32": ("serving_default", np.float32), "UINT8": ("serve_uint8", np.uint8)}
