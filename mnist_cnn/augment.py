@@ -2,11 +2,15 @@
 seed gives the same batch, which is what makes a resumed run bit-exact (``data.training_stream``
 draws batch i's seed from (run seed, i)).
 
-- ``augment_batch``: a random rotation of +-10 degrees, shift and zoom of +-10 % (``--augment``);
-- ``elastic_batch``: elastic distortions (Simard et al. 2003) (``--elastic``).
+- ``augment_batch``: a random rotation of +-10 degrees, shift and zoom of +-10 % (``--augment``;
+  the strengths: ``--augment-rotation``, ``--augment-shift``, ``--augment-zoom``);
+- ``elastic_batch``: elastic distortions (Simard et al. 2003) (``--elastic``; ``--elastic-alpha``,
+  ``--elastic-sigma``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -15,13 +19,27 @@ import tensorflow as tf
 SEED_OFFSET = 1 << 32  # stream position i augments with (seed, i + offset), apart from pass seeds
 
 
-def augment_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Small random rotations (±10°), shifts (±10 %) and zooms (±10 %) per image, zero-filled:
-    digits a writer could have drawn. Drawn statelessly from ``seed`` (two integers), so a
-    batch is augmented the same way in every run with that seed and after a resume."""
+@dataclass(frozen=True)
+class Strengths:
+    """How far the distortions go (TrainConfig's --augment-* and --elastic-* options)."""
+
+    rotation: float = 10.0  # degrees, either way
+    shift: float = 0.1  # of the image's side, either way
+    zoom: float = 0.1  # scale 1 - zoom to 1 + zoom
+    elastic_alpha: float = 34.0  # pixels
+    elastic_sigma: float = 4.0  # pixels
+
+
+def augment_batch(images: tf.Tensor, seed: tf.Tensor, strengths: Strengths | None = None) -> tf.Tensor:
+    """Small random rotations (±10°), shifts (±10 %) and zooms (±10 %) per image (``strengths``),
+    zero-filled: digits a writer could have drawn. Drawn statelessly from ``seed`` (two integers),
+    so a batch is augmented the same way in every run with that seed and after a resume."""
+    strengths = strengths or Strengths()
     count = tf.shape(images)[0]
     u = tf.random.stateless_uniform(tf.stack([count, 4]), seed=seed, minval=-1.0, maxval=1.0)
-    angle, shift_x, shift_y, zoom = u[:, 0] * (10 / 180 * np.pi), u[:, 1] * 2.8, u[:, 2] * 2.8, 1.0 + 0.1 * u[:, 3]
+    shift = strengths.shift * 28
+    angle, shift_x, shift_y = u[:, 0] * (strengths.rotation / 180 * np.pi), u[:, 1] * shift, u[:, 2] * shift
+    zoom = 1.0 + strengths.zoom * u[:, 3]
     # output pixel p reads input pixel R(angle) (p - centre - shift) / zoom + centre
     cos, sin, centre = tf.cos(angle) / zoom, tf.sin(angle) / zoom, 13.5
     a0, a1, b0, b1 = cos, -sin, sin, cos

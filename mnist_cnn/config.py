@@ -91,6 +91,15 @@ class TrainConfig:
     augment: bool = option(False, "random ±10° rotation, ±10% shift and zoom of training batches")
     elastic: bool = option(False, "elastic distortions of training batches (Simard et al. 2003: a random "
                            "displacement field smoothed by a Gaussian of 4 px, scaled by 34 px)")
+    augment_rotation: float = option(10.0, "--augment's largest rotation, either way", low=0.0, high=180.0,
+                                     metavar="DEGREES")
+    augment_shift: float = option(0.1, "--augment's largest shift, either way, as a fraction of the side",
+                                  low=0.0, high=0.5, metavar="FRACTION")
+    augment_zoom: float = option(0.1, "--augment's largest zoom, in or out, as a fraction", low=0.0, high=0.5,
+                                 open_high=True, metavar="FRACTION")
+    elastic_alpha: float = option(34.0, "--elastic's displacement scale", low=0.0, metavar="PIXELS")
+    elastic_sigma: float = option(4.0, "--elastic's smoothing (a Gaussian of this width)", low=0.5, high=10.0,
+                                  metavar="PIXELS")
     ema: float | None = option(None, "keep an exponential moving average of the weights with this momentum "
                                "(e.g. 0.99): validation, the best and final models and the test score use it",
                                low=0.0, high=1.0, open_low=True, open_high=True, metavar="MOMENTUM")
@@ -127,30 +136,19 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict, where: str) -> TrainConfig:
         """A config from saved JSON, each value checked against its field's type."""
-        if not isinstance(values, dict):
-            raise UsageError(f"{where}: expected a JSON object, got {type(values).__name__}")
-        hints = typing.get_type_hints(cls)
-        unknown = values.keys() - hints.keys()
-        if unknown:
-            raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-        for name, value in values.items():
-            allowed = typing.get_args(hints[name]) or (hints[name],)
-            if not any(_has_type(value, kind) for kind in allowed):
-                expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-                raise UsageError(f"{where}: {name} must be {expected}, got {value!r}")
-        return cls(**values).validate()
+        return cls(**check_types(values, where)).validate()
 
     @classmethod
-    def load(cls, run_dir: str | Path) -> TrainConfig:
-        """The config a run was started with (its ``config.json``), type-checked."""
-        path = Path(run_dir) / "config.json"
+    def read_options(cls, path: str) -> dict:
+        """``--config FILE``: a JSON object of field names and values (a sweep's ``best.json``),
+        each checked against its field's type; the bounds are checked with the config."""
         try:
-            saved = read_json(path, "run config")  # a regular file, at most 16 MB
+            values = read_json(Path(path), "config file")  # a regular file, at most 16 MB
         except FileNotFoundError:
-            raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)") from None
-        except UsageError as e:
-            raise UsageError(f"--resume {e}") from None
-        return cls.from_dict(saved, f"--resume {run_dir}: config.json")
+            raise UsageError(f"--config {path}: no such file") from None
+        except (UsageError, OSError) as e:
+            raise UsageError(f"--config {e}") from None
+        return check_types(values, f"--config {path}")
 
     def profile_range(self) -> tuple[int, int] | int:
         """--profile-batch as the TensorBoard callback takes it (0 = off)."""
@@ -192,6 +190,22 @@ class TrainConfig:
             raise UsageError("--export is not available with --strategy multiworker; "
                              "export the chief's model.keras afterwards (mnist-cnn-export MODEL DIR)")
         return self
+
+
+def check_types(values: dict, where: str) -> dict:
+    """``values`` if it is an object of TrainConfig field names whose values have their fields' types."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{where}: expected a JSON object, got {type(values).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = values.keys() - hints.keys()
+    if unknown:
+        raise UsageError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    for name, value in values.items():
+        allowed = typing.get_args(hints[name]) or (hints[name],)
+        if not any(_has_type(value, kind) for kind in allowed):
+            expected = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+            raise UsageError(f"{where}: {name} must be {expected}, got {value!r}")
+    return values
 
 
 def native_mixed_precision() -> bool:

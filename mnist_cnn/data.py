@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import idx
-from mnist_cnn.augment import SEED_OFFSET, augment_batch, elastic_batch
+from mnist_cnn.augment import SEED_OFFSET, Strengths, augment_batch, elastic_batch
 from mnist_cnn.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -157,8 +157,8 @@ def sample_arrays() -> tuple[Arrays, Arrays]:
     return (images[train_ids], labels[train_ids]), (images[test_ids], labels[test_ids])
 
 
-def _tfds_load(data_dir: str | None) -> list[tf.data.Dataset]:
-    """tfds' MNIST train and test splits; downloads only when the host answers."""
+def _tfds_load(data_dir: str | None, splits=("train", "test")) -> list[tf.data.Dataset]:
+    """tfds' MNIST ``splits``; downloads only when the host answers."""
     try:
         import tensorflow_datasets as tfds  # slow to import; only when used
     except Exception as e:  # noqa: BLE001 -- a broken install fails in many ways (ImportError, TypeError, ...)
@@ -172,7 +172,7 @@ def _tfds_load(data_dir: str | None) -> list[tf.data.Dataset]:
     try:
         return tfds.load(
             "mnist",
-            split=["train", "test"],
+            split=list(splits),
             as_supervised=True,
             data_dir=str(tfds_data_dir(data_dir)),
             download=download,
@@ -192,15 +192,23 @@ def _to_arrays(ds: tf.data.Dataset) -> Arrays:
     return images, np.concatenate([y for _, y in chunks])
 
 
-def load_arrays(source: str = "auto", data_dir: str | None = None) -> tuple[Arrays, Arrays, DataInfo]:
-    """All of a source in memory: ((x_train, y_train), (x_test, y_test), info), uint8 images (N, 28, 28)."""
+NO_TEST: Arrays = (np.zeros((0, *idx.IMAGE_SHAPE), np.uint8), np.zeros(0, np.uint8))
+
+
+def load_arrays(source: str = "auto", data_dir: str | None = None, with_test: bool = True
+                ) -> tuple[Arrays, Arrays, DataInfo]:
+    """All of a source in memory: ((x_train, y_train), (x_test, y_test), info), uint8 images (N, 28, 28).
+    ``with_test=False``: the test split is not read (``NO_TEST``; the sample's 1,000 held-out digits,
+    part of its one file, are dropped)."""
     source = resolve(source, data_dir)
     if source == "tfds":
-        train, test = (_to_arrays(ds) for ds in _tfds_load(data_dir))
+        splits = [_to_arrays(ds) for ds in _tfds_load(data_dir, ("train", "test") if with_test else ("train",))]
+        train, test = splits[0], splits[1] if with_test else NO_TEST
     elif source == "sample":
         train, test = sample_arrays()
+        test = test if with_test else NO_TEST
     else:
-        train, test = idx.read_split(source, "train"), idx.read_split(source, "test")
+        train, test = idx.read_split(source, "train"), idx.read_split(source, "test") if with_test else NO_TEST
     return train, test, DataInfo(source, len(train[1]), len(test[1]))
 
 
@@ -230,8 +238,9 @@ def pipeline(images: np.ndarray, labels: np.ndarray, batch_size: int) -> tf.data
 
 
 def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: bool, start_step,
-            elastic: bool = False) -> tf.data.Dataset:
+            elastic: bool = False, strengths: Strengths | None = None) -> tf.data.Dataset:
     """The training stream from batch ``start_step`` (a Python int or an int64 tensor)."""
+    strengths = strengths or Strengths()
     count = int(y.shape[0])
     per_pass = steps_per_pass(count, batch_size)
     indices = tf.range(count, dtype=tf.int64)
@@ -247,11 +256,12 @@ def _stream(x: tf.Tensor, y: tf.Tensor, batch_size: int, seed: int, augment: boo
     ds = ds.map(plain(lambda i, batch: (i, tf.gather(x, batch), tf.gather(y, batch))))
     if augment:
         seed_of = lambda i: tf.stack([tf.constant(seed, tf.int64), i + SEED_OFFSET])  # noqa: E731
-        ds = ds.map(plain(lambda i, xb, yb: (i, augment_batch(xb, seed_of(i)), yb)),
+        ds = ds.map(plain(lambda i, xb, yb: (i, augment_batch(xb, seed_of(i), strengths), yb)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if elastic:
         elastic_seed = lambda i: tf.stack([tf.constant(seed, tf.int64), i + 2 * SEED_OFFSET])  # noqa: E731
-        ds = ds.map(plain(lambda i, xb, yb: (i, elastic_batch(xb, elastic_seed(i)), yb)),
+        ds = ds.map(plain(lambda i, xb, yb: (i, elastic_batch(xb, elastic_seed(i), strengths.elastic_alpha,
+                                                                  strengths.elastic_sigma), yb)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.map(plain(lambda i, xb, yb: (xb, yb)))
 
@@ -280,7 +290,8 @@ def endless(source: str, batch_size: int, seed: int = 0) -> tf.data.Dataset:
 
 
 def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps: int, position: tf.Variable,
-                  seed: int = 0, augment: bool = False, elastic: bool = False) -> tf.data.Dataset:
+                  seed: int = 0, augment: bool = False, elastic: bool = False,
+                  strengths: Strengths | None = None) -> tf.data.Dataset:
     """What ``model.fit`` iterates each epoch: ``steps`` batches of the training stream from
     batch ``position`` -- a variable read when the epoch's iterator starts, which the trainer
     sets to the optimizer's step count at the start of every epoch (``train.StreamPosition``).
@@ -289,7 +300,8 @@ def epoch_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, steps
     the next one's."""
     x, y = in_memory(images, labels)
     epoch = tf.data.Dataset.range(1).flat_map(
-        plain(lambda _: _stream(x, y, batch_size, seed, augment, position.read_value(), elastic).take(steps)))
+        plain(lambda _: _stream(x, y, batch_size, seed, augment, position.read_value(), elastic,
+                               strengths).take(steps)))
     return epoch.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -336,6 +348,8 @@ def load(
     test_source: str | None = None,
     validation: str = "auto",
     steps_per_epoch: int | None = None,
+    strengths: Strengths | None = None,
+    with_test: bool = True,
 ) -> Datasets:
     """Train, validation and test pipelines for a source.
 
@@ -345,13 +359,17 @@ def load(
     (default: one pass, ``steps_per_pass``) from ``Datasets.position``, the step the epoch
     starts at; ``augment`` adds random rotations, shifts and zooms to its batches;
     ``test_source`` takes the test split from another IDX folder (e.g. the official
-    MNIST test set) -- the sample then trains on all of its 5,000 digits.
+    MNIST test set) -- the sample then trains on all of its 5,000 digits. ``with_test=False``: no
+    test split is read (a tuning trial's: ``Datasets.test`` is empty), the training digits are the same.
     """
-    (x_train, y_train), (x_test, y_test), info = load_arrays(source, data_dir)
-    if test_source is not None:
+    test_elsewhere, source = test_source is not None, resolve(source, data_dir)
+    # the sample's own test digits train when the test split comes from elsewhere
+    source_test = with_test and not test_elsewhere or test_elsewhere and source == "sample"
+    (x_train, y_train), (x_test, y_test), info = load_arrays(source, data_dir, with_test=source_test)
+    if test_elsewhere:
         if info.source == "sample":  # its 1,000 held-out digits are not needed for testing
             x_train, y_train = np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
-        x_test, y_test = _test_split(test_source)
+        x_test, y_test = _test_split(test_source) if with_test else NO_TEST
     name = info.source if test_source is None else f"{info.source}, tested on {test_source}"
     eval_batch = max(batch_size, EVAL_BATCH)
     test = pipeline(x_test, y_test, eval_batch)
@@ -361,7 +379,7 @@ def load(
         (x_train, y_train), (x_val, y_val) = split_validation(x_train, y_train, count)
     return Datasets(
         train=epoch_batches(x_train, y_train, batch_size, steps_per_epoch or steps_per_pass(len(y_train), batch_size),
-                            position, seed=seed, augment=augment, elastic=elastic),
+                            position, seed=seed, augment=augment, elastic=elastic, strengths=strengths),
         position=position,
         validation=pipeline(x_val, y_val, eval_batch) if count else test,
         test=test,

@@ -70,14 +70,14 @@ def worker_run_dir(chief_run_dir: Path) -> Path:
     a copy of the chief's resume state and checkpoint (the run folder must be on a
     shared filesystem).
     """
-    scratch = Path(tempfile.mkdtemp(prefix="mnist_cnn-worker-"))
-    state = RunDir(chief_run_dir).read_resume_state()
+    scratch, chief = RunDir(tempfile.mkdtemp(prefix="mnist_cnn-worker-")), RunDir(chief_run_dir)
+    state = chief.read_resume_state()
     if state:
-        (scratch / state.checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(chief_run_dir / state.checkpoint, scratch / state.checkpoint)
-        for name in ("resume.json", "config.json", "history.json"):  # what the resume state is checked against
-            shutil.copy2(chief_run_dir / name, scratch / name)
-    return scratch
+        (scratch.path / state.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(chief.path / state.checkpoint, scratch.path / state.checkpoint)
+        for kept in ("resume_file", "config", "history"):  # what the resume state is checked against
+            shutil.copy2(getattr(chief, kept), getattr(scratch, kept))
+    return scratch.path
 
 
 def describe(strategy: tf.distribute.Strategy) -> str:

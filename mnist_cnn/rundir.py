@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_cnn.config import check_name
+from mnist_cnn.config import TrainConfig, check_name
 from mnist_cnn.errors import StorageError, UsageError
 from mnist_cnn.files import json_digest, read_json, read_regular, sha256, temp_name, write_atomic, write_json
 
@@ -159,6 +159,16 @@ class RunDir:
 
     def resume_checkpoints(self) -> list[Path]:
         return [path for _, path in self._checkpoints("resume")]
+
+    def read_config(self) -> TrainConfig:
+        """The config the run was started with (its ``config.json``), type-checked and validated."""
+        try:
+            saved = read_json(self.config, "run config")  # a regular file, at most 16 MB
+        except FileNotFoundError:
+            raise UsageError(f"--resume {self.path}: not a run folder (no config.json)") from None
+        except UsageError as e:
+            raise UsageError(f"--resume {e}") from None
+        return TrainConfig.from_dict(saved, f"--resume {self.path}: config.json")
 
     @property
     def finished(self) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn import console, cpu, data, distribute
+from mnist_cnn import augment, console, cpu, data, distribute
 from mnist_cnn.callbacks import make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig, native_mixed_precision
 from mnist_cnn.errors import ModelFileError, TrainingDiverged
@@ -232,6 +232,8 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
         data_dir=config.tfds_dir,
         augment=config.augment,
         elastic=config.elastic,
+        strengths=augment.Strengths(config.augment_rotation, config.augment_shift, config.augment_zoom,
+                                    config.elastic_alpha, config.elastic_sigma),
         steps_per_epoch=config.steps_per_epoch,
         test_source=config.test_data,
         validation=config.validation_split,

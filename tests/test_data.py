@@ -122,6 +122,22 @@ def test_unknown_source_is_refused(tmp_path):
         data.load(str(tmp_path))  # an empty folder
 
 
+def test_without_the_test_split_its_files_are_never_opened(tmp_path):
+    """A tuning trial's data (with_test=False): the same training digits, and the test files not read
+    (here they are not MNIST files at all); with the test split they are."""
+    write_folder(tmp_path / "idx", n_train=30, n_test=5)
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "idx" / name).write_bytes(b"not an IDX file")
+    trial = data.load(str(tmp_path / "idx"), batch_size=10, with_test=False, validation="10")
+    assert trial.info.num_test == 0 and trial.info.num_train == 20 and trial.info.num_validation == 10
+    assert list(trial.test) == []
+    with pytest.raises(DataError, match="t10k-images-idx3-ubyte"):
+        data.load(str(tmp_path / "idx"), batch_size=10, validation="10")
+    # the sample trains on all 5,000 digits when the test split is another folder's, read or not
+    elsewhere = data.load("sample", test_source=str(tmp_path / "idx"), with_test=False)
+    assert elsewhere.info.num_train + elsewhere.info.num_validation == 5000 and elsewhere.info.num_test == 0
+
+
 def labels_of(dataset):
     return np.concatenate([y.numpy() for _, y in dataset])
 

@@ -86,6 +86,26 @@ def test_augmented_digits_stay_recognisable(exported_run, sample):
     assert (moved > 0.01).mean() > 0.9  # nearly every digit was moved, rotated or zoomed
 
 
+def test_augmentation_strengths_set_how_far_digits_move(sample):
+    """--augment-rotation/-shift/-zoom: at 0 the transform is the identity (bilinear sampling at whole
+    pixels), and a stronger setting moves the digits further than the default."""
+    (x_train, _), _ = sample
+    images = tf.convert_to_tensor(x_train[:64, ..., None].astype("float32") / 255.0)
+    seed = tf.constant([3, 0], tf.int64)
+    still = augment.augment_batch(images, seed, augment.Strengths(rotation=0, shift=0, zoom=0))
+    np.testing.assert_allclose(still.numpy(), images.numpy(), atol=1e-5)
+
+    def moved(strengths):
+        return float(tf.reduce_mean(tf.abs(augment.augment_batch(images, seed, strengths) - images)))
+
+    assert moved(augment.Strengths(rotation=30, shift=0.2, zoom=0.3)) > 1.3 * moved(augment.Strengths())
+    config = TrainConfig(augment=True, augment_rotation=0.0, augment_shift=0.0, augment_zoom=0.0, data="sample")
+    datasets = train.load_data(config, 20)
+    x, _ = next(iter(datasets.train))
+    plain = train.load_data(TrainConfig(data="sample"), 20)
+    np.testing.assert_allclose(x.numpy(), next(iter(plain.train))[0].numpy(), atol=1e-5)
+
+
 def test_cosine_schedule_decays_to_zero():
     model = train.build_model(TrainConfig(lr_schedule="cosine", epochs=2), steps_per_epoch=10)
     schedule = model.optimizer.learning_rate

@@ -9,7 +9,7 @@ import os
 import shutil
 
 import pytest
-from conftest import FIT, StopAfter, fit_here, run_measured, snapshot
+from conftest import FIT, REPO, StopAfter, fit_here, run_measured, snapshot
 
 from mnist_cnn import train
 from mnist_cnn.cli import fit as fit_cli
@@ -149,3 +149,22 @@ def test_a_finished_runs_leftover_resume_state_is_swept_when_it_is_next_opened(r
     assert fit_cli.main(["--resume", str(run)]) == 2
     assert "this run already finished" in one_line_error(capsys)
     assert snapshot(run) == finished
+
+
+def test_only_rundir_names_the_files_of_a_run_folder():
+    """RunDir is the one place a run folder's file names are written: a module that spells one out
+    (as distribute.worker_run_dir once copied "resume.json", "config.json", "history.json") would go
+    wrong the day a name changes. keras_file's "config.json" is a member of a .keras archive."""
+    import ast
+
+    names = {"config.json", "history.json", "metrics.json", "resume.json", "model.keras", "best.keras", ".lock"}
+    allowed = {("keras_file.py", "config.json")}
+    found = []
+    for path in sorted((REPO / "mnist_cnn").rglob("*.py")):
+        if path.name == "rundir.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Constant) and node.value in names
+                    and (path.name, node.value) not in allowed):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno} {node.value}")
+    assert found == []

@@ -12,6 +12,7 @@ from pathlib import Path
 from mnist_cnn.cli.common import Parser, bounded, command_name, loading_tensorflow, require_tensorflow_backend, run
 from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, flag_name
 from mnist_cnn.errors import UsageError
+from mnist_cnn.rundir import RunDir
 
 
 def _value_type(hint) -> type:
@@ -39,6 +40,9 @@ def parser() -> Parser:
                            metavar=metavar, help=helptext)
     p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
                    help="continue a killed or stopped run (RUN_DIR, or --run-name in --logdir) with its saved config")
+    p.add_argument("--config", metavar="FILE",
+                   help="start from the options in this JSON object of option names and values (e.g. a sweep's "
+                        "best.json); flags typed here win")
     p.add_argument("--dry-run", action="store_true", help="1 epoch of 2 steps: check that everything runs")
     return p
 
@@ -51,8 +55,12 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     """
     typed = vars(parser().parse_args(argv))
     resume, dry_run = typed.pop("resume", None), typed.pop("dry_run", False)
+    config_file = typed.pop("config", None)
+    if config_file is not None and resume is not None:
+        raise UsageError("--config cannot be combined with --resume (a resumed run keeps its own config)")
     if resume is None:
-        config = TrainConfig.from_recipe(typed.pop("recipe", "tutorial"), **typed)
+        typed = {**(TrainConfig.read_options(config_file) if config_file is not None else {}), **typed}
+        config = TrainConfig.from_recipe(typed.pop("recipe", "tutorial"), **typed).validate()  # (--config's values)
         if dry_run:
             config = dataclasses.replace(config, epochs=1, steps_per_epoch=2)
         return config, False
@@ -64,7 +72,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         run_dir = Path(typed.get("logdir", TrainConfig.logdir)) / typed["run_name"]
     else:
         run_dir = Path(resume)
-    saved = TrainConfig.load(run_dir)
+    saved = RunDir(run_dir).read_config()
     for name in typed.keys() - {*RUN_IDENTITY, *RESUME_MAY_CHANGE}:
         if typed[name] != getattr(saved, name):
             raise UsageError(f"{flag_name(name)} {typed[name]} conflicts with the resumed run's "
