@@ -41,8 +41,8 @@ log = logging.getLogger(__name__)
 class RunResult:
     run_dir: Path
     model_path: Path
-    test_loss: float
-    test_accuracy: float
+    test_loss: float | None  # None: the run did not read the test split (a tuning trial)
+    test_accuracy: float | None
     history: dict[str, list[float]]
     data_info: data.DataInfo
     seconds: float
@@ -129,6 +129,7 @@ def train_epochs(
     extra=(),
     initial_epoch: int = 0,
     epoch_lines: bool = False,
+    trial: dict | None = None,
 ) -> None:
     """model.fit from ``initial_epoch`` with the run's callbacks (and ``extra`` ones)."""
     if initial_epoch >= config.epochs:
@@ -152,7 +153,8 @@ def train_epochs(
                     split="validation" if datasets.info.num_validation else "test",
                     validation=datasets.validation,
                     preview=datasets.preview,
-                    hparams={**dataclasses.asdict(config), "data": datasets.info.source},  # what auto chose
+                    # what auto chose; a tuning trial's number, study and objective
+                    hparams={**dataclasses.asdict(config), "data": datasets.info.source, **(trial or {})},
                     keep_checkpoints=config.keep_checkpoints,
                     profile_batch=config.profile_range(),
                 ),
@@ -178,14 +180,17 @@ def score_test(model: CNN, datasets: data.Datasets, run_dir: RunDir, step: int) 
 
 
 def finish_run(
-    model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: RunDir, start: float, strategy: str = ""
+    model: CNN, datasets: data.Datasets, config: TrainConfig, run_dir: RunDir, start: float, strategy: str = "",
+    trial: dict | None = None,
 ) -> RunResult:
-    """After the last epoch: score the test split (once), write model.keras, the export
-    (if asked) and, last, metrics.json -- the mark of a finished run. Until then the
+    """After the last epoch: score the test split (once; not in a tuning ``trial``), write model.keras,
+    the export (if asked) and, last, metrics.json -- the mark of a finished run. Until then the
     resume state stays, so a run killed in here resumes at this step, not from scratch."""
     if model.optimizer.use_ema:  # (fit already did, unless this resume had no epoch left to train)
         model.optimizer.finalize_variable_values(model.trainable_variables)
-    test_loss, test_accuracy = score_test(model, datasets, run_dir, step=config.epochs)
+    epochs = run_dir.read_history()
+    test_loss, test_accuracy = (None, None) if trial is not None else score_test(model, datasets, run_dir,
+                                                                                   step=len(epochs))
     save_model(run_dir.model, model)
     state = run_dir.read_resume_state()
     if config.export and not (state and state.exported):
@@ -194,7 +199,6 @@ def finish_run(
             log.info("serve it with: %s", command)
         if state:
             run_dir.mark_exported(state)
-    epochs = run_dir.read_history()
     result = RunResult(
         run_dir=run_dir.path,
         model_path=run_dir.model,
@@ -219,12 +223,14 @@ def finish_run(
         "device": describe_devices(),
         "strategy": strategy,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        **({"trial": trial} if trial is not None else {}),
     })
     return result
 
 
-def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
-    """The config's data as pipelines of ``global_batch`` (the strategy splits it)."""
+def load_data(config: TrainConfig, global_batch: int, with_test: bool = True) -> data.Datasets:
+    """The config's data as pipelines of ``global_batch`` (the strategy splits it); ``with_test=False``:
+    without the test split (``data.load``)."""
     datasets = data.load(
         config.data,
         batch_size=global_batch,
@@ -237,6 +243,7 @@ def load_data(config: TrainConfig, global_batch: int) -> data.Datasets:
         steps_per_epoch=config.steps_per_epoch,
         test_source=config.test_data,
         validation=config.validation_split,
+        with_test=with_test,
     )
     datasets.train, datasets.validation, datasets.test = (
         distribute.shard_by_data(d) for d in (datasets.train, datasets.validation, datasets.test)
@@ -268,7 +275,8 @@ def log_start(config: TrainConfig, strategy, datasets: data.Datasets, run_dir: R
     log.info("Run folder: %s", run_dir.path)
 
 
-def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -> RunResult:
+def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=(), trial: dict | None = None
+        ) -> RunResult:
     """Train the CNN as ``config`` says; write the run folder; return the result.
 
     ``resume``: continue the run ``<logdir>/<run_name>`` after its last finished
@@ -283,19 +291,23 @@ def fit(config: TrainConfig, verbose=None, resume: bool = False, callbacks=()) -
     Like Keras' reproducibility recipe, ``fit`` seeds Python's ``random``, NumPy's global
     generator and TensorFlow with ``config.seed`` (``keras.utils.set_random_seed``): code that
     draws from those generators after ``fit`` draws a seeded sequence.
+
+    ``trial``: the run is a tuning trial (``mnist_cnn.tune``): its entries (number, study, objective)
+    join the HParams, and the test split is never read (``RunResult.test_*`` are None); the dict is
+    written into metrics.json when the run ends, with what its callbacks added (``pruned_at_epoch``).
     """
     with console.lines_shown(silent=verbose == 0):
-        return _fit(config, verbose, resume, callbacks)
+        return _fit(config, verbose, resume, callbacks, trial)
 
 
-def _fit(config: TrainConfig, verbose, resume: bool, callbacks) -> RunResult:
+def _fit(config: TrainConfig, verbose, resume: bool, callbacks, trial: dict | None = None) -> RunResult:
     require_tensorflow("train.fit")
     config.validate()
     start = time.perf_counter()
     strategy = distribute.make_strategy(config.strategy)  # first: multi-worker setup precedes other TF work
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     keras.utils.set_random_seed(config.seed)
-    datasets = load_data(config, global_batch)
+    datasets = load_data(config, global_batch, with_test=trial is None)
     with strategy.scope():
         model = build_model(config, config.steps_per_epoch or math.ceil(datasets.info.num_train / global_batch))
         if config.init_from and not resume:
@@ -315,8 +327,8 @@ def _fit(config: TrainConfig, verbose, resume: bool, callbacks) -> RunResult:
                 mode = progress_mode(config.progress) if verbose is None else "keras"
                 keras_verbose = {"bar": 1, "epoch": 0, "none": 0}.get(mode, verbose)
                 train_epochs(model, datasets, config, run_dir, keras_verbose, callbacks, initial_epoch,
-                             epoch_lines=mode == "epoch")
-                result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy))
+                             epoch_lines=mode == "epoch", trial=trial)
+                result = finish_run(model, datasets, config, run_dir, start, distribute.describe(strategy), trial)
             return result
     finally:
         run_dir.unlock()

@@ -108,14 +108,17 @@ def require_tensorflow_backend(script: str) -> None:
 
 def command_line(script: str, *args) -> str:
     """A command line to paste, shell-quoted, in the form the user ran: ``mnist-cnn-fit ARGS``,
-    or ``python scripts/fit.py ARGS`` (the script's path as typed)."""
+    or ``python scripts/fit.py ARGS`` (the script's path as typed) -- also for another command
+    than the one running (mnist-cnn-tune names mnist-cnn-fit, scripts/tune.py scripts/fit.py)."""
     argv0 = sys.argv[0] if sys.argv else ""
+    installed = "mnist-cnn-" + Path(script).stem.replace("_", "-")
     if Path(argv0).name.startswith("mnist-cnn-"):
-        head = [Path(argv0).name]
-    elif Path(argv0).name == script:
-        head = ["python", argv0]
+        head = [installed]
+    elif (Path(argv0).suffix == ".py" and Path(argv0).parent.name != "cli"  # (python -m mnist_cnn.cli.*)
+          and (Path(argv0).parent / script).is_file()):
+        head = ["python", str(Path(argv0).parent / script)]
     else:  # called from Python: the installed command
-        head = ["mnist-cnn-" + Path(script).stem.replace("_", "-")]
+        head = [installed]
     return shlex.join([*head, *map(str, args)])
 
 

@@ -22,10 +22,19 @@ def _value_type(hint) -> type:
 
 def parser() -> Parser:
     """fit.py's parser: one flag per TrainConfig field (help, choices, bounds from the
-    field), plus --resume and --dry-run. Nothing is defaulted here: a flag that is not
+    field), plus --resume, --config and --dry-run. Nothing is defaulted here: a flag that is not
     typed is absent from the result, so the recipe and --resume can tell."""
     p = Parser(prog=command_name("fit.py"), description="Train the MNIST CNN and write a run folder under --logdir.",
                argument_default=argparse.SUPPRESS)
+    add_config_flags(p)
+    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
+                   help="continue a killed or stopped run (RUN_DIR, or --run-name in --logdir) with its saved config")
+    add_new_run_flags(p)
+    return p
+
+
+def add_config_flags(p: Parser) -> None:
+    """One flag per TrainConfig field (mnist-cnn-tune takes them too, as the base of every trial)."""
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         meta, kind = f.metadata, _value_type(hints[f.name])
@@ -38,13 +47,13 @@ def parser() -> Parser:
             metavar = meta["metavar"] or {int: "N", float: "X"}.get(kind)
             p.add_argument(flag_name(f.name), type=bounded(f, kind) if kind in (int, float) else str,
                            metavar=metavar, help=helptext)
-    p.add_argument("--resume", nargs="?", const="", metavar="RUN_DIR",
-                   help="continue a killed or stopped run (RUN_DIR, or --run-name in --logdir) with its saved config")
+
+
+def add_new_run_flags(p: Parser) -> None:
     p.add_argument("--config", metavar="FILE",
                    help="start from the options in this JSON object of option names and values (e.g. a sweep's "
                         "best.json); flags typed here win")
     p.add_argument("--dry-run", action="store_true", help="1 epoch of 2 steps: check that everything runs")
-    return p
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
@@ -59,11 +68,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     if config_file is not None and resume is not None:
         raise UsageError("--config cannot be combined with --resume (a resumed run keeps its own config)")
     if resume is None:
-        typed = {**(TrainConfig.read_options(config_file) if config_file is not None else {}), **typed}
-        config = TrainConfig.from_recipe(typed.pop("recipe", "tutorial"), **typed).validate()  # (--config's values)
-        if dry_run:
-            config = dataclasses.replace(config, epochs=1, steps_per_epoch=2)
-        return config, False
+        return new_config(typed, config_file, dry_run), False
     if dry_run:
         raise UsageError("--dry-run cannot be combined with --resume")
     if resume == "":
@@ -81,6 +86,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     return dataclasses.replace(saved, logdir=str(run_dir.parent), run_name=run_dir.name, **changes), True
 
 
+
+
+def new_config(typed: dict, config_file: str | None, dry_run: bool) -> TrainConfig:
+    """A new run's config: the recipe's defaults, then --config FILE's options, then the typed flags."""
+    typed = {**(TrainConfig.read_options(config_file) if config_file is not None else {}), **typed}
+    config = TrainConfig.from_recipe(typed.pop("recipe", "tutorial"), **typed).validate()  # (--config's values)
+    return dataclasses.replace(config, epochs=1, steps_per_epoch=2) if dry_run else config
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,437 @@
+"""Sweeps on Optuna: ``mnist-cnn-tune`` / ``scripts/tune.py``, or from Python::
+
+    from mnist_cnn import tune
+    from mnist_cnn.config import TrainConfig
+    outcome = tune.run(tune.Sweep(study="lr", trials=20), TrainConfig(data="sample", epochs=10))
+
+A study lives in its storage (default: the SQLite file ``<logdir>/<study>/study.db``); every
+trial is an ordinary run folder ``<logdir>/<study>/trial-NNNN/`` trained by ``train.fit`` with
+the base config and the options the trial drew (``space``), its HParams carrying the trial's
+number, study and objective. The objective is a validation metric of the last epoch, reported
+every epoch so that the pruner can stop a hopeless trial at once; the test split is never read.
+
+Kill safety: a trial is claimed, and its run folder created and locked, under the study's lock
+(``tune.lock``), so a RUNNING trial whose folder nobody holds was left by a process that died:
+the next ``tune`` on that study resumes it through the run folder's own resume (bit for bit), or
+takes its result if the run had finished, or, if the folder never got a config, trains it anew.
+``--trials`` counts every trial the study holds, across restarts and processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mnist_cnn import console
+from mnist_cnn import space as spaces
+from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, check_name
+from mnist_cnn.errors import InputError, TrainingDiverged, UsageError
+from mnist_cnn.files import write_json
+from mnist_cnn.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
+PRUNERS = ("median", "hyperband", "none")
+# not the study's business: where the trials' folders are, how they show progress, how many checkpoints they keep
+NOT_COMPARED = (*RUN_IDENTITY, *RESUME_MAY_CHANGE, "keep_checkpoints", "tfds_dir")
+HOST = socket.gethostname()
+
+
+@dataclass
+class Sweep:
+    """What ``mnist-cnn-tune`` takes besides the base config (the flags of ``mnist-cnn-fit``)."""
+
+    study: str = "sweep"
+    trials: int = 20  # in the whole study, across restarts and processes
+    timeout: float | None = None  # seconds: no trial starts after them (a running one finishes)
+    storage: str | None = None  # an SQLAlchemy URL or journal:PATH; default sqlite in the study folder
+    objective: str = "val_accuracy"
+    pruner: str = "median"
+    prune_after_trials: int = 5  # the pruner compares with this many finished trials first
+    prune_after_epochs: int = 1  # and never stops a trial before this many epochs
+    space: str | None = None  # a .json or .toml file; None: space.DEFAULT_SPACE
+    worker: int | None = None  # which of --jobs' processes this is (its sampler's seed differs)
+
+    def folder(self, base: TrainConfig) -> Path:
+        return Path(base.logdir) / self.study
+
+
+@dataclass
+class Outcome:
+    """A study after ``run``: its trials (Optuna's FrozenTrials) and the best complete one."""
+
+    study_name: str
+    storage: str
+    objective: str
+    trials: list
+    best: object | None  # FrozenTrial
+    best_config: Path | None
+
+
+def check(sweep: Sweep, base: TrainConfig) -> None:
+    """What can be wrong before a study opens: one line each."""
+    if sweep.study in ("", ".", "..") or Path(sweep.study).name != sweep.study or not sweep.study.isprintable():
+        raise UsageError(f"--study must be a plain folder name, got {sweep.study!r}")
+    check_name("--study", sweep.study)
+    if sweep.objective not in OBJECTIVES:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {sweep.objective!r}")
+    if sweep.pruner not in PRUNERS:
+        raise UsageError(f"--pruner must be one of {', '.join(PRUNERS)}, got {sweep.pruner!r}")
+    if base.validation_split == "0":
+        raise UsageError("--validation-split 0 would score the trials on the test split; a sweep selects on "
+                         "validation digits only")
+    for name, why in (("run_name", "trials are named trial-NNNN"), ("export", "export the best run afterwards"),
+                      ("init_from", "every trial starts from scratch")):
+        if getattr(base, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} is not available in a sweep: {why}")
+    if base.strategy == "multiworker":
+        raise UsageError("--strategy multiworker is not available in a sweep: share a study between machines "
+                         "with --storage instead")
+
+
+def storage_url(sweep: Sweep, base: TrainConfig) -> str:
+    return sweep.storage or f"sqlite:///{(sweep.folder(base) / 'study.db').resolve()}"
+
+
+def open_storage(url: str):
+    """Optuna's storage for ``url``: journal:PATH (a journal file, e.g. on a shared file system) or
+    an SQLAlchemy URL (sqlite:///PATH, postgresql://..., mysql+pymysql://...)."""
+    import optuna
+
+    try:
+        if url.startswith("journal:"):
+            path = Path(url[len("journal:"):])
+            if not path.parent.is_dir():
+                raise OSError(f"no folder {path.parent}")
+            from optuna.storages.journal import JournalFileBackend
+
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}  # waits out other writers
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as e:  # noqa: BLE001 -- SQLAlchemy and its drivers fail in many ways (bad URL, no driver, ...)
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise UsageError(f"--storage {url}: cannot open it ({type(e).__name__}: {reason})") from None
+
+
+def pruner(sweep: Sweep):
+    import optuna
+
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_after_trials,
+                                           n_warmup_steps=sweep.prune_after_epochs)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=sweep.prune_after_epochs)
+    return optuna.pruners.NopPruner()
+
+
+def compared(base: TrainConfig) -> dict:
+    """The base config as a study records it: what makes two studies' trials comparable."""
+    return {k: v for k, v in dataclasses.asdict(base).items() if k not in NOT_COMPARED}
+
+
+def open_study(sweep: Sweep, base: TrainConfig, space):
+    """The study (created, or continued when its space, base config and objective are the same)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    check(sweep, base)
+    try:
+        sweep.folder(base).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--logdir {base.logdir}: cannot create the study folder ({e.strerror or e})") from None
+    url = storage_url(sweep, base)
+    study = optuna.create_study(study_name=sweep.study, storage=open_storage(url), load_if_exists=True,
+                                direction=OBJECTIVES[sweep.objective], pruner=pruner(sweep))
+    recorded = {"space": spaces.as_json(space), "base": json.dumps(compared(base), sort_keys=True),
+                "objective": sweep.objective}
+    for key, value in recorded.items():
+        before = study.user_attrs.get(key)
+        if before is None:
+            study.set_user_attr(key, value)
+        elif before != value:
+            what = {"space": "search space", "base": "base options"}.get(key, key)
+            raise UsageError(f"--study {sweep.study}: {_difference(key, before, value)}; a study keeps its "
+                             f"{what} (start another with a new --study, or run it as it was)")
+    return study
+
+
+def _difference(key: str, before: str, now: str) -> str:
+    if key == "objective":
+        return f"it selects on {before}, not {now}"
+    old, new = json.loads(before), json.loads(now)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "absent") != new.get(k, "absent"))
+    return f"its {'search space' if key == 'space' else 'base options'} changed ({', '.join(changed)})"
+
+
+# -- claiming a trial ---------------------------------------------------------------------------
+
+
+def trial_name(number: int) -> str:
+    return f"trial-{number:04d}"
+
+
+@contextlib.contextmanager
+def study_lock(folder: Path):
+    """The study's lock on this file system, held while a trial is claimed and until its run folder
+    is locked (``release`` may end it early; the with-block's end does in any case)."""
+    fd = os.open(folder / "tune.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    held = [fd]
+
+    def release():
+        if held:
+            os.close(held.pop())  # closing releases the flock
+
+    try:
+        yield release
+    finally:
+        release()
+
+
+@dataclass
+class Claim:
+    """A trial this process trains now: new, or one a killed process left (``resumed``)."""
+
+    trial: object  # optuna.trial.Trial
+    config: TrainConfig
+    resume: bool = False
+    note: str = ""
+
+
+def _state(name: str):
+    import optuna
+
+    return getattr(optuna.trial.TrialState, name)
+
+
+def counted(trials) -> int:
+    """The trials --trials counts: all the study holds, but those that stopped on bad input."""
+    return sum(1 for t in trials if t.state != _state("WAITING") and "input_error" not in t.user_attrs)
+
+
+def claim(study, sweep: Sweep, base: TrainConfig, space, say) -> Claim | None:
+    """Under the study lock: a trial a dead process left, else a new one while the study holds
+    fewer than ``sweep.trials``; None when it is full."""
+    import optuna
+
+    folder = sweep.folder(base)
+    trials = study.get_trials(deepcopy=False)
+    for frozen in trials:
+        if frozen.state != _state("RUNNING"):
+            continue
+        run_dir = RunDir(folder / trial_name(frozen.number))
+        if not run_dir.path.exists():
+            if frozen.user_attrs.get("host", HOST) != HOST:
+                continue  # another machine's trial, logged there
+            config, resume, note = _config_of(frozen, base, folder), False, "trained anew: its process died first"
+        else:
+            try:
+                run_dir.lock().unlock()
+            except UsageError:
+                continue  # a live process trains it
+            if run_dir.finished:
+                _tell_finished(study, frozen, run_dir, sweep, say)
+                continue
+            if not run_dir.config.exists():  # killed between its mkdir and its config
+                run_dir.path.rename(run_dir.path.with_name(f"{run_dir.path.name}.incomplete-{time.time_ns()}"))
+                config, resume, note = _config_of(frozen, base, folder), False, "trained anew: no epoch had started"
+            else:
+                config, resume = run_dir.read_config(), True
+                state = run_dir.read_resume_state()
+                note = f"resumed after epoch {state.epochs if state else 0}"
+        return Claim(optuna.trial.Trial(study, frozen._trial_id), config, resume, note)  # (no public accessor)
+    if counted(trials) >= sweep.trials:
+        return None
+    seed = int(np.random.SeedSequence([base.seed, sweep.worker or 0, len(trials)]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=seed)  # a function of the seed and the study so far
+    trial = study.ask()
+    trial.set_user_attr("host", HOST)
+    trial.set_user_attr("worker", sweep.worker or 0)
+    trial.set_user_attr("run_dir", str(folder / trial_name(trial.number)))
+    params = spaces.suggest(trial, space, base)
+    return Claim(trial, dataclasses.replace(base, **params, logdir=str(folder), run_name=trial_name(trial.number),
+                                            progress="none"))
+
+
+def _config_of(frozen, base: TrainConfig, folder: Path) -> TrainConfig:
+    return dataclasses.replace(base, **frozen.params, logdir=str(folder), run_name=trial_name(frozen.number),
+                               progress="none")
+
+
+def _tell_finished(study, frozen, run_dir: RunDir, sweep: Sweep, say) -> None:
+    """A trial whose run finished before its process could report it: its result, from the run folder."""
+    from mnist_cnn.files import read_json
+
+    metrics = read_json(run_dir.metrics, "run metrics")
+    value = metrics["history"][sweep.objective][-1]
+    pruned = "pruned_at_epoch" in metrics.get("trial", {})
+    study.tell(frozen.number, state=_state("PRUNED") if pruned else None, values=None if pruned else value)
+    say(line(study.trials[frozen.number], sweep.objective, "taken from its finished run"))
+
+
+# -- training it -----------------------------------------------------------------------------
+
+
+def report_callback(trial, objective: str, info: dict, run_dir: RunDir, release):
+    """The per-epoch report a pruner decides on, as a Keras callback (after the run's own, so each
+    epoch is committed first); a pruned trial stops at the end of that epoch."""
+    import keras
+
+    class Report(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            release()  # the run folder is locked now: other processes may claim again
+            self.known = set(trial.study.trials[trial.number].intermediate_values)
+            for entry in run_dir.read_history():  # a resumed trial's epochs its killed process did not report
+                if entry["epoch"] not in self.known and objective in entry:
+                    trial.report(float(entry[objective]), entry["epoch"])
+
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch not in self.known:  # (a resumed run trains again what its killed process had not committed)
+                trial.report(float(logs[objective]), epoch)
+            if trial.should_prune():
+                info["pruned_at_epoch"] = epoch + 1
+                self.model.stop_training = True
+
+    return Report()
+
+
+def train_trial(study, claimed: Claim, sweep: Sweep, release, say) -> None:
+    """Train the claimed trial and tell the study how it ended."""
+    from mnist_cnn import train
+
+    trial, number = claimed.trial, claimed.trial.number
+    run_dir = RunDir(Path(claimed.config.logdir) / claimed.config.run_name)
+    info = {"trial": number, "study": sweep.study, "objective": sweep.objective}
+    report = report_callback(trial, sweep.objective, info, run_dir, release)
+    try:
+        with console.hidden():  # a trial is one line; its warnings still show
+            result = train.fit(claimed.config, verbose=0, resume=claimed.resume, callbacks=[report], trial=info)
+    except TrainingDiverged as e:
+        trial.set_user_attr("error", str(e)[:500])
+        study.tell(trial, state=_state("FAIL"))
+        say(line(study.trials[number], sweep.objective, "diverged"))
+        return
+    except InputError as e:
+        trial.set_user_attr("input_error", str(e)[:500])
+        study.tell(trial, state=_state("FAIL"))
+        raise
+    finally:
+        release()
+    if "pruned_at_epoch" in info:
+        study.tell(trial, state=_state("PRUNED"))
+    else:
+        study.tell(trial, result.history[sweep.objective][-1])
+    say(line(study.trials[number], sweep.objective, claimed.note))
+
+
+def work(study, sweep: Sweep, base: TrainConfig, space, say=print) -> None:
+    """This process's share of the study: claim, train, tell, until it is full or the time is up."""
+    folder, deadline = sweep.folder(base), None if sweep.timeout is None else time.monotonic() + sweep.timeout
+    while deadline is None or time.monotonic() < deadline:
+        with study_lock(folder) as release:
+            claimed = claim(study, sweep, base, space, say)
+            if claimed is None:
+                return
+            train_trial(study, claimed, sweep, release, say)
+
+
+# -- what a person sees ----------------------------------------------------------------------
+
+
+def _seconds(frozen) -> float | None:
+    if frozen.datetime_start and frozen.datetime_complete:
+        return (frozen.datetime_complete - frozen.datetime_start).total_seconds()
+    return None
+
+
+def _value(frozen) -> float | None:
+    if frozen.value is not None:
+        return frozen.value
+    return frozen.intermediate_values[max(frozen.intermediate_values)] if frozen.intermediate_values else None
+
+
+def _param(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def line(frozen, objective: str, note: str = "") -> str:
+    """One line per trial: number, state, objective, epochs, seconds, options."""
+    value, seconds = _value(frozen), _seconds(frozen)
+    params = " ".join(f"{k}={_param(v)}" for k, v in frozen.params.items())
+    return (f"trial {frozen.number:>3}  {frozen.state.name:<8}  {objective} "
+            f"{'-' if value is None else f'{value:.4f}'}  {len(frozen.intermediate_values)} epochs run  "
+            f"{'-' if seconds is None else f'{seconds:.0f} s'}  {params}{f'  ({note})' if note else ''}")
+
+
+def best_trial(study):
+    complete = [t for t in study.get_trials(deepcopy=False, states=(_state("COMPLETE"),))]
+    if not complete:
+        return None
+    sign = 1 if OBJECTIVES[study.user_attrs.get("objective", "val_accuracy")] == "maximize" else -1
+    return max(complete, key=lambda t: (sign * t.value, -t.number))  # ties: the earlier trial
+
+
+def write_best(study, sweep: Sweep, base: TrainConfig) -> Path | None:
+    """``best.json`` in the study folder: the best complete trial's config, as ``mnist-cnn-fit
+    --config`` takes it (without the trial's folder and progress, so that it trains a new run)."""
+    best = best_trial(study)
+    if best is None:
+        return None
+    config = RunDir(sweep.folder(base) / trial_name(best.number)).read_config()
+    path = sweep.folder(base) / "best.json"
+    write_json(path, {k: v for k, v in dataclasses.asdict(config).items() if k not in (*RUN_IDENTITY, "progress")})
+    return path
+
+
+def table(trials, objective: str) -> str:
+    """The summary: every trial, the best first."""
+    names = list(dict.fromkeys(k for t in trials for k in t.params))
+    sign = -1 if OBJECTIVES[objective] == "maximize" else 1
+    done = sorted(trials, key=lambda t: (t.state.name != "COMPLETE", math.inf if _value(t) is None
+                                         else sign * _value(t), t.number))
+    rows = [["trial", "state", objective, "epochs_run", "seconds", *names]]
+    for t in done:
+        value, seconds = _value(t), _seconds(t)
+        rows.append([str(t.number), t.state.name, "-" if value is None else f"{value:.4f}",
+                     str(len(t.intermediate_values)), "-" if seconds is None else f"{seconds:.0f}",
+                     *(_param(t.params[n]) if n in t.params else "" for n in names)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def as_json(outcome: Outcome) -> dict:
+    """``--json``: the study for machines."""
+    def trial(t):
+        return {"number": t.number, "state": t.state.name, "value": _value(t), "params": t.params,
+                "epochs": len(t.intermediate_values), "seconds": _seconds(t), "run_dir": t.user_attrs.get("run_dir")}
+
+    return {"study": outcome.study_name, "storage": outcome.storage, "objective": outcome.objective,
+            "direction": OBJECTIVES[outcome.objective], "trials": [trial(t) for t in outcome.trials],
+            "best": None if outcome.best is None else trial(outcome.best),
+            "best_config": None if outcome.best_config is None else str(outcome.best_config)}
+
+
+def run(sweep: Sweep, base: TrainConfig, say=print, work_here: bool = True) -> Outcome:
+    """Open (or continue) the study, train trials until it holds ``sweep.trials`` (or the time is up),
+    then write best.json. ``work_here=False``: only the summary (``--best``, or other processes trained)."""
+    space = spaces.read(sweep.space)
+    study = open_study(sweep, base, space)
+    if work_here:
+        work(study, sweep, base, space, say)
+    best_config = write_best(study, sweep, base)
+    return Outcome(sweep.study, storage_url(sweep, base), sweep.objective, study.get_trials(deepcopy=False),
+                   best_trial(study), best_config)
