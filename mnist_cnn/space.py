@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnist_cnn.config import TrainConfig, check_value
+from mnist_cnn.config import TrainConfig, check_name, check_value
 from mnist_cnn.errors import UsageError
 from mnist_cnn.files import read_regular
 
@@ -32,6 +32,8 @@ from mnist_cnn.files import read_regular
 TUNABLE = ("epochs", "batch_size", "learning_rate", "lr_schedule", "dropout", "augment", "augment_rotation",
            "augment_shift", "augment_zoom", "elastic", "elastic_alpha", "elastic_sigma", "ema", "mixed_precision")
 SWITCHES = {"augment_": "augment", "elastic_": "elastic"}  # a strength is drawn only where its switch is on
+OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
+PRUNERS = ("median", "hyperband", "none")
 
 DEFAULT_SPACE = {
     "learning_rate": {"low": 3e-4, "high": 3e-3, "log": True},
@@ -150,10 +152,20 @@ def parse(raw, where: str) -> tuple[Dimension, ...]:
     return tuple(dimension(name, spec, where) for name, spec in raw.items())
 
 
-def read(path: str | None) -> tuple[Dimension, ...]:
-    """``--space FILE`` (``.json`` or ``.toml``), or the default space."""
+def read(path: str | None, fixed=()) -> tuple[Dimension, ...]:
+    """``--space FILE`` (``.json`` or ``.toml``), or the default space without the options ``fixed``
+    (typed on the command line: they hold for every trial; a space file must not name them)."""
     if path is None:
-        return parse(DEFAULT_SPACE, "the default space")
+        return parse({k: v for k, v in DEFAULT_SPACE.items() if k not in fixed}, "the default space")
+    space = _read_file(path)
+    both = [d.name for d in space if d.name in fixed]
+    if both:
+        raise UsageError(f"--space {path}: {', '.join(both)} also typed as a flag: vary it in the space or fix it "
+                         f"with the flag, not both")
+    return space
+
+
+def _read_file(path: str) -> tuple[Dimension, ...]:
     where = f"--space {path}"
     try:
         text = read_regular(Path(path), "search space", 1 << 20).decode()
@@ -205,3 +217,47 @@ def suggest(trial, space: tuple[Dimension, ...], base: TrainConfig) -> dict:
         else:
             drawn[d.name] = trial.suggest_float(d.name, d.low, d.high, step=d.step, log=d.log)
     return drawn
+
+
+# -- the sweep around the space ---------------------------------------------------------------
+
+
+@dataclass
+class Sweep:
+    """What ``mnist-cnn-tune`` takes besides the base config (the flags of ``mnist-cnn-fit``)."""
+
+    study: str = "sweep"
+    trials: int = 20  # in the whole study, across restarts and processes
+    timeout: float | None = None  # seconds: no trial starts after them (a running one finishes)
+    storage: str | None = None  # an SQLAlchemy URL or journal:PATH; default sqlite in the study folder
+    objective: str = "val_accuracy"
+    pruner: str = "median"
+    prune_after_trials: int = 5  # the pruner compares with this many finished trials first
+    prune_after_epochs: int = 1  # and never stops a trial before this many epochs
+    space: str | None = None  # a .json or .toml file; None: space.DEFAULT_SPACE
+    fixed: tuple = ()  # options typed on the command line: the same in every trial, out of the space
+    worker: int | None = None  # which of --jobs' processes this is (its sampler's seed differs)
+
+    def folder(self, base: TrainConfig) -> Path:
+        return Path(base.logdir) / self.study
+
+
+def check(sweep: Sweep, base: TrainConfig) -> None:
+    """What can be wrong before a study opens: one line each."""
+    if sweep.study in ("", ".", "..") or Path(sweep.study).name != sweep.study or not sweep.study.isprintable():
+        raise UsageError(f"--study must be a plain folder name, got {sweep.study!r}")
+    check_name("--study", sweep.study)
+    if sweep.objective not in OBJECTIVES:
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {sweep.objective!r}")
+    if sweep.pruner not in PRUNERS:
+        raise UsageError(f"--pruner must be one of {', '.join(PRUNERS)}, got {sweep.pruner!r}")
+    if base.validation_split == "0":
+        raise UsageError("--validation-split 0 would score the trials on the test split; a sweep selects on "
+                         "validation digits only")
+    for name, why in (("run_name", "trials are named trial-NNNN"), ("export", "export the best run afterwards"),
+                      ("init_from", "every trial starts from scratch")):
+        if getattr(base, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} is not available in a sweep: {why}")
+    if base.strategy == "multiworker":
+        raise UsageError("--strategy multiworker is not available in a sweep: share a study between machines "
+                         "with --storage instead")

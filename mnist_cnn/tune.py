@@ -31,41 +31,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import keras
 import numpy as np
+import optuna
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
 
-from mnist_cnn import console
+from mnist_cnn import console, train
 from mnist_cnn import space as spaces
-from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, check_name
+from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig
 from mnist_cnn.errors import InputError, TrainingDiverged, UsageError
-from mnist_cnn.files import write_json
+from mnist_cnn.files import read_json, write_json
 from mnist_cnn.rundir import RunDir
+from mnist_cnn.space import OBJECTIVES, Sweep, check
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
-PRUNERS = ("median", "hyperband", "none")
 # not the study's business: where the trials' folders are, how they show progress, how many checkpoints they keep
 NOT_COMPARED = (*RUN_IDENTITY, *RESUME_MAY_CHANGE, "keep_checkpoints", "tfds_dir")
 HOST = socket.gethostname()
-
-
-@dataclass
-class Sweep:
-    """What ``mnist-cnn-tune`` takes besides the base config (the flags of ``mnist-cnn-fit``)."""
-
-    study: str = "sweep"
-    trials: int = 20  # in the whole study, across restarts and processes
-    timeout: float | None = None  # seconds: no trial starts after them (a running one finishes)
-    storage: str | None = None  # an SQLAlchemy URL or journal:PATH; default sqlite in the study folder
-    objective: str = "val_accuracy"
-    pruner: str = "median"
-    prune_after_trials: int = 5  # the pruner compares with this many finished trials first
-    prune_after_epochs: int = 1  # and never stops a trial before this many epochs
-    space: str | None = None  # a .json or .toml file; None: space.DEFAULT_SPACE
-    worker: int | None = None  # which of --jobs' processes this is (its sampler's seed differs)
-
-    def folder(self, base: TrainConfig) -> Path:
-        return Path(base.logdir) / self.study
 
 
 @dataclass
@@ -80,27 +64,6 @@ class Outcome:
     best_config: Path | None
 
 
-def check(sweep: Sweep, base: TrainConfig) -> None:
-    """What can be wrong before a study opens: one line each."""
-    if sweep.study in ("", ".", "..") or Path(sweep.study).name != sweep.study or not sweep.study.isprintable():
-        raise UsageError(f"--study must be a plain folder name, got {sweep.study!r}")
-    check_name("--study", sweep.study)
-    if sweep.objective not in OBJECTIVES:
-        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {sweep.objective!r}")
-    if sweep.pruner not in PRUNERS:
-        raise UsageError(f"--pruner must be one of {', '.join(PRUNERS)}, got {sweep.pruner!r}")
-    if base.validation_split == "0":
-        raise UsageError("--validation-split 0 would score the trials on the test split; a sweep selects on "
-                         "validation digits only")
-    for name, why in (("run_name", "trials are named trial-NNNN"), ("export", "export the best run afterwards"),
-                      ("init_from", "every trial starts from scratch")):
-        if getattr(base, name) is not None:
-            raise UsageError(f"--{name.replace('_', '-')} is not available in a sweep: {why}")
-    if base.strategy == "multiworker":
-        raise UsageError("--strategy multiworker is not available in a sweep: share a study between machines "
-                         "with --storage instead")
-
-
 def storage_url(sweep: Sweep, base: TrainConfig) -> str:
     return sweep.storage or f"sqlite:///{(sweep.folder(base) / 'study.db').resolve()}"
 
@@ -108,15 +71,12 @@ def storage_url(sweep: Sweep, base: TrainConfig) -> str:
 def open_storage(url: str):
     """Optuna's storage for ``url``: journal:PATH (a journal file, e.g. on a shared file system) or
     an SQLAlchemy URL (sqlite:///PATH, postgresql://..., mysql+pymysql://...)."""
-    import optuna
 
     try:
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):])
             if not path.parent.is_dir():
                 raise OSError(f"no folder {path.parent}")
-            from optuna.storages.journal import JournalFileBackend
-
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}  # waits out other writers
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
@@ -126,7 +86,6 @@ def open_storage(url: str):
 
 
 def pruner(sweep: Sweep):
-    import optuna
 
     if sweep.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_after_trials,
@@ -143,7 +102,6 @@ def compared(base: TrainConfig) -> dict:
 
 def open_study(sweep: Sweep, base: TrainConfig, space):
     """The study (created, or continued when its space, base config and objective are the same)."""
-    import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check(sweep, base)
@@ -210,26 +168,19 @@ class Claim:
     note: str = ""
 
 
-def _state(name: str):
-    import optuna
-
-    return getattr(optuna.trial.TrialState, name)
-
-
 def counted(trials) -> int:
     """The trials --trials counts: all the study holds, but those that stopped on bad input."""
-    return sum(1 for t in trials if t.state != _state("WAITING") and "input_error" not in t.user_attrs)
+    return sum(1 for t in trials if t.state != TrialState.WAITING and "input_error" not in t.user_attrs)
 
 
 def claim(study, sweep: Sweep, base: TrainConfig, space, say) -> Claim | None:
     """Under the study lock: a trial a dead process left, else a new one while the study holds
     fewer than ``sweep.trials``; None when it is full."""
-    import optuna
 
     folder = sweep.folder(base)
     trials = study.get_trials(deepcopy=False)
     for frozen in trials:
-        if frozen.state != _state("RUNNING"):
+        if frozen.state != TrialState.RUNNING:
             continue
         run_dir = RunDir(folder / trial_name(frozen.number))
         if not run_dir.path.exists():
@@ -272,65 +223,62 @@ def _config_of(frozen, base: TrainConfig, folder: Path) -> TrainConfig:
 
 def _tell_finished(study, frozen, run_dir: RunDir, sweep: Sweep, say) -> None:
     """A trial whose run finished before its process could report it: its result, from the run folder."""
-    from mnist_cnn.files import read_json
-
     metrics = read_json(run_dir.metrics, "run metrics")
     value = metrics["history"][sweep.objective][-1]
     pruned = "pruned_at_epoch" in metrics.get("trial", {})
-    study.tell(frozen.number, state=_state("PRUNED") if pruned else None, values=None if pruned else value)
+    study.tell(frozen.number, state=TrialState.PRUNED if pruned else None, values=None if pruned else value)
     say(line(study.trials[frozen.number], sweep.objective, "taken from its finished run"))
 
 
 # -- training it -----------------------------------------------------------------------------
 
 
-def report_callback(trial, objective: str, info: dict, run_dir: RunDir, release):
-    """The per-epoch report a pruner decides on, as a Keras callback (after the run's own, so each
-    epoch is committed first); a pruned trial stops at the end of that epoch."""
-    import keras
+class Report(keras.callbacks.Callback):
+    """The per-epoch report a pruner decides on (after the run's own callbacks, so each epoch is
+    committed first); a pruned trial stops at the end of that epoch, ``info`` saying when."""
 
-    class Report(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            release()  # the run folder is locked now: other processes may claim again
-            self.known = set(trial.study.trials[trial.number].intermediate_values)
-            for entry in run_dir.read_history():  # a resumed trial's epochs its killed process did not report
-                if entry["epoch"] not in self.known and objective in entry:
-                    trial.report(float(entry[objective]), entry["epoch"])
+    def __init__(self, trial: optuna.trial.Trial, objective: str, info: dict, run_dir: RunDir, release):
+        super().__init__()
+        self.trial, self.objective, self.info, self.run_dir, self.release = trial, objective, info, run_dir, release
+        self.known: set[int] = set()
 
-        def on_epoch_end(self, epoch, logs=None):
-            if epoch not in self.known:  # (a resumed run trains again what its killed process had not committed)
-                trial.report(float(logs[objective]), epoch)
-            if trial.should_prune():
-                info["pruned_at_epoch"] = epoch + 1
-                self.model.stop_training = True
+    def on_train_begin(self, logs=None):
+        self.release()  # the run folder is locked now: other processes may claim again
+        self.known = set(self.trial.study.trials[self.trial.number].intermediate_values)
+        for entry in self.run_dir.read_history():  # a resumed trial's epochs its killed process did not report
+            if entry["epoch"] not in self.known and self.objective in entry:
+                self.trial.report(float(entry[self.objective]), entry["epoch"])
 
-    return Report()
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch not in self.known:  # (a resumed run trains again what its killed process had not committed)
+            self.trial.report(float(logs[self.objective]), epoch)
+        if self.trial.should_prune():
+            self.info["pruned_at_epoch"] = epoch + 1
+            self.model.stop_training = True
 
 
 def train_trial(study, claimed: Claim, sweep: Sweep, release, say) -> None:
     """Train the claimed trial and tell the study how it ended."""
-    from mnist_cnn import train
-
     trial, number = claimed.trial, claimed.trial.number
     run_dir = RunDir(Path(claimed.config.logdir) / claimed.config.run_name)
     info = {"trial": number, "study": sweep.study, "objective": sweep.objective}
-    report = report_callback(trial, sweep.objective, info, run_dir, release)
+    report = Report(trial, sweep.objective, info, run_dir, release)
     try:
         with console.hidden():  # a trial is one line; its warnings still show
             result = train.fit(claimed.config, verbose=0, resume=claimed.resume, callbacks=[report], trial=info)
     except TrainingDiverged as e:
         trial.set_user_attr("error", str(e)[:500])
-        study.tell(trial, state=_state("FAIL"))
+        study.tell(trial, state=TrialState.FAIL)
         say(line(study.trials[number], sweep.objective, "diverged"))
         return
     except InputError as e:
         trial.set_user_attr("input_error", str(e)[:500])
-        study.tell(trial, state=_state("FAIL"))
+        study.tell(trial, state=TrialState.FAIL)
         raise
     finally:
         release()
     if "pruned_at_epoch" in info:
-        study.tell(trial, state=_state("PRUNED"))
+        study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, result.history[sweep.objective][-1])
     say(line(study.trials[number], sweep.objective, claimed.note))
@@ -378,7 +326,7 @@ def line(frozen, objective: str, note: str = "") -> str:
 
 
 def best_trial(study):
-    complete = [t for t in study.get_trials(deepcopy=False, states=(_state("COMPLETE"),))]
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     if not complete:
         return None
     sign = 1 if OBJECTIVES[study.user_attrs.get("objective", "val_accuracy")] == "maximize" else -1
@@ -428,7 +376,7 @@ def as_json(outcome: Outcome) -> dict:
 def run(sweep: Sweep, base: TrainConfig, say=print, work_here: bool = True) -> Outcome:
     """Open (or continue) the study, train trials until it holds ``sweep.trials`` (or the time is up),
     then write best.json. ``work_here=False``: only the summary (``--best``, or other processes trained)."""
-    space = spaces.read(sweep.space)
+    space = spaces.read(sweep.space, sweep.fixed)
     study = open_study(sweep, base, space)
     if work_here:
         work(study, sweep, base, space, say)

@@ -21,6 +21,7 @@ from mnist_cnn.cli import export as export_cli
 from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.cli import predict as predict_cli
 from mnist_cnn.cli import serve as serve_cli
+from mnist_cnn.cli import tune as tune_cli
 from mnist_cnn.cli import tutorial as tutorial_cli
 from mnist_cnn.config import RECIPES, TrainConfig
 from mnist_cnn.errors import UsageError
@@ -32,6 +33,7 @@ MAINS = {
     "export.py": export_cli.main,
     "bench.py": bench_cli.main,
     "serve.py": serve_cli.main,
+    "tune.py": tune_cli.main,
     "conv_demo.py": tutorial_cli.conv_main,
     "reshape_demo.py": tutorial_cli.reshape_main,
     "tutorial_loop.py": tutorial_cli.loop_main,

@@ -13,28 +13,29 @@ from conftest import REPO
 
 PACKAGE = REPO / "mnist_cnn"
 # what `--help`, a usage error and the entry points' start-up need: none may load TensorFlow
-LIGHT = {"config", "errors", "files", "cpu", "console", "idx", "cli", "cli.common", "cli.fit", "cli.evaluate",
-         "cli.predict", "cli.export", "cli.serve", "cli.tutorial", "cli.bench"}
+LIGHT = {"config", "errors", "files", "cpu", "console", "idx", "space", "cli", "cli.common", "cli.fit",
+         "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial", "cli.bench", "cli.tune"}
 HEAVY = ("tensorflow", "keras", "tensorflow_datasets", "h5py", "matplotlib", "jax", "PIL")
 # module in mnist_cnn.cli, its main, the installed command
 COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-evaluate"),
             ("predict", "main", "mnist-cnn-predict"), ("export", "main", "mnist-cnn-export"),
             ("serve", "main", "mnist-cnn-serve"), ("bench", "main", "mnist-cnn-bench"),
+            ("tune", "main", "mnist-cnn-tune"),
             ("tutorial", "loop_main", "mnist-cnn-tutorial-loop"), ("tutorial", "conv_main", "mnist-cnn-conv-demo")]
 
 
 # the README's Architecture table, bottom first: a module imports from its own layer and those below
 LAYERS = [
-    {"errors", "files", "cpu", "console", "config", "idx", "rundir"},
+    {"errors", "files", "cpu", "console", "config", "idx", "rundir", "space"},
     {"model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
-    {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "tutorial", "warmup"},
+    {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "tutorial", "warmup", "tune"},
     {"serving", "serving.metrics", "serving.versions", "serving.core", "serving.decode", "serving.tfserving",
      "serving.page", "serving.v2", "serving.connections", "serving.http", "serving.grpc", "serving.server"},
     {"bench", "bench.measure", "bench.levers", "bench.lever_worker", "bench.profile", "bench.report",
      "bench.serving", "bench.attacks"},
     {"cli", "cli.common", "cli.fit", "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial",
-     "cli.bench"},
+     "cli.bench", "cli.tune"},
 ]
 
 

@@ -56,6 +56,20 @@ def test_the_default_space_is_valid_and_a_toml_space_reads_as_its_json_twin(tmp_
     assert space.as_json(space.read(str(toml))) == space.as_json(space.read(str(twin)))
 
 
+def test_a_typed_flag_fixes_its_option_for_every_trial():
+    assert "epochs" not in {d.name for d in space.read(None, fixed=("epochs", "seed"))}
+    assert "dropout" in {d.name for d in space.read(None, fixed=("epochs",))}
+    sweep, base, _ = tune_cli.parse_args(["--epochs", "3", "--dropout", "0.2", "--recipe", "best"])
+    assert set(sweep.fixed) == {"epochs", "dropout", "recipe"} and base.epochs == 3 and base.augment  # (the recipe's)
+    assert not {"epochs", "dropout"} & {d.name for d in space.read(sweep.space, sweep.fixed)}
+
+
+def test_a_space_file_that_names_a_typed_option_is_refused(tmp_path, capsys):
+    code, out, err = tune_here(capsys, "--space", space_file(tmp_path), "--dropout", "0.3", "--logdir", tmp_path)
+    assert (code, out) == (2, "") and err == (f"tune.py: error: --space {tmp_path}/space.json: dropout also typed as "
+                                              "a flag: vary it in the space or fix it with the flag, not both\n")
+
+
 @pytest.mark.parametrize("content, message", [
     ({"learning_rat": {"low": 1e-4, "high": 1e-3}}, "'learning_rat' is not an option of mnist-cnn-fit"),
     ({"seed": {"low": 0, "high": 9}}, "seed is not tuned"),

@@ -12,7 +12,6 @@ from pathlib import Path
 from mnist_cnn.cli.common import Parser, bounded, command_name, loading_tensorflow, require_tensorflow_backend, run
 from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, flag_name
 from mnist_cnn.errors import UsageError
-from mnist_cnn.rundir import RunDir
 
 
 def _value_type(hint) -> type:
@@ -77,6 +76,8 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         run_dir = Path(typed.get("logdir", TrainConfig.logdir)) / typed["run_name"]
     else:
         run_dir = Path(resume)
+    from mnist_cnn.rundir import RunDir  # (light, but not needed for --help)
+
     saved = RunDir(run_dir).read_config()
     for name in typed.keys() - {*RUN_IDENTITY, *RESUME_MAY_CHANGE}:
         if typed[name] != getattr(saved, name):

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+from mnist_cnn import space
 from mnist_cnn.cli.common import (
     EXIT_INTERRUPTED,
     Parser,
@@ -48,8 +49,6 @@ def whole(text: str) -> int:
 
 
 def parser() -> Parser:
-    from mnist_cnn import tune
-
     p = Parser(prog=command_name("tune.py"), argument_default=argparse.SUPPRESS,
                description="Search for better training options with Optuna: every trial is a run folder "
                            "<logdir>/<study>/trial-NNNN, scored on validation digits; the best one's options "
@@ -63,9 +62,9 @@ def parser() -> Parser:
                        help="start no trial after this long (a running one finishes)")
     sweep.add_argument("--space", metavar="FILE", help="options to vary, a .json or .toml table of ranges "
                        "(low, high, log, step) or choices (default: docs/tuning.md's)")
-    sweep.add_argument("--objective", choices=list(tune.OBJECTIVES),
+    sweep.add_argument("--objective", choices=list(space.OBJECTIVES),
                        help="the last epoch's validation metric to optimize (default: val_accuracy)")
-    sweep.add_argument("--pruner", choices=list(tune.PRUNERS), help="stop hopeless trials early (default: median)")
+    sweep.add_argument("--pruner", choices=list(space.PRUNERS), help="stop hopeless trials early (default: median)")
     sweep.add_argument("--prune-after-trials", type=whole, metavar="N",
                        help="the median pruner waits for N finished trials (default: 5)")
     sweep.add_argument("--prune-after-epochs", type=positive_int, metavar="N",
@@ -83,13 +82,13 @@ def parser() -> Parser:
 
 
 def parse_args(argv=None):
-    from mnist_cnn import tune
-
     typed = vars(parser().parse_args(argv))
     flags = {name: typed.pop(name) for name in ("jobs", "best", "json") if name in typed}
-    sweep = tune.Sweep(**{name: typed.pop(name) for name in TUNE_FLAGS if name in typed})
-    base = new_config(typed, typed.pop("config", None), typed.pop("dry_run", False))
-    tune.check(sweep, base)
+    sweep = space.Sweep(**{name: typed.pop(name) for name in TUNE_FLAGS if name in typed})
+    config_file, dry_run = typed.pop("config", None), typed.pop("dry_run", False)
+    sweep.fixed = tuple(typed) + (("epochs", "steps_per_epoch") if dry_run else ())  # typed: not searched
+    base = new_config(typed, config_file, dry_run)
+    space.check(sweep, base)
     return sweep, base, flags
 
 
@@ -125,25 +124,23 @@ def main(argv=None) -> int:
 
     def body():
         sweep, base, flags = parse_args(argv)
-        from mnist_cnn import tune
-
         out = sys.stderr if flags.get("json") else sys.stdout
 
         def say(text):
             print(text, file=out, flush=True)
 
         code = 0
+        require_tensorflow_backend("tune.py")
+        with loading_tensorflow():
+            from mnist_cnn import train, tune
+        train.require_tensorflow(command_name("tune.py"))
         if flags.get("best"):
             outcome = tune.run(sweep, base, say, work_here=False)
         elif flags.get("jobs", 1) > 1:
-            tune.open_study(sweep, base, tune.spaces.read(sweep.space))  # bad input stops here, once
+            tune.open_study(sweep, base, space.read(sweep.space, sweep.fixed))  # bad input stops here, once
             code = run_jobs(argv, flags["jobs"])
             outcome = tune.run(sweep, base, say, work_here=False)
         else:
-            require_tensorflow_backend("tune.py")
-            with loading_tensorflow():
-                from mnist_cnn import train
-            train.require_tensorflow(command_name("tune.py"))
             # SIGTERM as Ctrl-C: a killed trial resumes either way, this one's run folder and line say so
             previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
             try:
