@@ -34,6 +34,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import optuna
+import sqlalchemy
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -68,6 +69,16 @@ def storage_url(sweep: Sweep, base: TrainConfig) -> str:
     return sweep.storage or f"sqlite:///{(sweep.folder(base) / 'study.db').resolve()}"
 
 
+def shown(url: str) -> str:
+    """A storage URL as printed: its password as ***."""
+    if url.startswith("journal:"):
+        return url
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 -- not a URL SQLAlchemy can read: nothing in it is known to be a password
+        return url
+
+
 def open_storage(url: str):
     """Optuna's storage for ``url``: journal:PATH (a journal file, e.g. on a shared file system) or
     an SQLAlchemy URL (sqlite:///PATH, postgresql://..., mysql+pymysql://...)."""
@@ -82,7 +93,7 @@ def open_storage(url: str):
         return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
     except Exception as e:  # noqa: BLE001 -- SQLAlchemy and its drivers fail in many ways (bad URL, no driver, ...)
         reason = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UsageError(f"--storage {url}: cannot open it ({type(e).__name__}: {reason})") from None
+        raise UsageError(f"--storage {shown(url)}: cannot open it ({type(e).__name__}: {reason})") from None
 
 
 def pruner(sweep: Sweep):
@@ -381,5 +392,5 @@ def run(sweep: Sweep, base: TrainConfig, say=print, work_here: bool = True) -> O
     if work_here:
         work(study, sweep, base, space, say)
     best_config = write_best(study, sweep, base)
-    return Outcome(sweep.study, storage_url(sweep, base), sweep.objective, study.get_trials(deepcopy=False),
+    return Outcome(sweep.study, shown(storage_url(sweep, base)), sweep.objective, study.get_trials(deepcopy=False),
                    best_trial(study), best_config)
