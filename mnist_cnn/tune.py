@@ -35,8 +35,10 @@ import keras
 import numpy as np
 import optuna
 import sqlalchemy
+import tensorflow as tf
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from tensorboard.plugins.hparams import api as hp
 
 from mnist_cnn import console, train
 from mnist_cnn import space as spaces
@@ -133,7 +135,29 @@ def open_study(sweep: Sweep, base: TrainConfig, space):
             what = {"space": "search space", "base": "base options"}.get(key, key)
             raise UsageError(f"--study {sweep.study}: {_difference(key, before, value)}; a study keeps its "
                              f"{what} (start another with a new --study, or run it as it was)")
+    write_experiment(sweep.folder(base), space)
     return study
+
+
+def write_experiment(folder: Path, space) -> None:
+    """The sweep's columns for TensorBoard's HParams dashboard (as its HParams tutorial declares them):
+    the trial number, the options the space varies, and the validation loss and accuracy; without it
+    the dashboard lists every option of every run, constant or not. Written once, in the study folder."""
+    if any(folder.glob("events.out.tfevents.*")):
+        return
+    columns = [hp.HParam("trial", hp.IntInterval(0, 2**31 - 1))]
+    for d in space:
+        domain = None
+        if d.choices is not None and len({type(c) for c in d.choices}) == 1:
+            domain = hp.Discrete(list(d.choices))
+        elif d.choices is None:
+            domain = hp.IntInterval(int(d.low), int(d.high)) if d.kind is int else hp.RealInterval(float(d.low),
+                                                                                                    float(d.high))
+        columns.append(hp.HParam(d.name, domain))
+    metrics = [hp.Metric("epoch_accuracy", group="validation", display_name="val_accuracy"),
+               hp.Metric("epoch_loss", group="validation", display_name="val_loss")]
+    with tf.summary.create_file_writer(str(folder)).as_default():
+        hp.hparams_config(hparams=columns, metrics=metrics)
 
 
 def _difference(key: str, before: str, now: str) -> str:

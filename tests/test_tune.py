@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import REPO, fit_here, read_summaries, write_folder
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 from mnist_cnn import space, tune
 from mnist_cnn.cli import tune as tune_cli
@@ -148,14 +149,18 @@ def test_a_study_trains_runs_that_never_read_the_test_split_and_best_json_trains
         assert metrics["test_accuracy"] is None and metrics["trial"] == {"trial": trial["number"], "study": "lr",
                                                                           "objective": "val_accuracy"}
         assert metrics["history"]["val_accuracy"][-1] == trial["value"]
-        from tensorboard.plugins.hparams import plugin_data_pb2
-
         (_, _, value), = read_summaries(run_dir)["_hparams_/session_start_info"]
         hparams = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
         hparams = hparams.session_start_info.hparams
         assert hparams["trial"].number_value == trial["number"] and hparams["study"].string_value == "lr"
         assert hparams["learning_rate"].number_value == pytest.approx(trial["params"]["learning_rate"])
 
+    # the dashboard's columns: the trial, what the space varies, the validation metrics
+    (_, _, value), = read_summaries(logdir / "lr")["_hparams_/experiment"]
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content).experiment
+    assert [h.name for h in experiment.hparam_infos] == ["trial", "learning_rate", "dropout"]
+    assert [(m.name.group, m.name.tag) for m in experiment.metric_infos] == [("validation", "epoch_accuracy"),
+                                                                           ("validation", "epoch_loss")]
     best_json = json.loads((logdir / "lr" / "best.json").read_text())
     assert best_json["learning_rate"] == best["params"]["learning_rate"] and "run_name" not in best_json
     again = fit_here("--config", logdir / "lr" / "best.json", "--logdir", tmp_path / "again")
@@ -177,15 +182,18 @@ def test_a_study_trains_runs_that_never_read_the_test_split_and_best_json_trains
 
 
 def test_seeded_studies_propose_the_same_trials_and_other_seeds_others(tmp_path, capsys):
-    def params(study, seed):
+    def params(study, seed, pruner="none"):
         argv = ["--study", study, "--trials", "2", "--space", space_file(tmp_path), "--logdir", tmp_path, *TINY,
-                "--seed", seed, "--pruner", "none"]
+                "--seed", seed, "--pruner", pruner]
         assert tune_here(capsys, *argv)[0] == 0
         return [(t.params, t.value) for t in trials_of(tmp_path, study)]
 
     first = params("a", 5)
     assert params("b", 5) == first
-    assert [p for p, _ in params("c", 6)] != [p for p, _ in first]
+    assert [p for p, _ in params("c", 6, "hyperband")] != [p for p, _ in first]
+    assert isinstance(tune.pruner(tune.Sweep(pruner="hyperband", prune_after_epochs=2)),
+                      tune.optuna.pruners.HyperbandPruner)
+    assert isinstance(tune.pruner(tune.Sweep(pruner="none")), tune.optuna.pruners.NopPruner)
 
 
 def test_a_hopeless_trial_is_pruned_at_once_and_its_run_folder_says_so(tmp_path, capsys):
