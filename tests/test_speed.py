@@ -123,3 +123,20 @@ def test_the_serving_load_test_reports_errors_latency_and_memory(tmp_path):
     assert "4 image bombs at once (" in text and "statuses [400, 400, 400, 400]" in text
     assert "3 gRPC Predicts of 1 image while 5 stalled gRPC calls are held: 0 errors" in text
     assert "3 predicts of 1 image among 20 silent sockets that reconnect when closed" in text
+
+
+def test_versus_trains_a_config_file_against_a_recipe_seed_for_seed(tmp_path):
+    """bench.py --versus best.json: each contender's options, seeds 0, 1, ..., the test split the one given
+    (here the sample's own); the rows in the report are named by contender."""
+    tiny = {"epochs": 1, "steps_per_epoch": 2, "validation_split": "100"}
+    contenders = {"--recipe tutorial": {"recipe": "tutorial", **tiny},
+                  "--config best.json": {**tiny, "dropout": 0.5, "logdir": "elsewhere", "run_name": "trial-0003"}}
+    logged = []
+    results = {"accuracy": measure.accuracy(2, None, logged.append, contenders)}
+    runs = results["accuracy"]["recipes"]
+    assert list(runs) == list(contenders) and all(len(r) == 2 for r in runs.values())
+    assert "fast_vs_tutorial" not in results["accuracy"]
+    assert [r["epochs"] for r in runs["--config best.json"]] == [1, 1] and logged[1].startswith("  round 1: --config")
+    lines = report.accuracy_lines(results)
+    assert lines[1].startswith("  --recipe tutorial ") and lines[2].startswith("  --config best.json ")
+    assert not (tmp_path / "elsewhere").exists() and not os.path.exists("elsewhere")

@@ -269,28 +269,33 @@ def run_overhead(config: train.TrainConfig, log, label: str) -> dict:
 ACCURACY_RECIPES = ("tutorial", "fast", "best")
 
 
-def accuracy(runs: int, official: Path | None, log) -> dict:
+def accuracy(runs: int, official: Path | None, log, contenders: dict | None = None) -> dict:
     """Test accuracy and wall time of each recipe trained on the 5k sample, tested on
     ``official`` (an IDX folder with the official t10k files) when given; ``runs``
     rounds with seeds 0, 1, 2, ... (one seed gives one result: the spread is the seeds'),
-    the recipes taking turns. ``fast_vs_tutorial``: the ratio of median times."""
+    the recipes taking turns. ``contenders`` (name: fit options, a recipe's name among them)
+    replaces the recipes (``--versus``). ``fast_vs_tutorial``: the ratio of median times."""
     test = str(official) if official else None
-    results = {recipe: [] for recipe in ACCURACY_RECIPES}
+    contenders = contenders or {f"--recipe {recipe}": {"recipe": recipe} for recipe in ACCURACY_RECIPES}
+    results = {name: [] for name in contenders}
     with tempfile.TemporaryDirectory() as logdir:
         for round_ in range(runs):
-            for recipe in ACCURACY_RECIPES:
-                config = train.TrainConfig.from_recipe(recipe, data="sample", test_data=test, logdir=logdir,
-                                                       keep_checkpoints=0, seed=round_)
+            for recipe, options in contenders.items():
+                options = {k: v for k, v in options.items() if k not in ("logdir", "run_name", "progress")}
+                config = train.TrainConfig.from_recipe(options.pop("recipe", "tutorial"), **{
+                    **options, "data": "sample", "test_data": test, "logdir": logdir, "keep_checkpoints": 0,
+                    "seed": round_})
                 start = time.perf_counter()
                 result = train.fit(config, verbose=0)
                 seconds = time.perf_counter() - start
                 results[recipe].append({"test_accuracy": result.test_accuracy, "seconds": seconds,
                                         "epochs": config.epochs, "mixed_precision": config.mixed_precision,
                                         "train_images": result.data_info.num_train})
-                log(f"  round {round_ + 1}: recipe {recipe}: {result.test_accuracy:.4f} in {seconds:.0f} s")
+                log(f"  round {round_ + 1}: {recipe}: {result.test_accuracy:.4f} in {seconds:.0f} s")
     median = {recipe: statistics.median(r["seconds"] for r in rs) for recipe, rs in results.items()}
-    return {"test_set": test or "sample's own 1,000 held-out digits", "recipes": results,
-            "fast_vs_tutorial": median["fast"] / median["tutorial"]}
+    ratio = {"fast_vs_tutorial": median["--recipe fast"] / median["--recipe tutorial"]} if {
+        "--recipe fast", "--recipe tutorial"} <= median.keys() else {}
+    return {"test_set": test or "sample's own 1,000 held-out digits", "recipes": results, **ratio}
 
 
 def run_all(*, quick: bool, rounds: int | None, large_batch: int, official_test: Path | None,

@@ -54,7 +54,13 @@ def report(results: dict) -> str:
     start = results.get("offline_start")
     if start:
         lines.append(f"offline start to first training step (--data auto): {start['seconds']:.1f} s, {start['source']}")
-    acc = results.get("accuracy")
+    lines += accuracy_lines(results)
+    return "\n".join(lines)
+
+
+def accuracy_lines(results: dict) -> list[str]:
+    """The recipes' (or --versus') test accuracy and wall time, where measured."""
+    lines, acc = [], results.get("accuracy")
     if acc:
         lines.append(f"accuracy on {acc['test_set']} (round k: --seed k):")
         for recipe, runs in acc["recipes"].items():
@@ -62,10 +68,11 @@ def report(results: dict) -> str:
             scores += f", median {statistics.median(r['test_accuracy'] for r in runs):.4f}"
             times = " ".join(f"{r['seconds']:.0f}" for r in runs)
             precision = ", mixed precision" if runs[0]["mixed_precision"] else ""
-            lines.append(f"  --recipe {recipe:<8} {scores}  ({runs[0]['epochs']} epochs on "
+            lines.append(f"  {recipe:<17} {scores}  ({runs[0]['epochs']} epochs on "
                          f"{runs[0]['train_images']:,} digits{precision}; {times} s)")
-        lines.append(f"  fast / tutorial wall time (medians): {acc['fast_vs_tutorial']:.2f}x")
-    return "\n".join(lines)
+        if "fast_vs_tutorial" in acc:
+            lines.append(f"  fast / tutorial wall time (medians): {acc['fast_vs_tutorial']:.2f}x")
+    return lines
 
 
 def where_time_goes(results: dict) -> list[str]:

@@ -8,8 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from mnist_cnn import console
 from mnist_cnn.cli import common
 from mnist_cnn.cli.common import Parser, command_name, main_with, positive_int, require_tensorflow_backend
+from mnist_cnn.config import TrainConfig
 
 
 def _idx_folder(text: str) -> Path:
@@ -29,6 +31,9 @@ def parser() -> Parser:
                    help="a folder with the official MNIST t10k files: evaluation speed and --accuracy use it")
     p.add_argument("--accuracy", action="store_true", help="also train the tutorial, fast and best recipes (minutes)")
     p.add_argument("--accuracy-runs", type=positive_int, default=1, help="rounds of --accuracy (default: 1)")
+    p.add_argument("--versus", metavar="FILE",
+                   help="measure only this: train FILE's options (mnist-cnn-fit --config FILE, e.g. a sweep's "
+                        "best.json) against --recipe best, seed for seed, --accuracy-runs rounds")
     p.add_argument("--levers", action="store_true",
                    help="also time each speed lever (oneDNN, threads, XLA flags, ...) against the default (minutes)")
     p.add_argument("--serving", action="store_true",
@@ -40,6 +45,7 @@ def parser() -> Parser:
 
 def main(argv=None) -> int:
     def body(args):
+        versus = TrainConfig.read_options(args.versus) if args.versus else None  # (a bad file: before TensorFlow)
         require_tensorflow_backend("bench.py")
         with common.loading_tensorflow():  # after parsing: TensorFlow loads here
             from mnist_cnn.bench import measure, report, serving
@@ -51,6 +57,15 @@ def main(argv=None) -> int:
         def log(message):  # progress on stderr, with the seconds since the bench started
             print(f"[{time.perf_counter() - began:4.0f} s] {message}", file=sys.stderr, flush=True)
 
+        if versus is not None:
+            contenders = {"--recipe best": {"recipe": "best"}, f"--config {Path(args.versus).name}": versus}
+            log(f"accuracy: {', '.join(contenders)} x {args.accuracy_runs} rounds ...")
+            with console.hidden():
+                results = {"accuracy": measure.accuracy(args.accuracy_runs, args.official_test, log, contenders)}
+            print("\n".join(report.accuracy_lines(results)))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+            return
         if args.serving:
             log("serving load test ...")
             results = {"serving": serving.measure(log)}
