@@ -319,9 +319,11 @@ def train_trial(study, claimed: Claim, sweep: Sweep, release, say) -> None:
     say(line(study.trials[number], sweep.objective, claimed.note))
 
 
-def work(study, sweep: Sweep, base: TrainConfig, space, say=print) -> None:
-    """This process's share of the study: claim, train, tell, until it is full or the time is up."""
-    folder, deadline = sweep.folder(base), None if sweep.timeout is None else time.monotonic() + sweep.timeout
+def work(study, sweep: Sweep, base: TrainConfig, space, say=print, started: float | None = None) -> None:
+    """This process's share of the study: claim, train, tell, until it is full or ``sweep.timeout``
+    seconds have passed since ``started`` (a ``time.monotonic()``; default: now)."""
+    started = time.monotonic() if started is None else started
+    folder, deadline = sweep.folder(base), None if sweep.timeout is None else started + sweep.timeout
     while deadline is None or time.monotonic() < deadline:
         with study_lock(folder) as release:
             claimed = claim(study, sweep, base, space, say)
@@ -411,10 +413,11 @@ def as_json(outcome: Outcome) -> dict:
 def run(sweep: Sweep, base: TrainConfig, say=print, work_here: bool = True) -> Outcome:
     """Open (or continue) the study, train trials until it holds ``sweep.trials`` (or the time is up),
     then write best.json. ``work_here=False``: only the summary (``--best``, or other processes trained)."""
+    started = time.monotonic()
     space = spaces.read(sweep.space, sweep.fixed)
     study = open_study(sweep, base, space)
     if work_here:
-        work(study, sweep, base, space, say)
+        work(study, sweep, base, space, say, started)
     best_config = write_best(study, sweep, base)
     return Outcome(sweep.study, shown(storage_url(sweep, base)), sweep.objective, study.get_trials(deepcopy=False),
                    best_trial(study), best_config)

@@ -279,6 +279,12 @@ def test_sigterm_stops_a_study_that_the_same_command_continues(tmp_path):
     assert os.path.exists(run_dir / "config.json")
 
 
+def test_no_trial_starts_after_the_timeout(tmp_path, capsys):
+    code, out, _ = tune_here(capsys, "--study", "late", "--timeout", "0.001", "--trials", "5", "--logdir", tmp_path,
+                             "--space", space_file(tmp_path), *TINY)
+    assert code == 0 and out.startswith("study late: 0 trials in ") and trials_of(tmp_path, "late") == []
+
+
 def test_tune_is_listed_with_the_sweep_options_and_fit_s(capsys):
     with pytest.raises(SystemExit):
         tune_cli.parser().parse_args(["--help"])
