@@ -52,12 +52,21 @@ def bounded(f: dataclasses.Field, kind: type) -> Callable[[str], object]:
 
 def positive_int(text: str) -> int:
     """An argparse type for counts outside TrainConfig (the tutorial loop's flags)."""
+    return _whole(text, 1)
+
+
+def whole_number(text: str) -> int:
+    """An argparse type for counts that may be 0 (mnist-cnn-tune's --trials)."""
+    return _whole(text, 0)
+
+
+def _whole(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {'positive' if low == 1 else '0 or more'}, got {text}")
     return value
 
 

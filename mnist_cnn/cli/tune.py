@@ -20,6 +20,7 @@ from mnist_cnn.cli.common import (
     positive_int,
     require_tensorflow_backend,
     run,
+    whole_number,
 )
 from mnist_cnn.cli.fit import add_config_flags, add_new_run_flags, new_config
 from mnist_cnn.errors import Interrupted
@@ -38,16 +39,6 @@ def seconds(text: str) -> float:
     return value
 
 
-def whole(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
 def parser() -> Parser:
     p = Parser(prog=command_name("tune.py"), argument_default=argparse.SUPPRESS,
                description="Search for better training options with Optuna: every trial is a run folder "
@@ -56,7 +47,7 @@ def parser() -> Parser:
     sweep = p.add_argument_group("the sweep")
     sweep.add_argument("--study", metavar="NAME", help="the study's name and folder under --logdir; run the same "
                        "command again to continue it (default: sweep)")
-    sweep.add_argument("--trials", type=whole, metavar="N",
+    sweep.add_argument("--trials", type=whole_number, metavar="N",
                        help="trials in the whole study, across restarts and processes (default: 20)")
     sweep.add_argument("--timeout", type=seconds, metavar="SECONDS",
                        help="start no trial after this long (a running one finishes)")
@@ -65,7 +56,7 @@ def parser() -> Parser:
     sweep.add_argument("--objective", choices=list(space.OBJECTIVES),
                        help="the last epoch's validation metric to optimize (default: val_accuracy)")
     sweep.add_argument("--pruner", choices=list(space.PRUNERS), help="stop hopeless trials early (default: median)")
-    sweep.add_argument("--prune-after-trials", type=whole, metavar="N",
+    sweep.add_argument("--prune-after-trials", type=whole_number, metavar="N",
                        help="the median pruner waits for N finished trials (default: 5)")
     sweep.add_argument("--prune-after-epochs", type=positive_int, metavar="N",
                        help="no trial is pruned before N epochs (default: 1)")
@@ -74,7 +65,7 @@ def parser() -> Parser:
     sweep.add_argument("--jobs", type=positive_int, metavar="N", help="train N trials at once in N processes")
     sweep.add_argument("--best", action="store_true", help="train nothing: show the study and write best.json")
     sweep.add_argument("--json", action="store_true", help="the summary as JSON on stdout (trial lines on stderr)")
-    sweep.add_argument("--worker", type=whole, help=argparse.SUPPRESS)  # one of --jobs' processes
+    sweep.add_argument("--worker", type=whole_number, help=argparse.SUPPRESS)  # one of --jobs' processes
     base = p.add_argument_group("the base of every trial (mnist-cnn-fit's options)")
     add_config_flags(base)
     add_new_run_flags(base)
