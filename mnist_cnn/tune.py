@@ -214,46 +214,43 @@ def claim(study, sweep: Sweep, base: TrainConfig, space, say) -> Claim | None:
 
     folder = sweep.folder(base)
     trials = study.get_trials(deepcopy=False)
+    seed = int(np.random.SeedSequence([base.seed, sweep.worker or 0, len(trials)]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=seed)  # a function of the seed and the study so far
     for frozen in trials:
         if frozen.state != TrialState.RUNNING:
             continue
+        trial = optuna.trial.Trial(study, frozen._trial_id)  # (Optuna has no public accessor)
         run_dir = RunDir(folder / trial_name(frozen.number))
         if not run_dir.path.exists():
             if frozen.user_attrs.get("host", HOST) != HOST:
                 continue  # another machine's trial, logged there
-            config, resume, note = _config_of(frozen, base, folder), False, "trained anew: its process died first"
-        else:
-            try:
-                run_dir.lock().unlock()
-            except UsageError:
-                continue  # a live process trains it
-            if run_dir.finished:
-                _tell_finished(study, frozen, run_dir, sweep, say)
-                continue
-            if not run_dir.config.exists():  # killed between its mkdir and its config
-                run_dir.path.rename(run_dir.path.with_name(f"{run_dir.path.name}.incomplete-{time.time_ns()}"))
-                config, resume, note = _config_of(frozen, base, folder), False, "trained anew: no epoch had started"
-            else:
-                config, resume = run_dir.read_config(), True
-                state = run_dir.read_resume_state()
-                note = f"resumed after epoch {state.epochs if state else 0}"
-        return Claim(optuna.trial.Trial(study, frozen._trial_id), config, resume, note)  # (no public accessor)
+            return Claim(trial, _config_of(trial, space, base), note="trained anew: its process died first")
+        try:
+            run_dir.lock().unlock()
+        except UsageError:
+            continue  # a live process trains it
+        if run_dir.finished:
+            _tell_finished(study, frozen, run_dir, sweep, say)
+            continue
+        if not run_dir.config.exists():  # killed between its mkdir and its config
+            run_dir.path.rename(run_dir.path.with_name(f"{run_dir.path.name}.incomplete-{time.time_ns()}"))
+            return Claim(trial, _config_of(trial, space, base), note="trained anew: no epoch had started")
+        state = run_dir.read_resume_state()
+        return Claim(trial, run_dir.read_config(), True, f"resumed after epoch {state.epochs if state else 0}")
     if counted(trials) >= sweep.trials:
         return None
-    seed = int(np.random.SeedSequence([base.seed, sweep.worker or 0, len(trials)]).generate_state(1)[0])
-    study.sampler = optuna.samplers.TPESampler(seed=seed)  # a function of the seed and the study so far
     trial = study.ask()
     trial.set_user_attr("host", HOST)
     trial.set_user_attr("worker", sweep.worker or 0)
     trial.set_user_attr("run_dir", str(folder / trial_name(trial.number)))
-    params = spaces.suggest(trial, space, base)
-    return Claim(trial, dataclasses.replace(base, **params, logdir=str(folder), run_name=trial_name(trial.number),
-                                            progress="none"))
+    return Claim(trial, _config_of(trial, space, base))
 
 
-def _config_of(frozen, base: TrainConfig, folder: Path) -> TrainConfig:
-    return dataclasses.replace(base, **frozen.params, logdir=str(folder), run_name=trial_name(frozen.number),
-                               progress="none")
+def _config_of(trial, space, base: TrainConfig) -> TrainConfig:
+    """The trial's config: its options drawn (those it drew before a kill kept, as Optuna keeps them)."""
+    folder = Path(base.logdir) / trial.study.study_name
+    return dataclasses.replace(base, **spaces.suggest(trial, space, base), logdir=str(folder),
+                               run_name=trial_name(trial.number), progress="none")
 
 
 def _tell_finished(study, frozen, run_dir: RunDir, sweep: Sweep, say) -> None:

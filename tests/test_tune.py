@@ -245,6 +245,31 @@ def test_a_killed_study_continues_its_interrupted_trial_bit_for_bit(tmp_path, ca
            [(t.params, t.value, t.intermediate_values) for t in whole]
 
 
+def test_trials_left_before_their_run_folder_was_written_are_trained_anew_never_twice(tmp_path, capsys):
+    """A process killed right after asking for a trial (its options half drawn, no run folder), and one
+    killed between its run folder's mkdir and its config.json: the next process trains both, once each,
+    with the options they had drawn, and sets the half-written folder aside."""
+    import optuna
+
+    argv = ["--study", "gap", "--space", space_file(tmp_path), "--logdir", tmp_path, *TINY, "--pruner", "none"]
+    assert tune_here(capsys, *argv, "--trials", "0")[0] == 0
+    study = optuna.load_study(study_name="gap", storage=f"sqlite:///{tmp_path / 'gap' / 'study.db'}")
+    first = study.ask()
+    first.suggest_float("learning_rate", 3e-4, 3e-3, log=True)  # killed before dropout was drawn
+    second = study.ask()
+    second.set_user_attr("host", tune.HOST)
+    (tmp_path / "gap" / "trial-0001").mkdir()  # killed before its config.json
+    code, out, err = tune_here(capsys, *argv, "--trials", "3")
+    assert code == 0, err
+    trials = trials_of(tmp_path, "gap")
+    assert [(t.number, t.state.name, sorted(t.params)) for t in trials] == [
+        (n, "COMPLETE", ["dropout", "learning_rate"]) for n in range(3)]
+    assert trials[0].params["learning_rate"] == first.params["learning_rate"]
+    assert "trial   0  COMPLETE" in out and "(trained anew: its process died first)" in out
+    assert "(trained anew: no epoch had started)" in out
+    assert len(list((tmp_path / "gap").glob("trial-0001.incomplete-*"))) == 1
+
+
 def test_two_processes_share_a_journal_study_and_train_exactly_the_trials_asked(tmp_path):
     """--jobs 2 on Optuna's journal file: two processes, 4 trials between them, none twice."""
     journal = tmp_path / "study.journal"
