@@ -299,7 +299,7 @@ def test_sigterm_stops_a_study_that_the_same_command_continues(tmp_path):
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert "tune.py: interrupted; the study continues (its running trial from its last epoch) with: python " in err
+    assert "tune.py: interrupted; the study continues (its running trials from their last epoch) with: python " in err
     assert trials_of(tmp_path, "t")[0].state.name == "RUNNING"  # to be resumed by the next process
     assert os.path.exists(run_dir / "config.json")
 
@@ -308,6 +308,24 @@ def test_no_trial_starts_after_the_timeout(tmp_path, capsys):
     code, out, _ = tune_here(capsys, "--study", "late", "--timeout", "0.001", "--trials", "5", "--logdir", tmp_path,
                              "--space", space_file(tmp_path), *TINY)
     assert code == 0 and out.startswith("study late: 0 trials in ") and trials_of(tmp_path, "late") == []
+
+
+def test_sigterm_to_a_jobs_parent_stops_its_workers_and_leaves_no_process(tmp_path):
+    argv = [*TUNE, "--study", "jt", "--trials", "4", "--jobs", "2", "--space", space_file(tmp_path), "--logdir",
+            tmp_path, *TINY[:4], "--steps-per-epoch", "200", *TINY[6:]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("jt/trial-*/train"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.count("interrupted; the study continues") == 1 and "--worker" not in err  # the parent's line only
+    assert err.strip().splitlines()[-1].endswith(" ".join(map(str, argv[2:])))  # the command as typed
+    assert all(not os.path.exists(f"/proc/{pid}") for pid in workers)
+    assert sorted(t.state.name for t in trials_of(tmp_path, "jt")) == ["RUNNING", "RUNNING"]
 
 
 def test_tune_is_listed_with_the_sweep_options_and_fit_s(capsys):

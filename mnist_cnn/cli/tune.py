@@ -130,6 +130,8 @@ def main(argv=None) -> int:
         elif flags.get("jobs", 1) > 1:
             tune.open_study(sweep, base, space.read(sweep.space, sweep.fixed))  # bad input stops here, once
             code = run_jobs(argv, flags["jobs"])
+            if code == EXIT_INTERRUPTED:
+                return interrupted(argv)
             outcome = tune.run(sweep, base, say, work_here=False)
         else:
             # SIGTERM as Ctrl-C: a killed trial resumes either way, this one's run folder and line say so
@@ -137,10 +139,7 @@ def main(argv=None) -> int:
             try:
                 outcome = tune.run(sweep, base, say)
             except (Interrupted, KeyboardInterrupt):
-                print(f"\n{command_name('tune.py')}: interrupted; the study continues (its running trial from "
-                      f"its last epoch) with: {command_line('tune.py', *(sys.argv[1:] if argv is None else argv))}",
-                      file=sys.stderr)
-                return EXIT_INTERRUPTED
+                return EXIT_INTERRUPTED if sweep.worker is not None else interrupted(argv)  # (--jobs' parent says it)
             finally:
                 signal.signal(signal.SIGTERM, previous)
         if sweep.worker is not None:
@@ -152,6 +151,14 @@ def main(argv=None) -> int:
         return code
 
     return run("tune.py", body)
+
+
+def interrupted(argv) -> int:
+    """The line an interrupted sweep ends with: how to continue it."""
+    again = command_line("tune.py", *(sys.argv[1:] if argv is None else argv))
+    print(f"\n{command_name('tune.py')}: interrupted; the study continues (its running trials from their last "
+          f"epoch) with: {again}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def summary(outcome) -> str:
