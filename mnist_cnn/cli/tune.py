@@ -52,7 +52,8 @@ def parser() -> Parser:
     sweep.add_argument("--timeout", type=seconds, metavar="SECONDS",
                        help="start no trial after this long (a running one finishes)")
     sweep.add_argument("--space", metavar="FILE", help="options to vary, a .json or .toml table of ranges "
-                       "(low, high, log, step) or choices (default: docs/tuning.md's)")
+                       "(low, high, log, step) or choices (default: the options that matter, docs/tuning.md; "
+                       "an option typed as a flag is left out)")
     sweep.add_argument("--objective", choices=list(space.OBJECTIVES),
                        help="the last epoch's validation metric to optimize (default: val_accuracy)")
     sweep.add_argument("--pruner", choices=list(space.PRUNERS), help="stop hopeless trials early (default: median)")
@@ -60,7 +61,7 @@ def parser() -> Parser:
                        help="the median pruner waits for N finished trials (default: 5)")
     sweep.add_argument("--prune-after-epochs", type=positive_int, metavar="N",
                        help="no trial is pruned before N epochs (default: 1)")
-    sweep.add_argument("--storage", metavar="URL", help="where the study lives: sqlite:///PATH, postgresql://..., "
+    sweep.add_argument("--storage", metavar="URL", help="where the study lives: sqlite:///PATH, postgresql+psycopg2://..., "
                        "mysql+pymysql://..., or journal:PATH (default: sqlite in the study folder)")
     sweep.add_argument("--jobs", type=positive_int, metavar="N", help="train N trials at once in N processes")
     sweep.add_argument("--best", action="store_true", help="train nothing: show the study and write best.json")
@@ -80,6 +81,7 @@ def parse_args(argv=None):
     sweep.fixed = tuple(typed) + (("epochs", "steps_per_epoch") if dry_run else ())  # typed: not searched
     base = new_config(typed, config_file, dry_run)
     space.check(sweep, base)
+    space.read(sweep.space, sweep.fixed)  # a bad space file: one line before TensorFlow loads
     return sweep, base, flags
 
 
