@@ -63,12 +63,13 @@ def accuracy_lines(results: dict) -> list[str]:
     lines, acc = [], results.get("accuracy")
     if acc:
         lines.append(f"accuracy on {acc['test_set']} (round k: --seed k):")
+        width = max(map(len, acc["recipes"]))
         for recipe, runs in acc["recipes"].items():
             scores = " ".join(f"{r['test_accuracy']:.4f}" for r in runs)
             scores += f", median {statistics.median(r['test_accuracy'] for r in runs):.4f}"
             times = " ".join(f"{r['seconds']:.0f}" for r in runs)
             precision = ", mixed precision" if runs[0]["mixed_precision"] else ""
-            lines.append(f"  {recipe:<17} {scores}  ({runs[0]['epochs']} epochs on "
+            lines.append(f"  {recipe:<{width}} {scores}  ({runs[0]['epochs']} epochs on "
                          f"{runs[0]['train_images']:,} digits{precision}; {times} s)")
         if "fast_vs_tutorial" in acc:
             lines.append(f"  fast / tutorial wall time (medians): {acc['fast_vs_tutorial']:.2f}x")

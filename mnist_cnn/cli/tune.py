@@ -61,8 +61,9 @@ def parser() -> Parser:
                        help="the median pruner waits for N finished trials (default: 5)")
     sweep.add_argument("--prune-after-epochs", type=positive_int, metavar="N",
                        help="no trial is pruned before N epochs (default: 1)")
-    sweep.add_argument("--storage", metavar="URL", help="where the study lives: sqlite:///PATH, postgresql+psycopg2://..., "
-                       "mysql+pymysql://..., or journal:PATH (default: sqlite in the study folder)")
+    sweep.add_argument("--storage", metavar="URL",
+                       help="where the study lives: sqlite:///PATH, postgresql+psycopg2://..., mysql+pymysql://..., "
+                            "or journal:PATH (default: sqlite in the study folder)")
     sweep.add_argument("--jobs", type=positive_int, metavar="N", help="train N trials at once in N processes")
     sweep.add_argument("--best", action="store_true", help="train nothing: show the study and write best.json")
     sweep.add_argument("--json", action="store_true", help="the summary as JSON on stdout (trial lines on stderr)")
