@@ -6,6 +6,7 @@ command is this suite itself (CI runs it through .ci/run); it is checked to be t
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -86,9 +87,19 @@ def test_a_block_runs_as_written(path, steps, marker, tmp_path):
     else:  # a shell where the package is installed
         env, cwd = {**os.environ, "PATH": os.pathsep.join([venv_bin, *others])}, tmp_path
     env.pop("VIRTUAL_ENV", None)
-    for lang, code in steps:
-        argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
-                              preexec_fn=default_sigint)
-        assert proc.returncode == 0, f"{path.name}:\n{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n" \
-                                     f"{proc.stderr[-3000:]}"
+    before = set((REPO / "logs").iterdir()) if (REPO / "logs").is_dir() else set()
+    try:
+        for lang, code in steps:
+            argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+            proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+                                  preexec_fn=default_sigint)
+            assert proc.returncode == 0, f"{path.name}:\n{code}\n--- stdout\n{proc.stdout[-3000:]}\n--- " \
+                                         f"stderr\n{proc.stderr[-3000:]}"
+        if marker == "<!-- main command -->":
+            made = set((REPO / "logs").iterdir()) - before
+            assert len(made) == 1 and f"run folder: logs/{next(iter(made)).name}" in proc.stdout, proc.stdout
+    finally:  # the main command trains in the checkout's logs/, as the README says: its run (39 MB) goes again,
+        # or every run of the suite would leave one beside the user's own runs
+        if marker == "<!-- main command -->" and (REPO / "logs").is_dir():
+            for made in set((REPO / "logs").iterdir()) - before:
+                shutil.rmtree(made)
