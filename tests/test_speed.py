@@ -140,3 +140,26 @@ def test_versus_trains_a_config_file_against_a_recipe_seed_for_seed(tmp_path):
     lines = report.accuracy_lines(results)
     assert lines[1].startswith("  --recipe tutorial ") and lines[2].startswith("  --config best.json ")
     assert not (tmp_path / "elsewhere").exists() and not os.path.exists("elsewhere")
+
+
+def test_the_pytorch_peer_is_the_same_cnn_or_says_in_one_line_why_it_is_left_out(monkeypatch, tmp_path):
+    from mnist_cnn.bench import torch_peer
+
+    if torch_peer.unavailable() is None:  # torch installed ([compare]): the same network, and it runs
+        code = (f"import runpy; peer = runpy.run_path({torch_peer.__file__!r}); "  # (never beside TensorFlow)
+                "print(sum(p.numel() for p in peer['model']().parameters()))")
+        assert run_python(code).stdout.split()[-1] == str(CNN().count_params()) == "3274634"
+        (images, labels), _, _ = measure.data.load_arrays("sample", with_test=False)
+        per_step = torch_peer.measure(images[:500], labels[:500], 50, rounds=2, steps=3)
+        assert len(per_step) == 2 and all(0 < s < 60 for s in per_step)
+    (tmp_path / "torch.py").write_text("raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the probe's interpreter finds no torch, as where it is absent
+    reason = torch_peer.unavailable()
+    assert reason == ("PyTorch contender left out: torch cannot be imported (ModuleNotFoundError: No module named "
+                      "'torch'); pip install '.[compare]'")
+    row = {"contender": "x", "optimizer": "x", "images_per_s": 1, "vs_notebook": 1, "gflop_per_s": 1, "spread_pct": 0}
+    rows = {report.FIT_ROW: {**row, "ms_per_step": 20.0}, report.TORCH_ROW: {**row, "ms_per_step": 33.0}}
+    evaluation = {"images": 1, "seconds": {"model.evaluate": 1, "tutorial batch-wise predict": 1}, "speedup": 1}
+    lines = report.report({"forward_mflop": 1.0, "training": {50: rows}, "torch": reason, "evaluation": evaluation})
+    assert "model.fit [FusedAdam] against PyTorch (the same CNN, Adam, batch, threads): 1.65x its speed" in lines
+    assert f"  ({reason})" in lines

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from mnist_cnn import as_command, console, cpu, data, idx, train, tutorial
-from mnist_cnn.bench import levers
+from mnist_cnn.bench import levers, torch_peer
 from mnist_cnn.bench.profile import (
     ProfileUnavailable,
     ceilings,
@@ -130,9 +130,10 @@ def _window(contender: str, optimizer: str, loader, pipeline, batch_size: int) -
     return fit_window(model, pipeline)
 
 
-def training_throughput(batch_size: int, rounds: int, window: int, log, contenders=CONTENDERS) -> dict:
+def training_throughput(batch_size: int, rounds: int, window: int, log, contenders=CONTENDERS,
+                        with_torch: bool = False) -> dict:
     """images/s and ms/step of the training contenders at one batch size, each against the
-    notebook's eager loop (the first contender)."""
+    notebook's eager loop (the first contender); ``with_torch``: and the PyTorch peer's."""
     keras.utils.set_random_seed(0)
     loader = tutorial.MNISTLoader("sample", seed=0)
     pipeline = data.endless("sample", batch_size)
@@ -144,6 +145,11 @@ def training_throughput(batch_size: int, rounds: int, window: int, log, contende
         for key, run in runs.items():
             seconds[key].append(run(window) / window)
         log(f"  batch {batch_size}: round {r + 1}/{rounds} done")
+    if with_torch:  # in a process of its own, after the others (see torch_peer)
+        (images, labels), _, _ = data.load_arrays("sample", with_test=False)
+        contenders = (*contenders, (torch_peer.CONTENDER, torch_peer.OPTIMIZER))
+        seconds[row_key(*contenders[-1])] = torch_peer.measure(images, labels, batch_size, rounds, window)
+        log(f"  batch {batch_size}: the PyTorch peer done")
     flops = 3 * forward_flops(CNN()) * batch_size  # training step = forward + backward (~2x forward)
     baseline = statistics.median(seconds[row_key(*contenders[0])])
     results = {}
@@ -314,8 +320,12 @@ def run_all(*, quick: bool, rounds: int | None, large_batch: int, official_test:
     log("matmul ceilings ...")
     results["peak"] = ceilings(log)
     log("training throughput ...")
+    torch_absent = torch_peer.unavailable()
+    if torch_absent:
+        log(torch_absent)
+        results["torch"] = torch_absent
     for batch, window in ((50, 8 if quick else 25), (large_batch, 2 if quick else 6)):
-        results["training"][batch] = training_throughput(batch, rounds, window, log)
+        results["training"][batch] = training_throughput(batch, rounds, window, log, with_torch=not torch_absent)
         for name, row in results["training"][batch].items():  # each against its own precision's ceiling
             row["peak_fraction"] = row["gflop_per_s"] / results["peak"][contender_precision(name, results["peak"])]
     log("evaluation ...")

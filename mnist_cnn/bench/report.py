@@ -7,6 +7,7 @@ import statistics
 from mnist_cnn.bench import levers
 
 FIT_ROW = "model.fit [FusedAdam]"  # fit()'s own step in the training table (bench.row_key)
+TORCH_ROW = "PyTorch, the same CNN [torch Adam]"  # bench.torch_peer's, where torch is installed
 
 
 def report(results: dict) -> str:
@@ -32,6 +33,12 @@ def report(results: dict) -> str:
                 f" {r['vs_notebook']:10.2f}x {r['gflop_per_s']:8.1f} {100 * r.get('peak_fraction', 0):7.0f}%"
                 f" {r['spread_pct']:6.0f}%"
             )
+        peer = rows.get(TORCH_ROW)
+        if peer and FIT_ROW in rows:
+            lines.append(f"  {FIT_ROW} against PyTorch (the same CNN, Adam, batch, threads): "
+                         f"{peer['ms_per_step'] / rows[FIT_ROW]['ms_per_step']:.2f}x its speed")
+    if results.get("torch"):
+        lines.append(f"  ({results['torch']})")
     ev = results["evaluation"]
     lines.append(
         f"evaluation of {ev['images']:,} images: model.evaluate {ev['seconds']['model.evaluate']:.2f} s, "
