@@ -168,12 +168,15 @@ def test_two_workers_killed_and_resumed_train_what_one_process_trains(tmp_path):
     assert multi["optimizer_steps"] == 3 * 20  # epoch 1 was not trained again
 
     # Two replicas sum their halves' gradients in another order than one process sums the whole batch:
-    # over 60 Adam steps that rounding grew to a relative 1.2e-4 in epoch 3's val_loss on an AVX2-only EPYC
-    # (1e-5 held on AVX-512 machines), and may move a digit or two across the line. Another seed (5 vs 6,
-    # 7), or a resume from the wrong batch, moves val_loss by 1.3e-2 to 2e-1 relative.
+    # over 60 Adam steps that rounding grows, most with TensorFlow's Eigen kernels. Measured on 2026-12-07
+    # on a 2-core AMD EPYC with AVX-512 (`lscpu`), the largest relative difference of loss and val_loss over
+    # the 3 epochs: oneDNN 1.4e-7; oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) 1.2e-4 (as on an AVX2-only
+    # EPYC before); Eigen (TF_ENABLE_ONEDNN_OPTS=0) 4.0e-3 (epoch 3's val_loss; 2.0e-3 its loss), a digit or
+    # two across the line in accuracy. The bound is twice the largest, 8e-3; what it must catch, another seed
+    # (5 vs 6, 7) or a resume from the wrong batch, moves val_loss by 1.3e-2 to 2e-1 relative.
     single = train.fit(quick(tmp_path / "single", epochs=3, steps_per_epoch=20, seed=5), verbose=0)
     for key in ("loss", "val_loss"):
-        assert multi["history"][key] == pytest.approx(single.history[key], rel=2e-3), key
+        assert multi["history"][key] == pytest.approx(single.history[key], rel=8e-3), key
     for key in ("accuracy", "val_accuracy"):  # 1,000 training and 500 validation digits an epoch
         assert multi["history"][key] == pytest.approx(single.history[key], abs=0.0041), key
     assert multi["test_accuracy"] == pytest.approx(single.test_accuracy, abs=0.0021)  # 1,000 test digits

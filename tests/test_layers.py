@@ -33,7 +33,7 @@ LAYERS = [
     {"serving", "serving.metrics", "serving.versions", "serving.core", "serving.decode", "serving.tfserving",
      "serving.page", "serving.v2", "serving.connections", "serving.http", "serving.grpc", "serving.server"},
     {"bench", "bench.measure", "bench.levers", "bench.lever_worker", "bench.profile", "bench.report",
-     "bench.serving", "bench.attacks"},
+     "bench.serving", "bench.attacks", "bench.torch_peer"},
     {"cli", "cli.common", "cli.fit", "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial",
      "cli.bench", "cli.tune"},
 ]
