@@ -94,6 +94,21 @@ def native_bfloat16(environ=None, flags: frozenset[str] | None = None) -> bool:
     return isa_cap(environ) not in ISAS_WITHOUT_BFLOAT16
 
 
+def bfloat16_blocked(environ=None, flags: frozenset[str] | None = None) -> str | None:
+    """Why bfloat16 convolutions would stop TensorFlow here, or None: its oneDNN rewrite trusts the
+    CPU's flags (AVX512_BF16, AMX-BF16), but ``ONEDNN_MAX_CPU_ISA`` below AVX512_CORE_BF16 leaves oneDNN
+    no bfloat16 kernel to run ("could not create a primitive descriptor" at the first convolution).
+    Without those flags TensorFlow keeps bfloat16 on its own (Eigen) kernels: slow, but it runs."""
+    environ = os.environ if environ is None else environ
+    flags = cpu_flags() if flags is None else flags
+    cap = isa_cap(environ)
+    bfloat16_flags = any(flag in flags for flag in BFLOAT16_FLAGS)
+    if onednn_enabled(environ, flags) and bfloat16_flags and cap in ISAS_WITHOUT_BFLOAT16:
+        return (f"oneDNN is capped at {MAX_ISA_VARIABLE}={cap}, which has no bfloat16 convolutions, while this "
+                f"CPU's bfloat16 flags send them to oneDNN; unset {MAX_ISA_VARIABLE} or train in float32")
+    return None
+
+
 def isa_cap(environ=None) -> str:
     """The instruction set oneDNN is capped at (``ONEDNN_MAX_CPU_ISA`` as oneDNN reads it), or ''."""
     environ = os.environ if environ is None else environ

@@ -25,7 +25,7 @@ import tensorflow as tf
 from mnist_cnn import augment, console, cpu, data, distribute
 from mnist_cnn.callbacks import make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig, native_mixed_precision
-from mnist_cnn.errors import ModelFileError, TrainingDiverged
+from mnist_cnn.errors import ModelFileError, TrainingDiverged, UsageError
 from mnist_cnn.evaluate import score
 from mnist_cnn.export import check_export_dir, export_savedmodel, serving_commands
 from mnist_cnn.keras_file import load_cnn, save_model
@@ -64,7 +64,12 @@ def precision_policy(mixed: bool) -> str:
     """float32, or the mixed policy this machine runs fast: float16 on GPUs, bfloat16 on CPUs."""
     if not mixed:
         return "float32"
-    return "mixed_float16" if tf.config.list_physical_devices("GPU") else "mixed_bfloat16"
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    blocked = cpu.bfloat16_blocked()
+    if blocked:
+        raise UsageError(f"--mixed-precision: {blocked}")
+    return "mixed_bfloat16"
 
 
 def learning_rate(config: TrainConfig, steps_per_epoch: int):

@@ -1,6 +1,7 @@
 """Training options beyond the tutorial: precision, XLA, augmentation, schedule, dropout, recipes."""
 
 import json
+import re
 
 import keras
 import numpy as np
@@ -12,6 +13,7 @@ from mnist_cnn import CNN, augment, cpu, data, train
 from mnist_cnn.bench import measure, profile, report
 from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.config import TrainConfig
+from mnist_cnn.errors import UsageError
 
 
 def losses_of(model, x, y, epochs=3):
@@ -20,6 +22,11 @@ def losses_of(model, x, y, epochs=3):
 
 def test_mixed_precision_trains_like_float32_and_keeps_float32_weights(tiny):
     x, y = tiny
+    blocked = cpu.bfloat16_blocked()
+    if blocked:  # ONEDNN_MAX_CPU_ISA below bfloat16 on a bfloat16 CPU (how the suite stands in for AVX2 CPUs)
+        with pytest.raises(UsageError, match=re.escape(f"--mixed-precision: {blocked}")):
+            train.build_model(TrainConfig(mixed_precision=True), steps_per_epoch=4)
+        return
     results = {}
     for mixed in (False, True):
         keras.utils.set_random_seed(0)
@@ -136,12 +143,33 @@ def test_recipes_set_defaults_that_flags_override():
 
 
 def test_options_reach_the_saved_run(tmp_path):
-    config = quick(tmp_path, epochs=1, augment=True, lr_schedule="cosine", dropout=0.3, mixed_precision=True)
+    mixed = cpu.bfloat16_blocked() is None  # (where bfloat16 cannot run, that is tested above and below)
+    config = quick(tmp_path, epochs=1, augment=True, lr_schedule="cosine", dropout=0.3, mixed_precision=mixed)
     result = train.fit(config, verbose=0)
     model = keras.saving.load_model(result.model_path)
-    assert model.dropout == 0.3 and model.dtype_policy.name == "mixed_bfloat16"
+    assert model.dropout == 0.3 and model.dtype_policy.name == ("mixed_bfloat16" if mixed else "float32")
     saved = json.loads((result.run_dir / "config.json").read_text())
-    assert (saved["augment"], saved["lr_schedule"], saved["mixed_precision"]) == (True, "cosine", True)
+    assert (saved["augment"], saved["lr_schedule"], saved["mixed_precision"]) == (True, "cosine", mixed)
+
+
+def test_mixed_precision_where_onednn_is_capped_below_bfloat16_is_one_line_before_any_run(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A bfloat16 CPU with oneDNN capped at AVX2: TensorFlow would send bfloat16 convolutions to oneDNN,
+    which has none, and stop with "could not create a primitive descriptor" mid-run."""
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_bf16"}))
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    code = fit_cli.main(["--dry-run", "--data", "sample", "--mixed-precision", "--logdir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err == ("fit.py: error: --mixed-precision: oneDNN is capped at ONEDNN_MAX_CPU_ISA=AVX2, "
+                                 "which has no bfloat16 convolutions, while this CPU's bfloat16 flags send them to "
+                                 "oneDNN; unset ONEDNN_MAX_CPU_ISA or train in float32\n")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert cpu.bfloat16_blocked() is None
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma"}))  # Eigen keeps bfloat16: it runs
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu.bfloat16_blocked() is None
 
 
 def test_sample_with_an_official_test_folder_uses_all_5000(tmp_path):
@@ -176,6 +204,7 @@ def test_the_fast_recipe_picks_its_precision_and_epochs_by_what_the_hardware_run
     if not tf.config.list_physical_devices("GPU") and cpu.is_x86():  # on a CPU: its bfloat16 that oneDNN uses
         monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "amx_bf16"}))
         monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "1")
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # (the suite may run capped)
         assert TrainConfig.from_recipe("fast").mixed_precision is True
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # the issue's CPU, on this one
         capped = TrainConfig.from_recipe("fast")

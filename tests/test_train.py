@@ -156,8 +156,8 @@ def test_fit_script_dry_run_twice_at_once_in_two_run_folders(tmp_path):
     folders = set()
     for out, _ in outs:
         lines = out.splitlines()
-        assert any(line.startswith("Device: CPU (") and line.endswith(fast) or line.startswith("Device: GPU: ")
-                   for line in lines), lines[:3]
+        assert any(line.startswith("Device: CPU (") and fast in line or line.startswith("Device: GPU: ")
+                   for line in lines), lines[:3]  # (", its kernels capped at ..." where ONEDNN_MAX_CPU_ISA is set)
         assert "Data: sample (3,500 train / 500 validation / 1,000 test)" in lines
         accuracy = [line for line in lines if line.startswith("test accuracy: ")]
         assert len(accuracy) == 1 and 0.0 <= float(accuracy[0].split(": ")[1]) <= 1.0
