@@ -234,10 +234,11 @@ class Health:
         self.servicer = health.aio.HealthServicer()
         self.ready = None
 
-    async def update(self) -> None:
-        """Publish the service's readiness (when it changed)."""
-        if self.service.ready != self.ready:
-            self.ready = self.service.ready
+    async def update(self, ready: bool | None = None) -> None:
+        """Publish the service's readiness, or ``ready`` (before the service turns so), when it changed."""
+        ready = self.service.ready if ready is None else ready
+        if ready != self.ready:
+            self.ready = ready
             status = health_pb2.HealthCheckResponse.SERVING if self.ready else \
                 health_pb2.HealthCheckResponse.NOT_SERVING
             for name in (*self.NAMES, self.service.model.name):

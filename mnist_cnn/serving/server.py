@@ -143,10 +143,11 @@ class Server:
             if warming.done() and not stop.is_set():
                 self.warm_error = warming.exception()
                 if self.warm_error is None:
+                    if health is not None:  # gRPC's health first: HTTP answered ready before it said SERVING
+                        await health.update(ready=True)
+                    self.model.ready_up()
                     log.info("warmed up: version %d is ready (%d warm-up requests replayed)",
                              self.model.current().version, warming.result())
-                    if health is not None:
-                        await health.update()
                     if self.model.base is not None:
                         poller = asyncio.create_task(poll_versions(self.model, self.poll_seconds))
                     await asyncio.wait({ended, serving}, return_when=asyncio.FIRST_COMPLETED)

@@ -254,12 +254,13 @@ class Model:
         return self._served
 
     def warm_up(self) -> int:
-        """Warm the first version up (``Servable.warm_up``); it is AVAILABLE then. The number of
-        requests replayed."""
-        replayed = self._served.warm_up()
+        """Warm the first version up (``Servable.warm_up``): the number of requests replayed. It turns
+        AVAILABLE with ``ready_up``, which the server calls on its event loop once every face says so."""
+        return self._served.warm_up()
+
+    def ready_up(self) -> None:
         self.states[self._served.version] = "AVAILABLE"
         self.warm = True
-        return replayed
 
     def _newest_loadable(self, skipped: list, above: int = 0, warm: bool = False) -> Servable | None:
         """The newest version above ``above`` that loads (and, with ``warm``, warms up). One that
