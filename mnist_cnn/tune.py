@@ -23,8 +23,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import logging
-import math
 import os
 import socket
 import time
@@ -47,24 +45,12 @@ from mnist_cnn.errors import InputError, TrainingDiverged, UsageError
 from mnist_cnn.files import read_json, write_json
 from mnist_cnn.rundir import RunDir
 from mnist_cnn.space import OBJECTIVES, Sweep, check
-
-log = logging.getLogger(__name__)
+from mnist_cnn.sweep_report import Outcome, line
 
 # not the study's business: where the trials' folders are, how they show progress, how many checkpoints they keep
 NOT_COMPARED = (*RUN_IDENTITY, *RESUME_MAY_CHANGE, "keep_checkpoints", "tfds_dir")
 HOST = socket.gethostname()
-
-
-@dataclass
-class Outcome:
-    """A study after ``run``: its trials (Optuna's FrozenTrials) and the best complete one."""
-
-    study_name: str
-    storage: str
-    objective: str
-    trials: list
-    best: object | None  # FrozenTrial
-    best_config: Path | None
+RECORDED = {"space": "search space", "base": "base options", "objective": "objective"}  # what a study keeps
 
 
 def storage_url(sweep: Sweep, base: TrainConfig) -> str:
@@ -83,8 +69,7 @@ def shown(url: str) -> str:
 
 def open_storage(url: str):
     """Optuna's storage for ``url``: journal:PATH (a journal file, e.g. on a shared file system) or
-    an SQLAlchemy URL (sqlite:///PATH, postgresql://..., mysql+pymysql://...)."""
-
+    an SQLAlchemy URL (sqlite:///PATH, postgresql+psycopg2://..., mysql+pymysql://...)."""
     try:
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):])
@@ -99,7 +84,6 @@ def open_storage(url: str):
 
 
 def pruner(sweep: Sweep):
-
     if sweep.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=sweep.prune_after_trials,
                                            n_warmup_steps=sweep.prune_after_epochs)
@@ -115,7 +99,6 @@ def compared(base: TrainConfig) -> dict:
 
 def open_study(sweep: Sweep, base: TrainConfig, space):
     """The study (created, or continued when its space, base config and objective are the same)."""
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     check(sweep, base)
     try:
@@ -132,9 +115,8 @@ def open_study(sweep: Sweep, base: TrainConfig, space):
         if before is None:
             study.set_user_attr(key, value)
         elif before != value:
-            what = {"space": "search space", "base": "base options"}.get(key, key)
             raise UsageError(f"--study {sweep.study}: {_difference(key, before, value)}; a study keeps its "
-                             f"{what} (start another with a new --study, or run it as it was)")
+                             f"{RECORDED[key]} (start another with a new --study, or run it as it was)")
     write_experiment(sweep.folder(base), space)
     return study
 
@@ -165,7 +147,7 @@ def _difference(key: str, before: str, now: str) -> str:
         return f"it selects on {before}, not {now}"
     old, new = json.loads(before), json.loads(now)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, "absent") != new.get(k, "absent"))
-    return f"its {'search space' if key == 'space' else 'base options'} changed ({', '.join(changed)})"
+    return f"its {RECORDED[key]} changed ({', '.join(changed)})"
 
 
 # -- claiming a trial ---------------------------------------------------------------------------
@@ -173,6 +155,11 @@ def _difference(key: str, before: str, now: str) -> str:
 
 def trial_name(number: int) -> str:
     return f"trial-{number:04d}"
+
+
+def stored(study, number: int):
+    """Trial ``number`` as the storage holds it now (``study.trials`` would deep-copy every trial)."""
+    return study.get_trials(deepcopy=False)[number]  # a study's trials are numbered 0, 1, 2, ... in order
 
 
 @contextlib.contextmanager
@@ -211,7 +198,6 @@ def counted(trials) -> int:
 def claim(study, sweep: Sweep, base: TrainConfig, space, say) -> Claim | None:
     """Under the study lock: a trial a dead process left, else a new one while the study holds
     fewer than ``sweep.trials``; None when it is full."""
-
     folder = sweep.folder(base)
     trials = study.get_trials(deepcopy=False)
     seed = int(np.random.SeedSequence([base.seed, sweep.worker or 0, len(trials)]).generate_state(1)[0])
@@ -259,7 +245,7 @@ def _tell_finished(study, frozen, run_dir: RunDir, sweep: Sweep, say) -> None:
     value = metrics["history"][sweep.objective][-1]
     pruned = "pruned_at_epoch" in metrics.get("trial", {})
     study.tell(frozen.number, state=TrialState.PRUNED if pruned else None, values=None if pruned else value)
-    say(line(study.trials[frozen.number], sweep.objective, "taken from its finished run"))
+    say(line(stored(study, frozen.number), sweep.objective, "taken from its finished run"))
 
 
 # -- training it -----------------------------------------------------------------------------
@@ -276,7 +262,7 @@ class Report(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.release()  # the run folder is locked now: other processes may claim again
-        self.known = set(self.trial.study.trials[self.trial.number].intermediate_values)
+        self.known = set(stored(self.trial.study, self.trial.number).intermediate_values)
         for entry in self.run_dir.read_history():  # a resumed trial's epochs its killed process did not report
             if entry["epoch"] not in self.known and self.objective in entry:
                 self.trial.report(float(entry[self.objective]), entry["epoch"])
@@ -301,7 +287,7 @@ def train_trial(study, claimed: Claim, sweep: Sweep, release, say) -> None:
     except TrainingDiverged as e:
         trial.set_user_attr("error", str(e)[:500])
         study.tell(trial, state=TrialState.FAIL)
-        say(line(study.trials[number], sweep.objective, "diverged"))
+        say(line(stored(study, number), sweep.objective, "diverged"))
         return
     except InputError as e:
         trial.set_user_attr("input_error", str(e)[:500])
@@ -313,7 +299,7 @@ def train_trial(study, claimed: Claim, sweep: Sweep, release, say) -> None:
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, result.history[sweep.objective][-1])
-    say(line(study.trials[number], sweep.objective, claimed.note))
+    say(line(stored(study, number), sweep.objective, claimed.note))
 
 
 def work(study, sweep: Sweep, base: TrainConfig, space, say=print, started: float | None = None) -> None:
@@ -329,38 +315,11 @@ def work(study, sweep: Sweep, base: TrainConfig, space, say=print, started: floa
             train_trial(study, claimed, sweep, release, say)
 
 
-# -- what a person sees ----------------------------------------------------------------------
-
-
-def _seconds(frozen) -> float | None:
-    if frozen.datetime_start and frozen.datetime_complete:
-        return (frozen.datetime_complete - frozen.datetime_start).total_seconds()
-    return None
-
-
-def _value(frozen) -> float | None:
-    if frozen.value is not None:
-        return frozen.value
-    return frozen.intermediate_values[max(frozen.intermediate_values)] if frozen.intermediate_values else None
-
-
-def _param(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def line(frozen, objective: str, note: str = "") -> str:
-    """One line per trial: number, state, objective, epochs, seconds, options."""
-    value, seconds = _value(frozen), _seconds(frozen)
-    params = " ".join(f"{k}={_param(v)}" for k, v in frozen.params.items())
-    return (f"trial {frozen.number:>3}  {frozen.state.name:<8}  {objective} "
-            f"{'-' if value is None else f'{value:.4f}'}  {len(frozen.intermediate_values)} epochs run  "
-            f"{'-' if seconds is None else f'{seconds:.0f} s'}  {params}{f'  ({note})' if note else ''}")
+# -- the best trial ------------------------------------------------------------------------
 
 
 def best_trial(study):
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
     sign = 1 if OBJECTIVES[study.user_attrs.get("objective", "val_accuracy")] == "maximize" else -1
@@ -377,34 +336,6 @@ def write_best(study, sweep: Sweep, base: TrainConfig) -> Path | None:
     path = sweep.folder(base) / "best.json"
     write_json(path, {k: v for k, v in dataclasses.asdict(config).items() if k not in (*RUN_IDENTITY, "progress")})
     return path
-
-
-def table(trials, objective: str) -> str:
-    """The summary: every trial, the best first."""
-    names = list(dict.fromkeys(k for t in trials for k in t.params))
-    sign = -1 if OBJECTIVES[objective] == "maximize" else 1
-    done = sorted(trials, key=lambda t: (t.state.name != "COMPLETE", math.inf if _value(t) is None
-                                         else sign * _value(t), t.number))
-    rows = [["trial", "state", objective, "epochs_run", "seconds", *names]]
-    for t in done:
-        value, seconds = _value(t), _seconds(t)
-        rows.append([str(t.number), t.state.name, "-" if value is None else f"{value:.4f}",
-                     str(len(t.intermediate_values)), "-" if seconds is None else f"{seconds:.0f}",
-                     *(_param(t.params[n]) if n in t.params else "" for n in names)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows)
-
-
-def as_json(outcome: Outcome) -> dict:
-    """``--json``: the study for machines."""
-    def trial(t):
-        return {"number": t.number, "state": t.state.name, "value": _value(t), "params": t.params,
-                "epochs": len(t.intermediate_values), "seconds": _seconds(t), "run_dir": t.user_attrs.get("run_dir")}
-
-    return {"study": outcome.study_name, "storage": outcome.storage, "objective": outcome.objective,
-            "direction": OBJECTIVES[outcome.objective], "trials": [trial(t) for t in outcome.trials],
-            "best": None if outcome.best is None else trial(outcome.best),
-            "best_config": None if outcome.best_config is None else str(outcome.best_config)}
 
 
 def run(sweep: Sweep, base: TrainConfig, say=print, work_here: bool = True) -> Outcome:

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from mnist_cnn import space
+from mnist_cnn import space, sweep_report
 from mnist_cnn.cli.common import (
     EXIT_INTERRUPTED,
     Parser,
@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         if sweep.worker is not None:
             return code
         if flags.get("json"):
-            print(json.dumps(tune.as_json(outcome), indent=1))
+            print(json.dumps(sweep_report.as_json(outcome), indent=1))
         else:
             print(summary(outcome))
         return code
@@ -165,12 +165,10 @@ def interrupted(argv) -> int:
 
 
 def summary(outcome) -> str:
-    from mnist_cnn import tune
-
     head = f"study {outcome.study_name}: {len(outcome.trials)} trials in {outcome.storage}"
     if not outcome.trials:
         return head
-    lines = [head, tune.table(outcome.trials, outcome.objective)]
+    lines = [head, sweep_report.table(outcome.trials, outcome.objective)]
     if outcome.best is None:
         lines.append("no trial completed, so there is no best.json yet")
     else:
