@@ -39,10 +39,11 @@ from tensorboard.util import tensor_util
 from mnist_cnn import pictures
 from mnist_cnn.errors import TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
+from mnist_cnn.events import SAMPLES_TAG, STEP_TAG_PREFIX
 from mnist_cnn.files import write_atomic
 from mnist_cnn.keras_file import inference_copy, model_bytes
 from mnist_cnn.model import random_state
-from mnist_cnn.rundir import SAMPLES_TAG, STEP_TAG_PREFIX, RunDir
+from mnist_cnn.rundir import RunDir
 
 log = logging.getLogger(__name__)
 

@@ -22,20 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mnist_cnn.config import TrainConfig, check_name
-from mnist_cnn.errors import StorageError, UsageError
-from mnist_cnn.files import json_digest, read_json, read_regular, sha256, temp_name, write_atomic, write_json
+from mnist_cnn.errors import UsageError
+from mnist_cnn.events import drop_events
+from mnist_cnn.files import json_digest, read_json, read_regular, sha256, temp_name, write_json
 
 log = logging.getLogger(__name__)
 
 _TEMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}(\.keras)?$")  # (.keras: model_bytes' scratch copy)
 _CHECKPOINT = re.compile(r"^(?P<kind>epoch|resume)-(?P<epoch>[0-9]{2,9})\.keras$")  # any other name is not ours
 MAX_CHECKPOINT = 1 << 30  # bytes: a resume checkpoint of the largest CNN the bounds allow is ~0.6 GB
-# TensorBoard tags indexed by optimizer step (everything else is indexed by epoch) ...
-STEP_TAG_PREFIX = "batch_"
-# ... and the ones written once, by the run's first process only.
-SAMPLES_TAG = "train/samples"
-ONCE_TAGS = (SAMPLES_TAG, "_hparams_/session_start_info")
-SESSION_END_TAG = "_hparams_/session_end_info"
 
 
 def resume_checkpoint_name(epochs: int) -> str:
@@ -363,48 +358,4 @@ class RunDir:
                 checkpoint.unlink()
         for events in self.path.rglob("events.out.tfevents.*"):
             if "plugins" not in events.parts and events.is_file() and not events.is_symlink():
-                _drop_events(events, epochs, steps)  # (a folder or link of that name is not the run's)
-
-
-def _drop_events(path: Path, epochs: int, steps: int) -> None:
-    """Rewrite one TensorBoard event file without the events past the committed epoch/step."""
-    import tensorflow as tf
-    from tensorboard.compat.proto import event_pb2
-
-    kept, dropped = [], 0
-    try:
-        for record in tf.data.TFRecordDataset(str(path), buffer_size=1 << 18):  # (unset, TF logs a line)
-            raw = record.numpy()
-            event = event_pb2.Event.FromString(raw)
-            if event.HasField("summary") and not _keep(event, epochs, steps):
-                dropped += 1
-            else:
-                kept.append(raw)
-    except tf.errors.DataLossError:  # the killed process's last record was cut short
-        dropped += 1
-    if not dropped:
-        return
-    tmp = temp_name(path)  # TFRecordWriter frames the records; write_atomic puts them in place
-    try:
-        with tf.io.TFRecordWriter(str(tmp)) as writer:
-            for raw in kept:
-                writer.write(raw)
-        payload = tmp.read_bytes()
-    except (OSError, tf.errors.OpError) as e:
-        message = e.strerror if isinstance(e, OSError) else e.message.replace(str(tmp), "")
-        reason = " ".join(str(message).split()).strip("; ")[:200]
-        raise StorageError(f"cannot write {path}: {reason}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    write_atomic(path, payload)
-
-
-def _keep(event, epochs: int, steps: int) -> bool:
-    tags = [value.tag for value in event.summary.value]
-    if SESSION_END_TAG in tags:
-        return False  # the resumed process ends the session anew
-    if any(tag in ONCE_TAGS for tag in tags):
-        return True
-    if any(tag.startswith(STEP_TAG_PREFIX) for tag in tags):
-        return event.step <= steps
-    return event.step < epochs
+                drop_events(events, epochs, steps)  # (a folder or link of that name is not the run's)

@@ -26,7 +26,7 @@ COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-ev
 
 # the README's Architecture table, bottom first: a module imports from its own layer and those below
 LAYERS = [
-    {"errors", "files", "cpu", "console", "config", "idx", "rundir", "space", "sweep_report"},
+    {"errors", "files", "cpu", "console", "config", "idx", "rundir", "events", "space", "sweep_report"},
     {"model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
     {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "tutorial", "warmup", "tune"},
