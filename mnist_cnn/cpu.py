@@ -88,10 +88,7 @@ def native_bfloat16(environ=None, flags: frozenset[str] | None = None) -> bool:
     the CPU's own bfloat16 instructions: oneDNN on, AVX512_BF16 or AMX-BF16 present, and
     ``ONEDNN_MAX_CPU_ISA`` (if set) not below AVX512_CORE_BF16. Elsewhere they are emulated."""
     environ = os.environ if environ is None else environ
-    flags = cpu_flags() if flags is None else flags
-    if not onednn_enabled(environ, flags) or not any(flag in flags for flag in BFLOAT16_FLAGS):
-        return False
-    return isa_cap(environ) not in ISAS_WITHOUT_BFLOAT16
+    return _bfloat16_to_onednn(environ, flags) and isa_cap(environ) not in ISAS_WITHOUT_BFLOAT16
 
 
 def bfloat16_blocked(environ=None, flags: frozenset[str] | None = None) -> str | None:
@@ -100,13 +97,18 @@ def bfloat16_blocked(environ=None, flags: frozenset[str] | None = None) -> str |
     no bfloat16 kernel to run ("could not create a primitive descriptor" at the first convolution).
     Without those flags TensorFlow keeps bfloat16 on its own (Eigen) kernels: slow, but it runs."""
     environ = os.environ if environ is None else environ
-    flags = cpu_flags() if flags is None else flags
     cap = isa_cap(environ)
-    bfloat16_flags = any(flag in flags for flag in BFLOAT16_FLAGS)
-    if onednn_enabled(environ, flags) and bfloat16_flags and cap in ISAS_WITHOUT_BFLOAT16:
+    if _bfloat16_to_onednn(environ, flags) and cap in ISAS_WITHOUT_BFLOAT16:
         return (f"oneDNN is capped at {MAX_ISA_VARIABLE}={cap}, which has no bfloat16 convolutions, while this "
                 f"CPU's bfloat16 flags send them to oneDNN; unset {MAX_ISA_VARIABLE} or train in float32")
     return None
+
+
+def _bfloat16_to_onednn(environ, flags: frozenset[str] | None) -> bool:
+    """Whether TensorFlow hands bfloat16 work to oneDNN: oneDNN on and the CPU's bfloat16 flags present
+    (the cap decides whether oneDNN then has kernels for it)."""
+    flags = cpu_flags() if flags is None else flags
+    return onednn_enabled(environ, flags) and any(flag in flags for flag in BFLOAT16_FLAGS)
 
 
 def isa_cap(environ=None) -> str:
