@@ -41,6 +41,9 @@ FAST_IN_FLOAT32 = {"epochs": 8}
 RUN_IDENTITY = ("logdir", "run_name")
 # Fields that change how a run is shown or called, not what it trains: --resume applies them.
 RESUME_MAY_CHANGE = ("progress", "steps_per_execution")
+# Where a run is and how it shows progress: a config passed on to train another run (a sweep's best.json,
+# bench --versus) leaves them out.
+NOT_PASSED_ON = (*RUN_IDENTITY, "progress")
 PROGRESS = ("auto", "bar", "epoch", "none")
 QUANTIZE = ("none", "dynamic", "int8")  # TensorFlow Lite weights (export --quantize)
 SEED_MAX = 2**32 - 1  # numpy's seed range

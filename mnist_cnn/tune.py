@@ -40,7 +40,7 @@ from tensorboard.plugins.hparams import api as hp
 
 from mnist_cnn import console, train
 from mnist_cnn import space as spaces
-from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig
+from mnist_cnn.config import NOT_PASSED_ON, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig
 from mnist_cnn.errors import InputError, TrainingDiverged, UsageError
 from mnist_cnn.files import read_json, write_json
 from mnist_cnn.rundir import RunDir
@@ -334,7 +334,7 @@ def write_best(study, sweep: Sweep, base: TrainConfig) -> Path | None:
         return None
     config = RunDir(sweep.folder(base) / trial_name(best.number)).read_config()
     path = sweep.folder(base) / "best.json"
-    write_json(path, {k: v for k, v in dataclasses.asdict(config).items() if k not in (*RUN_IDENTITY, "progress")})
+    write_json(path, {k: v for k, v in dataclasses.asdict(config).items() if k not in NOT_PASSED_ON})
     return path
 
 

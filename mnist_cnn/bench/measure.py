@@ -32,6 +32,7 @@ from mnist_cnn.bench.profile import (
     layer_flops,
     op_class_profile,
 )
+from mnist_cnn.config import NOT_PASSED_ON
 from mnist_cnn.model import CNN
 from mnist_cnn.optimizers import FusedAdam
 
@@ -287,7 +288,7 @@ def accuracy(runs: int, official: Path | None, log, contenders: dict | None = No
     with tempfile.TemporaryDirectory() as logdir:
         for round_ in range(runs):
             for recipe, options in contenders.items():
-                options = {k: v for k, v in options.items() if k not in ("logdir", "run_name", "progress")}
+                options = {k: v for k, v in options.items() if k not in NOT_PASSED_ON}
                 config = train.TrainConfig.from_recipe(options.pop("recipe", "tutorial"), **{
                     **options, "data": "sample", "test_data": test, "logdir": logdir, "keep_checkpoints": 0,
                     "seed": round_})
