@@ -106,6 +106,9 @@ class TrainConfig:
     ema: float | None = option(None, "keep an exponential moving average of the weights with this momentum "
                                "(e.g. 0.99): validation, the best and final models and the test score use it",
                                low=0.0, high=1.0, open_low=True, open_high=True, metavar="MOMENTUM")
+    label_smoothing: float = option(0.0, "train against targets of 1 - E on the label and E/10 on every class "
+                                    "(the validation and test losses stay plain cross-entropy)", low=0.0, high=1.0,
+                                    open_high=True, metavar="E")
     lr_schedule: str = option("constant", "constant, or cosine decay to 0 over the run", choices=LR_SCHEDULES)
     dropout: float = option(0.0, "dropout before the last dense layer (0 = the tutorial's CNN)",
                             low=0.0, high=1.0, open_high=True)

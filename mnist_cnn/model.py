@@ -211,6 +211,30 @@ class CNN(keras.Model):
 
     # -- training --------------------------------------------------------------
 
+    def compile(self, *args, label_smoothing: float = 0.0, **kwargs):
+        """Keras' ``compile``, and ``label_smoothing`` e: the training loss aims at 1 - e on the label and
+        e / classes on every class (Szegedy et al. 2016, Keras' ``label_smoothing``), while validation and
+        test losses stay the plain cross-entropy, comparable with runs without it."""
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing={label_smoothing!r} is outside [0, 1)")
+        self.label_smoothing = float(label_smoothing)
+        super().compile(*args, **kwargs)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        smoothing = getattr(self, "label_smoothing", 0.0)
+        if not (training and smoothing):
+            return loss
+        # the smoothed targets' cross-entropy is (1 - e) CE(label) + e CE(uniform), and CE(uniform) is
+        # the mean over classes of -log p, clipped as Keras clips probabilities
+        probs = keras.ops.clip(keras.ops.cast(y_pred, "float32"), keras.config.epsilon(), 1.0)
+        uniform = -keras.ops.mean(keras.ops.log(probs), axis=-1)
+        if sample_weight is not None:
+            uniform = uniform * keras.ops.cast(keras.ops.reshape(sample_weight, (-1,)), "float32")
+        # divided by the replicas as Keras divides the loss it computed (see _track_loss)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return (1 - smoothing) * loss + smoothing * keras.ops.mean(uniform) / replicas
+
     def gradient_step(self, x, y, sample_weight=None):
         """One optimisation step: forward pass, loss, gradients, update.
 

@@ -30,7 +30,8 @@ from mnist_cnn.files import read_regular
 # What a trial may vary: what the model learns from (not where its data, logs or devices are,
 # nor the validation split that scores it, nor the seed: trials differ in their options only)
 TUNABLE = ("epochs", "batch_size", "learning_rate", "lr_schedule", "dropout", "augment", "augment_rotation",
-           "augment_shift", "augment_zoom", "elastic", "elastic_alpha", "elastic_sigma", "ema", "mixed_precision")
+           "augment_shift", "augment_zoom", "elastic", "elastic_alpha", "elastic_sigma", "ema", "label_smoothing",
+           "mixed_precision")
 SWITCHES = {"augment_": "augment", "elastic_": "elastic"}  # a strength is drawn only where its switch is on
 OBJECTIVES = {"val_accuracy": "maximize", "val_loss": "minimize"}
 PRUNERS = ("median", "hyperband", "none")

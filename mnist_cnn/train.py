@@ -99,6 +99,7 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],
         steps_per_execution=config.steps_per_execution,
+        label_smoothing=config.label_smoothing,
     )
     build_optimizer(model)
     return model

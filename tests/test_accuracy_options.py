@@ -95,3 +95,27 @@ def test_elastic_distortions_change_digits_seeded_and_keep_them_digits(sample):
                                                          start_step=4).take(2)]
     for a, b in zip(stream[4:], resumed, strict=True):
         np.testing.assert_array_equal(a, b)  # exact under resume
+
+
+def test_label_smoothing_is_keras_smoothed_cross_entropy_in_training_and_plain_elsewhere(tiny):
+    """--label-smoothing e: the gradient step minimises the cross-entropy against Keras' smoothed
+    targets (1 - e + e/10 on the label, e/10 elsewhere); validation and test losses stay plain."""
+    x, y = tiny
+    keras.utils.set_random_seed(0)
+    model = train.compile_model(CNN(), train.TrainConfig(label_smoothing=0.2), steps_per_epoch=4)
+    probs = tf.nn.softmax(np.random.default_rng(0).normal(0, 3, (40, 10)).astype("float32"))  # far from uniform
+    smoothed = keras.losses.CategoricalCrossentropy(label_smoothing=0.2)(tf.one_hot(y[:40], 10), probs)
+    plain = keras.losses.SparseCategoricalCrossentropy()(y[:40], probs)
+    assert abs(float(smoothed) - float(plain)) > 0.05  # apart by far more than float32 rounding
+    weights = np.r_[np.ones(30), np.zeros(10)].astype("float32")
+    weighted = keras.losses.CategoricalCrossentropy(label_smoothing=0.2)(tf.one_hot(y[:40], 10), probs, weights)
+    for training, want, sw in ((True, smoothed, None), (False, plain, None), (True, weighted, weights)):
+        got = model.compute_loss(x[:40], y[:40], probs, sample_weight=sw, training=training)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    # and fit's logged losses: training smoothed, validation plain
+    history = model.fit(x[:40], y[:40], batch_size=40, epochs=1, verbose=0, validation_data=(x[:40], y[:40]))
+    after = model(x[:40], training=False)
+    assert history.history["val_loss"][0] == pytest.approx(
+        float(keras.losses.SparseCategoricalCrossentropy()(y[:40], after)), rel=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        CNN().compile(optimizer="adam", loss="sparse_categorical_crossentropy", label_smoothing=1.0)
