@@ -135,9 +135,12 @@ def test_dropout_is_a_constructor_argument_active_only_in_training(tiny):
 
 def test_recipes_set_defaults_that_flags_override():
     best, _ = fit_cli.parse_args(["--recipe", "best"])
-    assert (best.epochs, best.augment, best.lr_schedule, best.dropout) == (40, True, "cosine", 0.5)
-    custom, _ = fit_cli.parse_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2"])
+    assert (best.epochs, best.augment, best.lr_schedule, best.dropout) == (120, True, "cosine", 0.5)
+    assert (best.augment_rotation, best.augment_shift, best.augment_zoom, best.label_smoothing) == (15, 0.15, 0.15, 0.1)
+    custom, _ = fit_cli.parse_args(["--recipe", "best", "--epochs", "3", "--no-augment", "--dropout", "0.2",
+                                    "--label-smoothing", "0"])
     assert (custom.epochs, custom.augment, custom.lr_schedule, custom.dropout) == (3, False, "cosine", 0.2)
+    assert (custom.augment_rotation, custom.label_smoothing) == (15, 0.0)
     seed, _ = fit_cli.parse_args([])
     assert seed == TrainConfig()
 
@@ -185,18 +188,19 @@ def test_forward_flops_counted_from_the_layer_shapes():
 
 
 def test_the_fast_recipe_picks_its_precision_and_epochs_by_what_the_hardware_runs_natively(monkeypatch):
-    """12 mixed-precision epochs where bfloat16 (or a GPU's float16) is native, else 8 float32 ones;
+    """12 mixed-precision epochs where bfloat16 (or a GPU's float16) is native, else 10 float32 ones;
     issue #29: on an AVX512_VNNI CPU without bfloat16 the 12 float32 epochs took 2.7x the tutorial."""
     from mnist_cnn import config
 
-    shared = ("augment", "lr_schedule", "dropout", "learning_rate", "steps_per_execution", "validation_split")
+    shared = ("augment", "lr_schedule", "dropout", "learning_rate", "label_smoothing", "steps_per_execution",
+              "validation_split")
     monkeypatch.setattr(config, "native_mixed_precision", lambda: True)
     native = TrainConfig.from_recipe("fast")
     assert (native.epochs, native.mixed_precision) == (12, True)
-    assert [getattr(native, name) for name in shared] == [True, "cosine", 0.5, 2e-3, 10, "0.05"]
+    assert [getattr(native, name) for name in shared] == [True, "cosine", 0.5, 2e-3, 0.1, 10, "0.05"]
     monkeypatch.setattr(config, "native_mixed_precision", lambda: False)
     emulated = TrainConfig.from_recipe("fast")
-    assert (emulated.epochs, emulated.mixed_precision) == (8, False)
+    assert (emulated.epochs, emulated.mixed_precision) == (10, False)
     assert [getattr(emulated, name) for name in shared] == [getattr(native, name) for name in shared]
     assert TrainConfig.from_recipe("fast", epochs=12).epochs == 12  # a typed flag wins
     assert TrainConfig.from_recipe("fast", mixed_precision=True).mixed_precision is True

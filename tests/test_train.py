@@ -196,5 +196,5 @@ def test_fit_from_python_shows_its_lines_without_logging_configured_and_leaves_l
 def test_a_recipe_name_without_its_settings_is_refused_with_the_call_that_applies_it():
     with pytest.raises(UsageError, match=re.escape("TrainConfig.from_recipe('best', ...)")):
         TrainConfig(recipe="best").validate()
-    assert TrainConfig.from_recipe("best").validate().epochs == 40
+    assert TrainConfig.from_recipe("best").validate().epochs == 120
     assert TrainConfig.from_recipe("best", epochs=3).validate().augment  # a typed value still wins
