@@ -212,7 +212,7 @@ def test_the_fast_recipe_picks_its_precision_and_epochs_by_what_the_hardware_run
         assert TrainConfig.from_recipe("fast").mixed_precision is True
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")  # the CPU, on this one
         capped = TrainConfig.from_recipe("fast")
-        assert (capped.epochs, capped.mixed_precision) == (8, False)
+        assert (capped.epochs, capped.mixed_precision) == (10, False)
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
         monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset({"avx2", "fma", "avx512f", "avx512_vnni"}))
         assert TrainConfig.from_recipe("fast").mixed_precision is False
