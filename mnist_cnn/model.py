@@ -211,18 +211,23 @@ class CNN(keras.Model):
 
     # -- training --------------------------------------------------------------
 
-    def compile(self, *args, label_smoothing: float = 0.0, **kwargs):
-        """Keras' ``compile``, and ``label_smoothing`` e: the training loss aims at 1 - e on the label and
-        e / classes on every class (Szegedy et al. 2016, Keras' ``label_smoothing``), while validation and
-        test losses stay the plain cross-entropy, comparable with runs without it."""
-        if not 0 <= label_smoothing < 1:
-            raise ValueError(f"label_smoothing={label_smoothing!r} is outside [0, 1)")
-        self.label_smoothing = float(label_smoothing)
-        super().compile(*args, **kwargs)
+    @property
+    def label_smoothing(self) -> float:
+        """e: the training loss aims at 1 - e on the label and e / classes on every class (Szegedy et
+        al. 2016, Keras' ``label_smoothing``), while validation and test losses stay the plain
+        cross-entropy, comparable with runs without it. 0 (the tutorial's loss) unless set."""
+        return getattr(self, "_label_smoothing", 0.0)
+
+    @label_smoothing.setter
+    def label_smoothing(self, value: float) -> None:
+        if type(value) not in (int, float) or not 0 <= value < 1:
+            raise ValueError(f"label_smoothing={value!r} is outside [0, 1)")
+        self._label_smoothing = float(value)
+        self.train_function = None  # traced with the old value: trace the step again
 
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         loss = super().compute_loss(x, y, y_pred, sample_weight, training=training)
-        smoothing = getattr(self, "label_smoothing", 0.0)
+        smoothing = self.label_smoothing
         if not (training and smoothing):
             return loss
         # the smoothed targets' cross-entropy is (1 - e) CE(label) + e CE(uniform), and CE(uniform) is

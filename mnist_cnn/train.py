@@ -99,8 +99,11 @@ def compile_model(model: keras.Model, config: TrainConfig, steps_per_epoch: int,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=JIT_CHOICES[config.jit_compile],
         steps_per_execution=config.steps_per_execution,
-        label_smoothing=config.label_smoothing,
     )
+    if config.label_smoothing:  # (CNN's own: Keras' sparse cross-entropy has no smoothing)
+        if not isinstance(model, CNN):
+            raise ValueError(f"label smoothing is CNN's; {type(model).__name__} has none")
+        model.label_smoothing = config.label_smoothing
     build_optimizer(model)
     return model
 

@@ -117,5 +117,7 @@ def test_label_smoothing_is_keras_smoothed_cross_entropy_in_training_and_plain_e
     after = model(x[:40], training=False)
     assert history.history["val_loss"][0] == pytest.approx(
         float(keras.losses.SparseCategoricalCrossentropy()(y[:40], after)), rel=1e-5)
-    with pytest.raises(ValueError, match="label_smoothing"):
-        CNN().compile(optimizer="adam", loss="sparse_categorical_crossentropy", label_smoothing=1.0)
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            model.label_smoothing = bad
+    assert model.label_smoothing == 0.2 and CNN().label_smoothing == 0.0
