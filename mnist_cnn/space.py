@@ -48,6 +48,7 @@ DEFAULT_SPACE = {
     "augment_zoom": {"low": 0.0, "high": 0.2},
     "elastic": {"choices": [False, True]},
     "ema": {"choices": [None, 0.99, 0.999]},
+    "label_smoothing": {"choices": [0.0, 0.1]},
 }
 
 

@@ -50,7 +50,7 @@ def trials_of(logdir, study):
 
 def test_the_default_space_is_valid_and_a_toml_space_reads_as_its_json_twin(tmp_path):
     assert {d.name for d in space.read(None)} >= {"learning_rate", "lr_schedule", "dropout", "batch_size", "epochs",
-                                                  "augment", "augment_rotation", "ema"}
+                                                  "augment", "augment_rotation", "ema", "label_smoothing"}
     toml = space_file(tmp_path, '[learning_rate]\nlow = 3e-4\nhigh = 3e-3\nlog = true\n\n'
                                 '[dropout]\nchoices = [0.0, 0.5]\n\n[ema]\nchoices = ["none", 0.99]\n', "space.toml")
     twin = space_file(tmp_path, {**SMALL_SPACE, "ema": {"choices": [None, 0.99]}})
