@@ -30,6 +30,7 @@ BFLOAT16_FLAGS = ("avx512_bf16", "amx_bf16")
 # (a 2-core Xeon capped at AVX512_CORE_VNNI, docs/performance.md)
 MAX_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 ISAS_WITHOUT_BFLOAT16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+ISAS_WITHOUT_AVX512 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2")
 # the features worth naming in a start-up line, in the order a reader expects them
 SHOWN = (("avx2", "AVX2"), ("fma", "FMA"), ("avx512f", "AVX512F"), ("avx512_vnni", "AVX512_VNNI"),
          ("avx512_bf16", "AVX512_BF16"), ("amx_tile", "AMX"))
@@ -109,6 +110,21 @@ def _bfloat16_to_onednn(environ, flags: frozenset[str] | None) -> bool:
     (the cap decides whether oneDNN then has kernels for it)."""
     flags = cpu_flags() if flags is None else flags
     return onednn_enabled(environ, flags) and any(flag in flags for flag in BFLOAT16_FLAGS)
+
+
+def slow_transposed_matmul(environ=None, flags: frozenset[str] | None = None) -> bool:
+    """Whether TensorFlow's float32 ``matmul(g, w, transpose_b=True)`` with a large ``w`` -- a dense
+    layer's input gradient -- is slower here than ``transpose(matmul(w, g, transpose_b=True))``:
+    with oneDNN's AVX-512 kernels (dense1's, batch 50: 2.79 against 1.44 ms) and with oneDNN off
+    (Eigen: 4.47 against 1.27 ms); not with oneDNN capped at AVX2 (1.52 against 1.74 ms), nor where
+    it was not measured (other architectures). docs/performance.md, "Where the rest of a step goes"."""
+    if not is_x86():
+        return False
+    environ = os.environ if environ is None else environ
+    flags = cpu_flags() if flags is None else flags
+    if not onednn_enabled(environ, flags):
+        return True
+    return "avx512f" in flags and isa_cap(environ) not in ISAS_WITHOUT_AVX512
 
 
 def isa_cap(environ=None) -> str:

@@ -62,6 +62,20 @@ def test_bfloat16_is_native_only_with_onednn_bfloat16_instructions_and_no_lower_
 
 
 @x86_only
+def test_the_lean_dense_gradient_is_chosen_where_the_transposed_matmul_was_measured_slow():
+    """oneDNN's AVX-512 kernels and Eigen: (w g^T)^T is faster; oneDNN capped at or built for AVX2: TensorFlow's."""
+    avx512 = AVX2_ONLY | {"avx512f", "avx512_vnni"}
+    assert cpu.slow_transposed_matmul({}, AMX) and cpu.slow_transposed_matmul({}, avx512)
+    assert cpu.slow_transposed_matmul({"TF_ENABLE_ONEDNN_OPTS": "0"}, AMX)
+    assert cpu.slow_transposed_matmul({"TF_ENABLE_ONEDNN_OPTS": "0"}, AVX2_ONLY)  # Eigen, whatever the CPU
+    assert not cpu.slow_transposed_matmul({"TF_ENABLE_ONEDNN_OPTS": "1"}, AVX2_ONLY)
+    for capped in ("AVX2", "avx2_vnni", " AVX "):
+        assert not cpu.slow_transposed_matmul({"ONEDNN_MAX_CPU_ISA": capped}, AMX), capped
+    for allowed in ("AVX512_CORE", "AVX512_CORE_AMX", "ALL"):
+        assert cpu.slow_transposed_matmul({"ONEDNN_MAX_CPU_ISA": allowed}, AMX), allowed
+
+
+@x86_only
 def test_the_suite_runs_tensorflow_on_the_path_our_commands_run():
     """conftest chooses as a command does, before TensorFlow loads: on an AVX2-only CPU (TensorFlow's
     default off) the in-process runs were 2.3x slower than the commands and 24 tests failed without it."""

@@ -19,9 +19,12 @@ from mnist_cnn.model import CNN
 
 def build(lever: Lever):
     """The CNN built and compiled as ``train.build_model`` does it, with the lever's options."""
-    config = train.TrainConfig(jit_compile="on" if lever.jit else "off", steps_per_execution=lever.steps_per_execution)
+    spe = {} if lever.steps_per_execution is None else {"steps_per_execution": lever.steps_per_execution}
+    config = train.TrainConfig(jit_compile="on" if lever.jit else "off", **spe)
     if not lever.channels_first:
-        return train.build_model(config, steps_per_epoch=1)
+        model = train.build_model(config, steps_per_epoch=1)
+        model.lean_dense_gradient = lever.lean_dense_gradient
+        return model
     # the same layers on NCHW tensors (the CNN itself is NHWC-only, so it is built first)
     layers = CNN().layers_in_order()
     keras.config.set_image_data_format("channels_first")
@@ -56,7 +59,7 @@ def worker(lever: Lever, batch_size: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(lever.inter_threads)
     keras.utils.set_random_seed(0)
     model, pipeline = build(lever), dataset(lever, batch_size)
-    k = lever.steps_per_execution
+    k = model.steps_per_execution
 
     class Clock(keras.callbacks.Callback):  # called after each call: every k steps or fewer
         def on_train_batch_end(self, batch, logs=None):
@@ -73,6 +76,7 @@ def worker(lever: Lever, batch_size: int) -> None:
     applied = {"intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_threads": tf.config.threading.get_inter_op_parallelism_threads(),
                "steps_per_execution": model.steps_per_execution, "jit": bool(model.jit_compile),
+               "lean_dense_gradient": bool(getattr(model, "uses_lean_dense_gradient", lambda: False)()),
                "data_format": keras.config.image_data_format(),
                "env": {name: os.environ.get(name) for name in lever.env}}
     print("READY", json.dumps(applied), flush=True)

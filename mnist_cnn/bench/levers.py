@@ -30,7 +30,8 @@ class Lever:
     env: dict = field(default_factory=dict)  # set before TensorFlow starts
     intra_threads: int = 0  # tf.config.threading; 0 = TensorFlow's default (one per core)
     inter_threads: int = 0
-    steps_per_execution: int = 1
+    steps_per_execution: int | None = None  # None: fit()'s default
+    lean_dense_gradient: bool | None = None  # CNN.lean_dense_gradient; None: fit()'s choice
     jit: bool = False
     pipeline: str = "fit"  # "fit": data.pipeline as fit() builds it
     channels_first: bool = False
@@ -43,6 +44,8 @@ LEVERS = (
     Lever("threads: intra-op 2, inter-op 1", intra_threads=2, inter_threads=1),
     Lever("threads: intra-op 1, inter-op 2", intra_threads=1, inter_threads=2),
     Lever("steps_per_execution 10", steps_per_execution=10),
+    Lever("dense1's input gradient: TensorFlow's", lean_dense_gradient=False),
+    Lever("dense1's input gradient: (w g^T)^T", lean_dense_gradient=True),
     Lever("pipeline: parallel gather, then prefetch", pipeline="parallel"),
     Lever("pipeline: one fixed batch (no input work)", pipeline="fixed"),
     Lever("data layout: channels_first", channels_first=True),

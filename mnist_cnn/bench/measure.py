@@ -57,14 +57,21 @@ def forward_flops(model: CNN) -> int:
 
 
 class StepClock(keras.callbacks.Callback):
-    """perf_counter() at the end of every training step."""
+    """perf_counter() and the optimizer's step count at the end of every call into TensorFlow
+    (every ``steps_per_execution`` steps, or fewer at an epoch's end)."""
 
     def __init__(self):
         super().__init__()
-        self.times = []
+        self.times, self.steps = [], []
 
     def on_train_batch_end(self, batch, logs=None):
         self.times.append(time.perf_counter())
+        self.steps.append(int(self.model.optimizer.iterations))
+
+    def seconds_per_step(self) -> float:
+        """From the end of the first call to the end of the last (the first holds the wait for the
+        first batch)."""
+        return (self.times[-1] - self.times[0]) / (self.steps[-1] - self.steps[0])
 
 
 def loop_window(step: Callable, loader: tutorial.MNISTLoader, batch_size: int) -> Callable[[int], float]:
@@ -83,12 +90,14 @@ def loop_window(step: Callable, loader: tutorial.MNISTLoader, batch_size: int) -
 
 
 def fit_window(model: CNN, dataset: tf.data.Dataset) -> Callable[[int], float]:
-    """A window of model.fit on a tf.data pipeline, ``n`` steps; returns seconds."""
+    """A window of model.fit on a tf.data pipeline, ``n`` steps (after a first call that is not
+    timed), at the model's steps per execution; returns seconds."""
 
     def run(n: int) -> float:
         clock = StepClock()
-        model.fit(dataset, epochs=1, steps_per_epoch=n + 1, verbose=0, callbacks=[clock], shuffle=False)
-        return clock.times[-1] - clock.times[0]
+        model.fit(dataset, epochs=1, steps_per_epoch=n + model.steps_per_execution, verbose=0, callbacks=[clock],
+                  shuffle=False)
+        return n * clock.seconds_per_step()
 
     return run
 
