@@ -80,6 +80,16 @@ def worker_run_dir(chief_run_dir: Path) -> Path:
     return scratch.path
 
 
+def check_steps_per_execution(strategy: tf.distribute.Strategy, steps_per_execution: int) -> None:
+    """Keras 3 cannot run several steps per call under the mirrored strategies: its multi-step loop fails
+    at the first call ("You must feed a value for placeholder tensor", keras-team/keras#19246; Keras
+    3.15 here). Refused before anything is written, with what to type instead."""
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if steps_per_execution > 1 and isinstance(strategy, mirrored):
+        raise UsageError(f"--steps-per-execution {steps_per_execution} does not run under {describe(strategy)}: "
+                         "Keras 3 fails at the first step (keras-team/keras#19246); use --steps-per-execution 1")
+
+
 def describe(strategy: tf.distribute.Strategy) -> str:
     replicas = strategy.num_replicas_in_sync
     name = type(strategy).__name__.lstrip("_").replace("DefaultDistributionStrategy", "default (one device)")

@@ -314,6 +314,7 @@ def _fit(config: TrainConfig, verbose, resume: bool, callbacks, trial: dict | No
     config.validate()
     start = time.perf_counter()
     strategy = distribute.make_strategy(config.strategy)  # first: multi-worker setup precedes other TF work
+    distribute.check_steps_per_execution(strategy, config.steps_per_execution)
     global_batch = config.batch_size * strategy.num_replicas_in_sync
     keras.utils.set_random_seed(config.seed)
     datasets = load_data(config, global_batch, with_test=trial is None)

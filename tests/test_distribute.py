@@ -51,6 +51,45 @@ def test_mirrored_two_replicas_match_one_device(tmp_path):
         assert (tmp_path / name / "checkpoints" / "best.keras").is_file()
 
 
+MIRRORED_MULTI_STEP = """
+import sys
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from mnist_cnn import train
+from mnist_cnn.cli import fit as fit_cli
+from mnist_cnn.model import CNN
+
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")])
+with strategy.scope():  # Keras' own fit, no code of ours in the loop
+    model = CNN(filters1=2, filters2=2, dense_units=4)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", steps_per_execution=2)
+x, y = np.zeros((16, 28, 28, 1), "float32"), np.zeros(16, "int32")
+try:
+    model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), epochs=1, verbose=0)
+    print("KERAS TRAINED")
+except tf.errors.InvalidArgumentError as e:
+    print("KERAS FAILED", "You must feed a value for placeholder tensor" in str(e))
+argv = ["--strategy", "mirrored", "--steps-per-execution", "2", "--data", "sample", "--epochs", "1",
+        "--steps-per-epoch", "2", "--logdir", sys.argv[1]]
+print("EXIT", fit_cli.main(argv))
+"""
+
+
+def test_several_steps_per_call_under_a_mirrored_strategy_are_refused_while_keras_fails_them(tmp_path):
+    """Keras' own fit with steps_per_execution 2 under MirroredStrategy fails at the first call
+    (keras-team/keras#19246); `mnist-cnn-fit` says so in one line and exits 2 before writing a run
+    folder. When Keras trains here, the bug is fixed: drop distribute.check_steps_per_execution."""
+    proc = run_python(MIRRORED_MULTI_STEP, tmp_path, lean=True)
+    assert "KERAS FAILED True" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    assert "EXIT 2" in proc.stdout, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "steps-per-execution" in line]
+    assert errors == ["fit.py: error: --steps-per-execution 2 does not run under MirroredStrategy, 2 replicas: "
+                      "Keras 3 fails at the first step (keras-team/keras#19246); use --steps-per-execution 1"], errors
+    assert list(tmp_path.iterdir()) == []
+
+
 def free_ports(n):
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
