@@ -146,7 +146,8 @@ def _conv_kernels(layer: keras.layers.Conv2D, shape: tuple, out: tuple, first: b
     return {f"{layer.name} {kind}": (kernel, flops) for kind, kernel in kernels.items()}
 
 
-def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: bool) -> dict:
+def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: bool, lean: bool = False) -> dict:
+    """``lean``: the input gradient as ``model.matmul_lean_gradient`` computes it, (w g^T)^T."""
     x, g = tf.random.normal(shape), tf.random.normal(out)
     w = tf.random.normal((shape[-1], out[-1]))
     flops = layer_flops(layer, shape, out)
@@ -155,7 +156,8 @@ def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: b
         "backward-weights": lambda: tf.matmul(x, g, transpose_a=True),
     }
     if not first:
-        kernels["backward-input"] = lambda: tf.matmul(g, w, transpose_b=True)
+        kernels["backward-input"] = ((lambda: tf.transpose(tf.matmul(w, g, transpose_b=True))) if lean
+                                     else (lambda: tf.matmul(g, w, transpose_b=True)))
     return {f"{layer.name} {kind}": (kernel, flops) for kind, kernel in kernels.items()}
 
 
@@ -188,14 +190,16 @@ def _adam_kernel(model: CNN) -> dict:
 
 
 def step_kernels(model: CNN, batch_size: int) -> dict[str, tuple]:
-    """The kernels of one float32 training step at their shapes: name -> (function, FLOPs)."""
+    """The kernels of one float32 training step at their shapes, as ``model``'s step computes them:
+    name -> (function, FLOPs)."""
     kernels, shape = {}, (batch_size, 28, 28, 1)
     for index, layer in enumerate(model.layers_in_order()):
         out = tuple(layer.compute_output_shape(shape))
         if isinstance(layer, keras.layers.Conv2D):
             kernels.update(_conv_kernels(layer, shape, out, first=index == 0))
         elif isinstance(layer, keras.layers.Dense):
-            kernels.update(_dense_kernels(layer, shape, out, first=index == 0))
+            lean = layer is model.dense1 and model.uses_lean_dense_gradient()
+            kernels.update(_dense_kernels(layer, shape, out, first=index == 0, lean=lean))
         elif isinstance(layer, keras.layers.MaxPooling2D):
             kernels.update(_pool_kernels(layer, shape, out))
         shape = out
