@@ -94,9 +94,6 @@ class CNN(keras.Model):
         self.dense_units = dense_units
         self.num_classes = num_classes
         self.dropout = dropout
-        # dense1's input gradient by matmul_lean_gradient: None = where cpu.slow_transposed_matmul says it is
-        # faster (float32 on a CPU), True/False = always/never. The same products either way.
-        self.lean_dense_gradient: bool | None = None
 
         # The model's dtype policy (e.g. CNN(dtype="mixed_bfloat16")) applies to every layer ...
         # Images are NHWC whatever keras.config.image_data_format() says (keras.json).
@@ -199,6 +196,19 @@ class CNN(keras.Model):
         if layer.bias is not None:
             y = keras.ops.add(y, layer.bias)
         return layer.activation(y) if layer.activation is not None else y
+
+    @property
+    def lean_dense_gradient(self) -> bool | None:
+        """dense1's input gradient by ``matmul_lean_gradient``: None (the default) where
+        ``cpu.slow_transposed_matmul`` says that is faster, True/False always/never. The same products."""
+        return getattr(self, "_lean_dense_gradient", None)
+
+    @lean_dense_gradient.setter
+    def lean_dense_gradient(self, value: bool | None) -> None:
+        if value is not None and type(value) is not bool:
+            raise ValueError(f"lean_dense_gradient={value!r}: None, True or False")
+        self._lean_dense_gradient = value
+        self.train_function = None  # traced with the old choice: trace the step again
 
     def uses_lean_dense_gradient(self) -> bool:
         """Whether a training step computes dense1's input gradient by ``matmul_lean_gradient``: as

@@ -189,7 +189,16 @@ def test_the_lean_dense_gradient_is_only_for_float32_training_steps(tiny, monkey
     model.evaluate(x[:4], y[:4], verbose=0)
     assert traced == []  # inference: Keras' own Dense
     model.fit(x[:8], y[:8], batch_size=4, epochs=1, verbose=0)
-    assert traced  # the training step
+    first = len(traced)
+    assert first  # the training step
+    model.lean_dense_gradient = False  # the step is traced again, without it
+    model.fit(x[:8], y[:8], batch_size=4, epochs=1, verbose=0)
+    assert len(traced) == first
+    model.lean_dense_gradient = True
+    model.fit(x[:8], y[:8], batch_size=4, epochs=1, verbose=0)
+    assert len(traced) > first
+    with pytest.raises(ValueError, match="None, True or False"):
+        model.lean_dense_gradient = "yes"
     assert not CNN(dtype="mixed_bfloat16").uses_lean_dense_gradient()  # bfloat16: no faster that way
     lean = CNN()
     lean.lean_dense_gradient = True
