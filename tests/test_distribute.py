@@ -57,7 +57,6 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from mnist_cnn import train
 from mnist_cnn.cli import fit as fit_cli
 from mnist_cnn.model import CNN
 
