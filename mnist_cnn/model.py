@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mnist_cnn import cpu, idx
+from mnist_cnn import dense_gradient, idx
 from mnist_cnn.errors import BackendError
 
 IMAGE_SHAPE = (*idx.IMAGE_SHAPE, 1)  # one channel: MNIST's digits, NHWC
@@ -35,19 +35,6 @@ def require_tensorflow(what: str) -> None:
         raise BackendError.training(what, backend)
 
 INPUT_SHAPE = (None, *IMAGE_SHAPE)
-
-
-@tf.custom_gradient
-def matmul_lean_gradient(x, w):
-    """``x @ w`` whose gradient for ``x`` is computed as ``(w g^T)^T`` instead of TensorFlow's ``g w^T``:
-    the same products, which oneDNN's AVX-512 kernels and Eigen compute 2-3.5x faster the other way
-    round for dense1 at batch 50, because ``w^T`` is 3136 x 1024 (``cpu.slow_transposed_matmul``)."""
-
-    def gradient(g):
-        return tf.transpose(tf.matmul(w, g, transpose_b=True)), tf.matmul(x, g, transpose_a=True)
-
-    return tf.matmul(x, w), gradient
-
 
 # A CNN's sizes, checked whenever one is built from a config (a file's, through Keras'
 # load_model too) before anything is allocated: at most 50 M parameters (200 MB of float32;
@@ -187,20 +174,15 @@ class CNN(keras.Model):
         return self.softmax(x)
 
     def _dense1(self, x, training):
-        """dense1(x); in a training step where ``uses_lean_dense_gradient()``, the same layer's forward
-        pass written out (Keras' ``Dense.call``) around ``matmul_lean_gradient``."""
-        layer = self.dense1
-        if not (training and self.uses_lean_dense_gradient()):
-            return layer(x)
-        y = matmul_lean_gradient(x, tf.convert_to_tensor(layer.kernel))
-        if layer.bias is not None:
-            y = keras.ops.add(y, layer.bias)
-        return layer.activation(y) if layer.activation is not None else y
+        """dense1(x); in a training step where ``uses_lean_dense_gradient()``, ``dense_gradient.dense_call``."""
+        if training and self.uses_lean_dense_gradient():
+            return dense_gradient.dense_call(self.dense1, x)
+        return self.dense1(x)
 
     @property
     def lean_dense_gradient(self) -> bool | None:
-        """dense1's input gradient by ``matmul_lean_gradient``: None (the default) where
-        ``cpu.slow_transposed_matmul`` says that is faster, True/False always/never. The same products."""
+        """dense1's input gradient by ``dense_gradient.matmul_lean_gradient``: None (the default) where
+        that is faster (``dense_gradient.applies``), True/False always/never. The same products."""
         return getattr(self, "_lean_dense_gradient", None)
 
     @lean_dense_gradient.setter
@@ -211,17 +193,9 @@ class CNN(keras.Model):
         self.train_function = None  # traced with the old choice: trace the step again
 
     def uses_lean_dense_gradient(self) -> bool:
-        """Whether a training step computes dense1's input gradient by ``matmul_lean_gradient``: as
-        ``lean_dense_gradient`` says, or (None) for float32 on a CPU where that is the faster way,
-        never for a dense1 with LoRA or quantized weights (Keras' own ``Dense.call`` then)."""
-        layer = self.dense1
-        if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
-            return False
-        if keras.backend.backend() != "tensorflow" or layer.compute_dtype != "float32":
-            return False
-        if self.lean_dense_gradient is not None:
-            return self.lean_dense_gradient
-        return not tf.config.list_logical_devices("GPU") and cpu.slow_transposed_matmul()
+        """Whether a training step computes dense1's input gradient the faster way round
+        (``dense_gradient.applies`` to ``lean_dense_gradient``)."""
+        return dense_gradient.applies(self.dense1, self.lean_dense_gradient)
 
     @staticmethod
     def _standard_input(inputs):

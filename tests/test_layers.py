@@ -27,7 +27,7 @@ COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-ev
 # the README's Architecture table, bottom first: a module imports from its own layer and those below
 LAYERS = [
     {"errors", "files", "cpu", "console", "config", "idx", "rundir", "events", "space", "sweep_report"},
-    {"model", "optimizers", "augment", "data", "distribute"},
+    {"dense_gradient", "model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
     {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "tutorial", "warmup", "tune"},
     {"serving", "serving.metrics", "serving.versions", "serving.core", "serving.decode", "serving.tfserving",

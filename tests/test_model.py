@@ -178,12 +178,12 @@ def test_the_lean_dense_gradient_is_tensorflows_gradient_computed_the_other_way_
 
 
 def test_the_lean_dense_gradient_is_only_for_float32_training_steps(tiny, monkeypatch):
-    from mnist_cnn import model as model_module
+    from mnist_cnn import dense_gradient
 
     x, y = tiny
     traced = []
-    original = model_module.matmul_lean_gradient
-    monkeypatch.setattr(model_module, "matmul_lean_gradient", lambda *a: traced.append(1) or original(*a))
+    original = dense_gradient.matmul_lean_gradient
+    monkeypatch.setattr(dense_gradient, "matmul_lean_gradient", lambda *a: traced.append(1) or original(*a))
     model = compiled(CNN())
     model.lean_dense_gradient = True
     model.predict(x[:4], verbose=0)

@@ -76,7 +76,7 @@ def worker(lever: Lever, batch_size: int) -> None:
     applied = {"intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_threads": tf.config.threading.get_inter_op_parallelism_threads(),
                "steps_per_execution": model.steps_per_execution, "jit": bool(model.jit_compile),
-               "lean_dense_gradient": bool(getattr(model, "uses_lean_dense_gradient", lambda: False)()),
+               "lean_dense_gradient": isinstance(model, CNN) and model.uses_lean_dense_gradient(),
                "data_format": keras.config.image_data_format(),
                "env": {name: os.environ.get(name) for name in lever.env}}
     print("READY", json.dumps(applied), flush=True)

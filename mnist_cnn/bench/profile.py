@@ -18,7 +18,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn import data, train
+from mnist_cnn import data, dense_gradient, train
 from mnist_cnn.model import CNN
 
 
@@ -147,7 +147,7 @@ def _conv_kernels(layer: keras.layers.Conv2D, shape: tuple, out: tuple, first: b
 
 
 def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: bool, lean: bool = False) -> dict:
-    """``lean``: the input gradient as ``model.matmul_lean_gradient`` computes it, (w g^T)^T."""
+    """``lean``: the input gradient as the lean step computes it (``dense_gradient.input_gradient``)."""
     x, g = tf.random.normal(shape), tf.random.normal(out)
     w = tf.random.normal((shape[-1], out[-1]))
     flops = layer_flops(layer, shape, out)
@@ -156,7 +156,7 @@ def _dense_kernels(layer: keras.layers.Dense, shape: tuple, out: tuple, first: b
         "backward-weights": lambda: tf.matmul(x, g, transpose_a=True),
     }
     if not first:
-        kernels["backward-input"] = ((lambda: tf.transpose(tf.matmul(w, g, transpose_b=True))) if lean
+        kernels["backward-input"] = ((lambda: dense_gradient.input_gradient(g, w)) if lean
                                      else (lambda: tf.matmul(g, w, transpose_b=True)))
     return {f"{layer.name} {kind}": (kernel, flops) for kind, kernel in kernels.items()}
 
