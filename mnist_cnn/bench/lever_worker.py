@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 
 import keras
 import tensorflow as tf
 
 from mnist_cnn import data, train
+from mnist_cnn.bench import measure
 from mnist_cnn.bench.levers import Lever, unavailable
 from mnist_cnn.model import CNN
 
@@ -59,20 +59,8 @@ def worker(lever: Lever, batch_size: int) -> None:
         tf.config.threading.set_inter_op_parallelism_threads(lever.inter_threads)
     keras.utils.set_random_seed(0)
     model, pipeline = build(lever), dataset(lever, batch_size)
-    k = model.steps_per_execution
-
-    class Clock(keras.callbacks.Callback):  # called after each call: every k steps or fewer
-        def on_train_batch_end(self, batch, logs=None):
-            marks.append((time.perf_counter(), int(self.model.optimizer.iterations)))
-
-    def window(n: int) -> float:
-        marks.clear()
-        model.fit(pipeline, epochs=1, steps_per_epoch=n + k, verbose=0, callbacks=[Clock()], shuffle=False)
-        (start, first), (end, last) = marks[0], marks[-1]
-        return (end - start) / (last - first)
-
-    marks: list[tuple[float, int]] = []
-    window(3 * k)  # tracing (and XLA compilation) outside the timing
+    window = measure.fit_window(model, pipeline)
+    window(3 * model.steps_per_execution)  # tracing (and XLA compilation) outside the timing
     applied = {"intra_threads": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_threads": tf.config.threading.get_inter_op_parallelism_threads(),
                "steps_per_execution": model.steps_per_execution, "jit": bool(model.jit_compile),
@@ -81,7 +69,8 @@ def worker(lever: Lever, batch_size: int) -> None:
                "env": {name: os.environ.get(name) for name in lever.env}}
     print("READY", json.dumps(applied), flush=True)
     for line in sys.stdin:
-        print(f"SECONDS_PER_STEP {window(int(line))}", flush=True)
+        steps = int(line)
+        print(f"SECONDS_PER_STEP {window(steps) / steps}", flush=True)
 
 
 def main(spec: dict, batch_size: str) -> None:
