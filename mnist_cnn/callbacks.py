@@ -1,5 +1,7 @@
 """The callbacks every training run gets, all writing through the run folder (``RunDir``).
 
+- ``StopRequested``   -- first: raises Ctrl-C again at the end of the batch in which a
+                          Ctrl-C/SIGTERM arrived whose exception Python dropped (``interrupts``);
 - ``StopOnNaN``        -- raises ``TrainingDiverged`` at the first NaN/inf loss, before
                           anything of that batch is saved;
 - ``WeightHistograms`` -- Keras' TensorBoard callback: per-epoch scalars (``train/epoch_*``,
@@ -36,7 +38,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.hparams import api as hparams_api
 from tensorboard.util import tensor_util
 
-from mnist_cnn import pictures
+from mnist_cnn import interrupts, pictures
 from mnist_cnn.errors import TrainingDiverged
 from mnist_cnn.evaluate import Scores, score
 from mnist_cnn.events import SAMPLES_TAG, STEP_TAG_PREFIX
@@ -46,6 +48,17 @@ from mnist_cnn.model import random_state
 from mnist_cnn.rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+
+class StopRequested(keras.callbacks.Callback):
+    """``interrupts.check()`` after every training and validation batch: a signal whose
+    ``KeyboardInterrupt`` a finalizer swallowed stops the run there, as Ctrl-C does."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        interrupts.check()
+
+    def on_test_batch_end(self, batch, logs=None):
+        interrupts.check()
 
 
 class StopOnNaN(keras.callbacks.TerminateOnNaN):
@@ -285,6 +298,7 @@ def make_callbacks(
     history = run_dir.read_history()
     best_so_far = max((e["val_accuracy"] for e in history if "val_accuracy" in e), default=None)
     return [
+        StopRequested(),
         *([EpochLines()] if epoch_lines else []),
         *([] if history else [GraphTrace(run_dir.path)]),  # once per run: by its first process
         StopOnNaN(),

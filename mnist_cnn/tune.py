@@ -38,7 +38,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tensorboard.plugins.hparams import api as hp
 
-from mnist_cnn import console, train
+from mnist_cnn import console, interrupts, train
 from mnist_cnn import space as spaces
 from mnist_cnn.config import NOT_PASSED_ON, RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig
 from mnist_cnn.errors import InputError, TrainingDiverged, UsageError
@@ -308,6 +308,7 @@ def work(study, sweep: Sweep, base: TrainConfig, space, say=print, started: floa
     started = time.monotonic() if started is None else started
     folder, deadline = sweep.folder(base), None if sweep.timeout is None else started + sweep.timeout
     while deadline is None or time.monotonic() < deadline:
+        interrupts.check()  # a Ctrl-C/SIGTERM whose exception was dropped between two trials
         with study_lock(folder) as release:
             claimed = claim(study, sweep, base, space, say)
             if claimed is None:

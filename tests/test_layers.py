@@ -13,8 +13,9 @@ from conftest import REPO
 
 PACKAGE = REPO / "mnist_cnn"
 # what `--help`, a usage error and the entry points' start-up need: none may load TensorFlow
-LIGHT = {"config", "errors", "files", "cpu", "console", "idx", "space", "sweep_report", "cli", "cli.common", "cli.fit",
-         "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial", "cli.bench", "cli.tune"}
+LIGHT = {"config", "errors", "interrupts", "files", "cpu", "console", "idx", "space", "sweep_report", "cli",
+         "cli.common", "cli.fit", "cli.evaluate", "cli.predict", "cli.export", "cli.serve", "cli.tutorial",
+         "cli.bench", "cli.tune"}
 HEAVY = ("tensorflow", "keras", "tensorflow_datasets", "h5py", "matplotlib", "jax", "PIL")
 # module in mnist_cnn.cli, its main, the installed command
 COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-evaluate"),
@@ -26,7 +27,7 @@ COMMANDS = [("fit", "main", "mnist-cnn-fit"), ("evaluate", "main", "mnist-cnn-ev
 
 # the README's Architecture table, bottom first: a module imports from its own layer and those below
 LAYERS = [
-    {"errors", "files", "cpu", "console", "config", "idx", "rundir", "events", "space", "sweep_report"},
+    {"errors", "interrupts", "files", "cpu", "console", "config", "idx", "rundir", "events", "space", "sweep_report"},
     {"dense_gradient", "model", "optimizers", "augment", "data", "distribute"},
     {"keras_file"},
     {"evaluate", "pictures", "callbacks", "export", "runstate", "train", "predict", "tutorial", "warmup", "tune"},

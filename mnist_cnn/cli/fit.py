@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import typing
 from pathlib import Path
 
+from mnist_cnn import interrupts
 from mnist_cnn.cli.common import Parser, bounded, command_name, loading_tensorflow, require_tensorflow_backend, run
 from mnist_cnn.config import RESUME_MAY_CHANGE, RUN_IDENTITY, TrainConfig, flag_name
 from mnist_cnn.errors import UsageError
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
 
         train.require_tensorflow(command_name("fit.py"))
 
-        result = train.fit(config, resume=resume)
+        with interrupts.stopping_on(signal.SIGINT, signal.SIGTERM):  # an operator's SIGTERM is Ctrl-C
+            result = train.fit(config, resume=resume)
         if result.data_info.num_validation:
             print("validation accuracy: %f (last epoch)" % result.history["val_accuracy"][-1])
         print("test accuracy: %f" % result.test_accuracy)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 
-from mnist_cnn import space, sweep_report
+from mnist_cnn import interrupts, space, sweep_report
 from mnist_cnn.cli.common import (
     EXIT_INTERRUPTED,
     Parser,
@@ -86,10 +86,6 @@ def parse_args(argv=None):
     return sweep, base, flags
 
 
-def _terminate_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def run_jobs(argv, jobs: int) -> int:
     """``--jobs N``: N worker processes on one study, each training one trial at a time on its
     share of the cores; signals are passed on, and the first worker's failure is the exit status."""
@@ -138,13 +134,11 @@ def main(argv=None) -> int:
             outcome = tune.run(sweep, base, say, work_here=False)
         else:
             # SIGTERM as Ctrl-C: a killed trial resumes either way, this one's run folder and line say so
-            previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
             try:
-                outcome = tune.run(sweep, base, say)
+                with interrupts.stopping_on(signal.SIGINT, signal.SIGTERM):
+                    outcome = tune.run(sweep, base, say)
             except (Interrupted, KeyboardInterrupt):
                 return EXIT_INTERRUPTED if sweep.worker is not None else interrupted(argv)  # (--jobs' parent says it)
-            finally:
-                signal.signal(signal.SIGTERM, previous)
         if sweep.worker is not None:
             return code
         if flags.get("json"):
