@@ -22,7 +22,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from mnist_cnn import augment, console, cpu, data, distribute
+from mnist_cnn import augment, console, cpu, data, distribute, interrupts
 from mnist_cnn.callbacks import make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig, native_mixed_precision
 from mnist_cnn.errors import ModelFileError, TrainingDiverged, UsageError
@@ -217,6 +217,7 @@ def finish_run(
         data_info=datasets.info,
         seconds=time.perf_counter() - start,
     )
+    interrupts.check()  # a Ctrl-C/SIGTERM dropped since the last batch: not finished, resumable
     finish(run_dir, {
         "test_loss": result.test_loss,
         "test_accuracy": result.test_accuracy,

@@ -6,6 +6,7 @@ and dropped. CI lost a sweep's SIGTERM that way (the study trained on and exited
 is sent from inside a finalizer, so that its exception is swallowed every time, not by chance.
 """
 
+import json
 import os
 import signal
 import sys
@@ -114,3 +115,27 @@ def test_sigterm_stops_fit_as_ctrl_c_does(tmp_path):
     assert f"interrupted; {RESUME_HINT} {tmp_path / 'run'}" in err
     assert not (tmp_path / "run" / "metrics.json").exists()
     assert session_statuses(tmp_path / "run") == ["STATUS_FAILURE"]  # interrupted (the HParams API has no "aborted")
+
+
+def test_a_signal_dropped_after_the_last_epoch_leaves_the_run_unfinished_and_resumable(tmp_path, monkeypatch,
+                                                                                       swallowed):
+    """Dropped while model.keras is written (after every epoch trained): no metrics.json, so the run
+    is not marked finished; the resume trains nothing and finishes it."""
+    config = TrainConfig(data="sample", epochs=1, steps_per_epoch=3, validation_split="100", logdir=str(tmp_path),
+                         run_name="run", progress="none")
+    real_save = train.save_model
+
+    def save_then_lose_a_signal(*args):
+        real_save(*args)
+        lose_a_signal()
+
+    monkeypatch.setattr(train, "save_model", save_then_lose_a_signal)
+    with interrupts.stopping_on(signal.SIGINT), pytest.raises(Interrupted):
+        train.fit(config, verbose=0)
+    assert swallowed == [KeyboardInterrupt]
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    monkeypatch.setattr(train, "save_model", real_save)
+    result = train.fit(config, verbose=0, resume=True)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 1 and metrics["optimizer_steps"] == 3  # nothing trained again
+    assert result.test_accuracy is not None
