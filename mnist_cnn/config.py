@@ -173,7 +173,8 @@ class TrainConfig:
         return (bounds[0], bounds[-1])
 
     def validate(self) -> TrainConfig:
-        """Every field within its declared choices and bounds, and the rules between fields."""
+        """Every field of its declared type, within its declared choices and bounds, and the rules between fields."""
+        check_types({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, "TrainConfig")
         for f in dataclasses.fields(self):
             problem = check_value(f, getattr(self, f.name))
             if problem:

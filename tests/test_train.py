@@ -198,3 +198,15 @@ def test_a_recipe_name_without_its_settings_is_refused_with_the_call_that_applie
         TrainConfig(recipe="best").validate()
     assert TrainConfig.from_recipe("best").validate().epochs == 120
     assert TrainConfig.from_recipe("best", epochs=3).validate().augment  # a typed value still wins
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("validation_split", 100, "validation_split must be str, got 100"),  # a TypeError from re before
+    ("epochs", "5", "epochs must be int, got '5'"), ("epochs", 2.0, "epochs must be int, got 2.0"),
+    ("augment", 1, "augment must be bool, got 1"), ("learning_rate", True, "learning_rate must be float, got True")])
+def test_a_field_of_the_wrong_type_from_python_is_one_usage_error_naming_it(tmp_path, field, value, expected):
+    config = TrainConfig(logdir=str(tmp_path), **{field: value})
+    with pytest.raises(UsageError, match=f"^TrainConfig: {re.escape(expected)}$"):
+        train.fit(config)
+    assert list(tmp_path.iterdir()) == []  # refused before anything is written
+    assert TrainConfig(learning_rate=1).validate().learning_rate == 1  # an int where a float goes is a number

@@ -96,10 +96,10 @@ def op_class_profile(steps: int = 40, batch_size: int = 50) -> dict[str, float]:
     convert = op_stats_converter()
     model = train.build_model(train.TrainConfig(jit_compile="off"), steps_per_epoch=1)  # as fit() builds it
     pipeline = data.endless("sample", batch_size)
-    model.fit(pipeline, epochs=1, steps_per_epoch=5, verbose=0)  # tracing outside the profile
+    model.fit(pipeline, epochs=1, steps_per_epoch=5, verbose=0, shuffle=False)  # tracing outside the profile
     with tempfile.TemporaryDirectory() as folder:
         tf.profiler.experimental.start(folder)
-        model.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0)
+        model.fit(pipeline, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
         tf.profiler.experimental.stop()
         traces = [str(p) for p in Path(folder).rglob("*.xplane.pb")]
         stats, ok = convert(traces, "framework_op_stats", {})
