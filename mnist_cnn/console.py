@@ -140,7 +140,7 @@ KNOWN_LINES = [
     )
 ]
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-SCRIPT_NAMES = frozenset({"fit.py", "evaluate.py", "predict.py", "export.py", "bench.py", "serve.py",
+SCRIPT_NAMES = frozenset({"fit.py", "evaluate.py", "predict.py", "export.py", "bench.py", "serve.py", "tune.py",
                           "conv_demo.py", "reshape_demo.py", "tutorial_loop.py"})
 _installed = False
 
@@ -151,8 +151,8 @@ def is_known(line: str) -> bool:
 
 def is_entry_point(argv0: str) -> bool:
     """Whether this process was started as one of our scripts or installed commands: an
-    ``mnist-cnn-*`` command, or a ``scripts/*.py`` of a checkout of this project (whether
-    the package is installed from it editable or not)."""
+    ``mnist-cnn-*`` command, or a ``scripts/*.py`` of a checkout of this project (whether the
+    package is installed from it editable or not)."""
     path = Path(argv0)
     if path.name.startswith("mnist-cnn-"):
         return True
@@ -169,7 +169,21 @@ def _is_our_checkout(folder: Path) -> bool:
 
 
 def started_as_entry_point() -> bool:
-    return bool(sys.argv) and is_entry_point(sys.argv[0])
+    return bool(sys.argv) and is_entry_point(sys.argv[0]) or runs_command_module(getattr(sys, "orig_argv", []))
+
+
+def runs_command_module(orig_argv: list[str]) -> bool:
+    """Whether Python was started as ``python [options] -m mnist_cnn.cli.NAME ...`` (as ``tune --jobs``
+    starts its workers). ``sys.orig_argv``: while ``-m`` imports the package, ``sys.argv[0]`` is "-m"."""
+    args = iter(orig_argv[1:])
+    for arg in args:
+        if arg == "-m":
+            return next(args, "").startswith("mnist_cnn.cli.")
+        if arg in ("-X", "-W"):
+            next(args, None)
+        elif arg == "-c" or not arg.startswith("-"):
+            return False
+    return False
 
 
 def filter_tensorflow_lines() -> None:

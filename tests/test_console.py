@@ -112,6 +112,20 @@ def test_the_installed_command_names_count_as_entry_points():
     assert not console.is_entry_point("/home/someone/fit.py") and not console.is_entry_point(sys.executable)
 
 
+def test_every_script_of_the_checkout_starts_as_an_entry_point():
+    """scripts/tune.py was missing: started as ``python scripts/tune.py`` it imported jax (through
+    TensorFlow Lite; jax's garbage-collector callback is where CI lost a sweep's SIGTERM), kept
+    TensorFlow's start-up lines and skipped the CPU fast path."""
+    scripts = sorted((REPO / "scripts").glob("*.py"))
+    assert len(scripts) >= 10
+    assert [p.name for p in scripts if not console.is_entry_point(str(p))] == []
+    # tune --jobs' workers: python -m mnist_cnn.cli.tune
+    assert console.runs_command_module(["python", "-X", "importtime", "-u", "-m", "mnist_cnn.cli.tune", "--jobs"])
+    assert not console.runs_command_module(["python", "-m", "pytest", "-m", "mnist_cnn.cli.x"])
+    assert not console.runs_command_module(["python", "fit.py", "-m", "mnist_cnn.cli.fit"])
+    assert not console.runs_command_module(["python", "-c", "pass", "-m", "mnist_cnn.cli.fit"])
+
+
 def test_a_command_that_dies_at_once_still_shows_its_last_lines():
     """A C++ abort inside TensorFlow (or a SIGKILL) ends the process between two writes: the
     filter is a process of its own, so what was written still reaches the terminal."""
