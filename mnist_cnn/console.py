@@ -151,8 +151,8 @@ def is_known(line: str) -> bool:
 
 def is_entry_point(argv0: str) -> bool:
     """Whether this process was started as one of our scripts or installed commands: an
-    ``mnist-cnn-*`` command, or a ``scripts/*.py`` of a checkout of this project (whether the
-    package is installed from it editable or not)."""
+    ``mnist-cnn-*`` command, or a ``scripts/*.py`` of a checkout of this project (whether
+    the package is installed from it editable or not)."""
     path = Path(argv0)
     if path.name.startswith("mnist-cnn-"):
         return True
@@ -169,7 +169,7 @@ def _is_our_checkout(folder: Path) -> bool:
 
 
 def started_as_entry_point() -> bool:
-    return bool(sys.argv) and is_entry_point(sys.argv[0]) or runs_command_module(getattr(sys, "orig_argv", []))
+    return (bool(sys.argv) and is_entry_point(sys.argv[0])) or runs_command_module(getattr(sys, "orig_argv", []))
 
 
 def runs_command_module(orig_argv: list[str]) -> bool:
