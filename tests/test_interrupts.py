@@ -68,7 +68,8 @@ class LoseASignalAt(keras.callbacks.Callback):
 
 
 def test_training_stops_at_the_batch_after_a_dropped_ctrl_c(tmp_path, swallowed):
-    """Ctrl-C whose exception a finalizer dropped at step 4 of 2×5: the run stops there as an
+    """Ctrl-C whose exception a finalizer dropped at step 4 of 2×5 (in a callback after the run's own
+    check of that step): the run stops at the end of step 5, before anything of it is logged, as an
     interrupted, resumable run (before, it trained all 10 steps and ended as a success)."""
     config = TrainConfig(data="sample", epochs=2, steps_per_epoch=5, validation_split="100", logdir=str(tmp_path),
                          run_name="run", progress="none")
@@ -78,7 +79,7 @@ def test_training_stops_at_the_batch_after_a_dropped_ctrl_c(tmp_path, swallowed)
     run = tmp_path / "run"
     assert not (run / "metrics.json").exists()
     steps = [step for step, _, _ in read_summaries(run / "train")["batch_loss"]]
-    assert steps == [1, 2, 3, 4], steps  # the batch it arrived in is the last
+    assert steps == [1, 2, 3, 4], steps  # not 5 to 10
     assert session_statuses(run) == ["STATUS_FAILURE"]  # interrupted (the HParams API has no "aborted")
 
 
