@@ -111,24 +111,43 @@ class WeightHistograms(keras.callbacks.TensorBoard):
 
 
 class StepScalars(keras.callbacks.Callback):
-    """``batch_<metric>`` scalars after every training step, at step = optimizer.iterations."""
+    """``batch_<metric>`` scalars after every training step, at step = optimizer.iterations.
+    With several steps per call (``--steps-per-execution``), where Keras calls back once a call,
+    the training step itself writes them, in the graph (``CNN.step_scalars``): still a point a step."""
 
     def __init__(self, log_dir: Path):
         super().__init__()
         self.log_dir = Path(log_dir)
         self.writer = None
+        self.in_graph = False
 
     def on_train_begin(self, logs=None):
         self.writer = tf.summary.create_file_writer(str(self.log_dir / "train"))
+        self.in_graph = self.model.steps_per_execution > 1 and hasattr(self.model, "gradient_step")  # a CNN
+        if self.in_graph:
+            self.model.step_scalars = self.write
+            self.model.make_train_function(force=True)  # traced again, with the writes (Keras calls it anew)
 
-    def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
+    def write(self, logs: dict, step) -> None:
+        """In the training step: each of its ``logs`` at the optimizer's step count."""
         with self.writer.as_default():
-            for name, value in (logs or {}).items():
+            for name, value in logs.items():
                 tf.summary.scalar(f"{STEP_TAG_PREFIX}{name}", value, step=step)
 
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.in_graph:
+            self.write(logs or {}, int(self.model.optimizer.iterations.numpy()))
+
     def on_train_end(self, logs=None):
+        forget_step_scalars(self.model)
         self.writer.close()
+
+
+def forget_step_scalars(model) -> None:
+    """The training step without ``StepScalars``' writes (at the end of a fit, also an interrupted one)."""
+    if getattr(model, "step_scalars", None) is not None:
+        model.step_scalars = None
+        model.train_function = None  # traced with the writes: traced again by the next fit
 
 
 def write_split_pictures(writer, split: str, scores: Scores, step: int, shown: int = 25) -> None:

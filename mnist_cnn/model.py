@@ -290,7 +290,10 @@ class CNN(keras.Model):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         loss, y_pred = self.gradient_step(x, y, sample_weight)
         self._track_loss(loss, x)
-        return _reducible(self.compute_metrics(x, y, y_pred, sample_weight=sample_weight))
+        logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if getattr(self, "step_scalars", None) is not None:  # callbacks.StepScalars, several steps a call
+            self.step_scalars(logs, self.optimizer.iterations)
+        return _reducible(logs)
 
     def test_step(self, *args):
         if keras.backend.backend() != "tensorflow":

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from mnist_cnn import augment, console, cpu, data, distribute, interrupts
-from mnist_cnn.callbacks import make_callbacks, write_split_pictures
+from mnist_cnn.callbacks import forget_step_scalars, make_callbacks, write_split_pictures
 from mnist_cnn.config import JIT_CHOICES, TrainConfig, native_mixed_precision
 from mnist_cnn.errors import ModelFileError, TrainingDiverged, UsageError
 from mnist_cnn.evaluate import score
@@ -177,6 +177,8 @@ def train_epochs(
                  f"(with its optimizer state: {run_dir.path / kept.checkpoint})" if kept
                  else "no epoch had finished, so no checkpoint")
         raise TrainingDiverged(f"{e}; {where}") from None
+    finally:
+        forget_step_scalars(model)  # (fit ended by an exception calls no on_train_end)
 
 
 def score_test(model: CNN, datasets: data.Datasets, run_dir: RunDir, step: int) -> tuple[float, float]:
