@@ -9,6 +9,8 @@ bfloat16 neither way wins: ``applies`` chooses (docs/performance.md, "Where the 
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -48,4 +50,11 @@ def applies(layer: keras.layers.Dense, choice: bool | None) -> bool:
         return False
     if choice is not None:
         return choice
+    return _faster_here()
+
+
+@functools.cache
+def _faster_here() -> bool:
+    """Once a process (it asks for every eager training call): no GPU, and a CPU whose kernels run
+    TensorFlow's way slower -- the CPU and oneDNN's switches as TensorFlow read them at its start."""
     return not tf.config.list_logical_devices("GPU") and cpu.slow_transposed_matmul()
