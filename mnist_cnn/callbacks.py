@@ -44,7 +44,7 @@ from mnist_cnn.evaluate import Scores, score
 from mnist_cnn.events import SAMPLES_TAG, STEP_TAG_PREFIX
 from mnist_cnn.files import write_atomic
 from mnist_cnn.keras_file import inference_copy, model_bytes
-from mnist_cnn.model import random_state
+from mnist_cnn.model import CNN, random_state
 from mnist_cnn.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class StepScalars(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self.writer = tf.summary.create_file_writer(str(self.log_dir / "train"))
-        self.in_graph = self.model.steps_per_execution > 1 and hasattr(self.model, "gradient_step")  # a CNN
+        self.in_graph = self.model.steps_per_execution > 1 and isinstance(self.model, CNN)
         if self.in_graph:
             self.model.step_scalars = self.write
             self.model.make_train_function(force=True)  # traced again, with the writes (Keras calls it anew)
@@ -145,7 +145,7 @@ class StepScalars(keras.callbacks.Callback):
 
 def forget_step_scalars(model) -> None:
     """The training step without ``StepScalars``' writes (at the end of a fit, also an interrupted one)."""
-    if getattr(model, "step_scalars", None) is not None:
+    if isinstance(model, CNN) and model.step_scalars is not None:
         model.step_scalars = None
         model.train_function = None  # traced with the writes: traced again by the next fit
 

@@ -63,6 +63,8 @@ class CNN(keras.Model):
     (``keras.saving.load_model`` needs nothing but the import).
     """
 
+    step_scalars = None  # callbacks.StepScalars' writer, called in train_step when several steps run a call
+
     def __init__(
         self,
         filters1: int = 32,
@@ -291,7 +293,7 @@ class CNN(keras.Model):
         loss, y_pred = self.gradient_step(x, y, sample_weight)
         self._track_loss(loss, x)
         logs = self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-        if getattr(self, "step_scalars", None) is not None:  # callbacks.StepScalars, several steps a call
+        if self.step_scalars is not None:
             self.step_scalars(logs, self.optimizer.iterations)
         return _reducible(logs)
 
